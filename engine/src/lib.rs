@@ -1,0 +1,18 @@
+//! burnish's engine: everything between a manifest file and a finished run, with no knowledge of
+//! any particular stage kind and no dependency on burn.
+//!
+//! The phases, each its own type:
+//! - [`yaml`]: text → spanned [`yaml::Node`] tree (serde-saphyr).
+//! - [`manifest`]: node tree (after `extends` merging) → validated [`manifest::Manifest`], with
+//!   every problem collected into [`diag::ManifestErrors`].
+//! - [`plan`]: manifest → immutable [`plan::Plan`]: matrix cells in topological order with a
+//!   fingerprint per stage ([`cache`] says what is hashed).
+//! - [`exec`]: plan → [`exec::RunReport`]: restore cached stages, run the rest, publish entries.
+//! - [`lock`], [`compare`]: records of runs, and comparisons across manifests.
+//!
+//! Stage kinds plug in through [`stage::Stage`] and a [`stage::Registry`].
+
+pub mod de;
+pub mod error;
+pub mod stage;
+pub mod yaml;
