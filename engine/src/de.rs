@@ -121,10 +121,16 @@ impl de::Error for DeError {
         }
     }
     fn invalid_type(unexp: de::Unexpected, exp: &dyn de::Expected) -> Self {
-        DeError::custom(format_args!("expected {exp}, found {}", describe_unexpected(&unexp)))
+        DeError::custom(format_args!(
+            "expected {exp}, found {}",
+            describe_unexpected(&unexp)
+        ))
     }
     fn invalid_value(unexp: de::Unexpected, exp: &dyn de::Expected) -> Self {
-        DeError::custom(format_args!("expected {exp}, found {}", describe_unexpected(&unexp)))
+        DeError::custom(format_args!(
+            "expected {exp}, found {}",
+            describe_unexpected(&unexp)
+        ))
     }
 }
 
@@ -442,7 +448,9 @@ mod tests {
         let e = read(t).unwrap_err();
         assert_eq!(at(t, &e), "alpacca");
         match e.kind {
-            DeErrorKind::UnknownVariant { expected, .. } => assert_eq!(expected, ["text", "alpaca"]),
+            DeErrorKind::UnknownVariant { expected, .. } => {
+                assert_eq!(expected, ["text", "alpaca"])
+            }
             k => panic!("{k:?}"),
         }
     }

@@ -12,7 +12,15 @@
 //!
 //! Stage kinds plug in through [`stage::Stage`] and a [`stage::Registry`].
 
+pub mod cache;
+pub mod compare;
 pub mod de;
+pub mod diag;
 pub mod error;
+pub mod exec;
+pub mod lock;
+pub mod manifest;
+pub mod plan;
+pub mod schema;
 pub mod stage;
 pub mod yaml;

@@ -574,7 +574,12 @@ impl KindEntry {
 #[derive(Clone, Default)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, KindEntry>,
+    uri_resolver: Option<UriResolver>,
 }
+
+/// Resolves a `scheme://…` path written in a manifest (e.g. `hf://org/name`) to a local file,
+/// or explains why it cannot.
+pub type UriResolver = fn(&str) -> Result<PathBuf, String>;
 
 fn parse_typed<S: Stage>(node: &Node) -> Result<Arc<dyn ErasedParams>, DeError> {
     let params = S::Params::deserialize(NodeDeserializer::new(node))?;
@@ -614,6 +619,16 @@ impl Registry {
         self
     }
 
+    /// Set how `scheme://` paths resolve to local files.
+    pub fn set_uri_resolver(&mut self, resolver: UriResolver) -> &mut Self {
+        self.uri_resolver = Some(resolver);
+        self
+    }
+
+    pub fn uri_resolver(&self) -> Option<UriResolver> {
+        self.uri_resolver
+    }
+
     pub fn get(&self, kind: &str) -> Option<&KindEntry> {
         self.kinds.get(kind)
     }
@@ -627,7 +642,11 @@ impl Registry {
         self.public_kinds().map(|k| k.kind).collect()
     }
 
-    pub(crate) fn parse(&self, kind: &str, node: &Node) -> Option<Result<Arc<dyn ErasedParams>, DeError>> {
+    pub(crate) fn parse(
+        &self,
+        kind: &str,
+        node: &Node,
+    ) -> Option<Result<Arc<dyn ErasedParams>, DeError>> {
         self.kinds.get(kind).map(|k| (k.parse)(node))
     }
 }

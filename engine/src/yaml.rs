@@ -247,8 +247,19 @@ pub struct SyntaxError {
 
 /// Parse one YAML document into a node tree. An empty document is `Null`.
 pub fn parse(text: &str, file: FileId) -> Result<Node, SyntaxError> {
-    if text.trim().is_empty() || text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
-        return Ok(Node::new(Value::Null, Span { file, offset: 0, len: 0 }));
+    if text.trim().is_empty()
+        || text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
+        return Ok(Node::new(
+            Value::Null,
+            Span {
+                file,
+                offset: 0,
+                len: 0,
+            },
+        ));
     }
     let options = serde_saphyr::options! {
         budget: serde_saphyr::budget! {
@@ -296,7 +307,10 @@ fn offset_of_line_col(text: &str, line: usize, col: usize) -> usize {
     let mut off = 0;
     for (i, l) in text.split_inclusive('\n').enumerate() {
         if i + 1 == line {
-            return off + l.char_indices().nth(col.saturating_sub(1)).map_or(l.len(), |(b, _)| b);
+            return off
+                + l.char_indices()
+                    .nth(col.saturating_sub(1))
+                    .map_or(l.len(), |(b, _)| b);
         }
         off += l.len();
     }
@@ -317,40 +331,52 @@ enum Raw {
 }
 
 fn into_node(raw: Spanned<Raw>, file: FileId, text: &str) -> Node {
-        let mut span = span_of(&raw.referenced, file, text);
-        let value = match raw.value {
-            Raw::Null => Value::Null,
-            Raw::Bool(b) => Value::Bool(b),
-            Raw::Int(i) => Value::Int(i),
-            Raw::UInt(u) => Value::UInt(u),
-            Raw::Float(f) => Value::Float(f),
-            Raw::Str(s) => Value::Str(s),
-            Raw::Seq(items) => Value::Seq(items.into_iter().map(|n| into_node(n, file, text)).collect()),
-            Raw::Map(entries) => Value::Map(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| {
-                        let kspan = span_of(&k.referenced, file, text);
-                        let kspan = Span {
-                            len: if kspan.len == 0 { k.value.len() } else { kspan.len },
-                            ..kspan
-                        };
-                        (
-                            Key {
-                                name: k.value,
-                                span: kspan,
-                            },
-                            into_node(v, file, text),
-                        )
-                    })
-                    .collect(),
-            ),
-        };
-        if span.len == 0 {
-            // Collections come with a start only; label a single character.
-            span.len = text[span.offset..].chars().next().map_or(0, |c| c.len_utf8());
-        }
-        Node { value, span }
+    let mut span = span_of(&raw.referenced, file, text);
+    let value = match raw.value {
+        Raw::Null => Value::Null,
+        Raw::Bool(b) => Value::Bool(b),
+        Raw::Int(i) => Value::Int(i),
+        Raw::UInt(u) => Value::UInt(u),
+        Raw::Float(f) => Value::Float(f),
+        Raw::Str(s) => Value::Str(s),
+        Raw::Seq(items) => Value::Seq(
+            items
+                .into_iter()
+                .map(|n| into_node(n, file, text))
+                .collect(),
+        ),
+        Raw::Map(entries) => Value::Map(
+            entries
+                .into_iter()
+                .map(|(k, v)| {
+                    let kspan = span_of(&k.referenced, file, text);
+                    let kspan = Span {
+                        len: if kspan.len == 0 {
+                            k.value.len()
+                        } else {
+                            kspan.len
+                        },
+                        ..kspan
+                    };
+                    (
+                        Key {
+                            name: k.value,
+                            span: kspan,
+                        },
+                        into_node(v, file, text),
+                    )
+                })
+                .collect(),
+        ),
+    };
+    if span.len == 0 {
+        // Collections come with a start only; label a single character.
+        span.len = text[span.offset..]
+            .chars()
+            .next()
+            .map_or(0, |c| c.len_utf8());
+    }
+    Node { value, span }
 }
 
 impl<'de> Deserialize<'de> for Raw {
@@ -485,7 +511,11 @@ mod tests {
 
     #[test]
     fn scalars_are_typed() {
-        let n = parse("a: 1\nb: 0.5\nc: true\nd: x\ne: ~\nf: 18446744073709551615", 0).unwrap();
+        let n = parse(
+            "a: 1\nb: 0.5\nc: true\nd: x\ne: ~\nf: 18446744073709551615",
+            0,
+        )
+        .unwrap();
         assert_eq!(n.get("a").unwrap().value, Value::Int(1));
         assert_eq!(n.get("b").unwrap().value, Value::Float(0.5));
         assert_eq!(n.get("c").unwrap().value, Value::Bool(true));
