@@ -1,1 +1,18 @@
+//! burnish's stage kinds. This crate owns everything that computes: the data stages ([`data`])
+//! now, and the burn models, trainers and exporters as they land. The engine sees them only
+//! through [`burnish_engine::stage::Stage`] and the [`registry`].
 
+pub mod data;
+
+use burnish_engine::stage::Registry;
+
+pub use data::register_data;
+
+/// A registry holding every stage kind this crate provides, with `hf://` paths resolved from the
+/// local Hugging Face cache (never downloaded).
+pub fn registry() -> Registry {
+    let mut reg = Registry::new();
+    data::register_data(&mut reg);
+    reg.set_uri_resolver(|uri| data::resolve_hf(uri).map_err(|e| e.to_string()));
+    reg
+}

@@ -1,0 +1,190 @@
+//! `data.convert`: reshape records into another family (rankings → preference pairs, preference
+//! pairs → KTO examples).
+
+use std::collections::BTreeMap;
+
+use burnish_engine::stage::{
+    Accepts, ArtifactType, DatasetFamily, FieldProblem, Input, OutputDecl, RunContext, Sensitivity,
+    Stage, StageError, StageOutcome, StageRef,
+};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::records::{Dataset, LabeledRecord, Message, PreferenceRecord, RankingRecord, Record};
+use super::{DETERMINISTIC, empty, load_input, require_family, write_output};
+
+/// The family to convert into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvertTo {
+    /// From a ranking dataset: pairs of responses, the better-ranked one chosen.
+    Preference,
+    /// From a preference dataset: each pair becomes a desirable example (the chosen completion,
+    /// `label: true`) and an undesirable one (the rejected completion, `label: false`).
+    Kto,
+}
+
+/// Which pairs a ranking yields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PairMode {
+    /// Every pair of responses with different ranks (n responses → up to n(n−1)/2 pairs).
+    #[default]
+    All,
+    /// One pair per ranking: the best response against the worst.
+    BestWorst,
+}
+
+/// Parameters of `data.convert`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConvertParams {
+    /// The dataset to convert: ranking for `to: preference`, preference for `to: kto`.
+    pub data: StageRef,
+    /// The family to produce.
+    pub to: ConvertTo,
+    /// For `to: preference`: which pairs each ranking yields (default: all).
+    #[serde(default)]
+    pub pairs: Option<PairMode>,
+}
+
+impl ConvertTo {
+    fn source(self) -> DatasetFamily {
+        match self {
+            ConvertTo::Preference => DatasetFamily::Ranking,
+            ConvertTo::Kto => DatasetFamily::Preference,
+        }
+    }
+    fn target(self) -> DatasetFamily {
+        match self {
+            ConvertTo::Preference => DatasetFamily::Preference,
+            ConvertTo::Kto => DatasetFamily::Labeled,
+        }
+    }
+}
+
+/// The `data.convert` stage kind.
+pub struct ConvertStage;
+
+impl Stage for ConvertStage {
+    const KIND: &'static str = "data.convert";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str =
+        "Convert records between families: ranking → preference pairs, preference → KTO";
+
+    type Params = ConvertParams;
+
+    fn inputs(params: &ConvertParams) -> Vec<Input> {
+        vec![Input {
+            field: "data".into(),
+            reference: params.data.clone(),
+            accepts: Accepts::datasets(&[params.to.source()]),
+        }]
+    }
+
+    fn outputs(
+        params: &ConvertParams,
+        _inputs: &BTreeMap<String, ArtifactType>,
+    ) -> Vec<OutputDecl> {
+        vec![OutputDecl::main(ArtifactType::dataset(params.to.target()))]
+    }
+
+    fn check(params: &ConvertParams) -> Vec<FieldProblem> {
+        if params.to == ConvertTo::Kto && params.pairs.is_some() {
+            vec![FieldProblem::new(
+                "pairs",
+                "`pairs` only applies to `to: preference`",
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn sensitivity(_params: &ConvertParams) -> Sensitivity {
+        DETERMINISTIC
+    }
+
+    fn run(params: &ConvertParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let ds = load_input(cx, "data")?;
+        require_family("data", &ds, &[params.to.source()])?;
+        let n = ds.len();
+        let mut out = Vec::new();
+        for rec in ds.records {
+            match (params.to, rec) {
+                (ConvertTo::Preference, Record::Ranking(r)) => out.extend(
+                    ranking_pairs(r, params.pairs.unwrap_or_default()).map(Record::Preference),
+                ),
+                (ConvertTo::Kto, Record::Preference(p)) => {
+                    out.extend(preference_to_kto(p).map(Record::Labeled))
+                }
+                _ => unreachable!("require_family checked the family"),
+            }
+        }
+        if out.is_empty() {
+            return Err(empty(
+                "data.convert",
+                format!("none of the {n} rankings has two responses of different rank"),
+            ));
+        }
+        let out = Dataset::new(params.to.target(), out);
+        write_output(cx, None, &out)?;
+        Ok(StageOutcome::default()
+            .metric("input", n)
+            .metric("records", out.len()))
+    }
+}
+
+fn answer(text: &str) -> Vec<Message> {
+    vec![Message::assistant(text)]
+}
+
+/// The preference pairs of one ranking (responses are sorted by rank, best first): pairs (i, j)
+/// with i before j and a strictly better rank, in that order.
+pub fn ranking_pairs(r: RankingRecord, mode: PairMode) -> impl Iterator<Item = PreferenceRecord> {
+    let mut resp = r.responses;
+    resp.sort_by_key(|x| x.rank);
+    let mut pairs = Vec::new();
+    match mode {
+        PairMode::All => {
+            for i in 0..resp.len() {
+                for j in i + 1..resp.len() {
+                    if resp[i].rank < resp[j].rank {
+                        pairs.push((i, j));
+                    }
+                }
+            }
+        }
+        PairMode::BestWorst => {
+            if let (Some(first), Some(last)) = (resp.first(), resp.last())
+                && first.rank < last.rank
+            {
+                pairs.push((0, resp.len() - 1));
+            }
+        }
+    }
+    pairs.into_iter().map(move |(i, j)| PreferenceRecord {
+        prompt: r.prompt.clone(),
+        chosen: answer(&resp[i].text),
+        rejected: answer(&resp[j].text),
+        meta: r.meta.clone(),
+    })
+}
+
+/// A preference pair as a desirable and an undesirable KTO example, in that order.
+pub fn preference_to_kto(p: PreferenceRecord) -> impl Iterator<Item = LabeledRecord> {
+    [
+        LabeledRecord {
+            prompt: p.prompt.clone(),
+            completion: p.chosen,
+            label: true,
+            meta: p.meta.clone(),
+        },
+        LabeledRecord {
+            prompt: p.prompt,
+            completion: p.rejected,
+            label: false,
+            meta: p.meta,
+        },
+    ]
+    .into_iter()
+}
