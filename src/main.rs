@@ -1,1 +1,660 @@
-fn main() {}
+//! The `burnish` command line: a thin layer over `burnish-engine` and the stage kinds.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burnish_engine::cache::{Cache, EntryHealth};
+use burnish_engine::exec::{self, Outcome, RunOptions};
+use burnish_engine::lock::LockFile;
+use burnish_engine::manifest::{self, BackendChoice, Manifest};
+use burnish_engine::plan::{Plan, State, short};
+use burnish_engine::stage::Registry;
+use burnish_engine::{compare, schema};
+use clap::{Parser, Subcommand, ValueEnum};
+use miette::{IntoDiagnostic, Result, miette};
+
+mod testing;
+
+#[derive(Parser)]
+#[command(
+    name = "burnish",
+    version,
+    about = "Declarative, cached, resumable fine-tuning pipelines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct CacheArgs {
+    /// Cache directory (default: $BURNISH_CACHE, else .burnish/ beside the manifest)
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Auto,
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check manifests; exit 0 when all are valid, 2 when any is not
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show each stage as cached, stale (with reasons) or new
+    Plan {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Run a pipeline: restore cached stages, run the rest, write the lock file
+    Run {
+        file: PathBuf,
+        /// Run this stage (or matrix cell) even if cached; repeatable
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Run only this stage and what it depends on
+        #[arg(long, value_name = "STAGE")]
+        until: Option<String>,
+        /// Independent stages to run at once
+        #[arg(long, short = 'j', default_value_t = 1)]
+        jobs: usize,
+        /// Override the manifest's backend
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
+        /// Fail if anything would differ from the lock file
+        #[arg(long)]
+        locked: bool,
+        /// No progress output
+        #[arg(long, short)]
+        quiet: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Print the manifest JSON Schema
+    Schema,
+    /// Print each stage's metrics
+    Metrics {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Compare parameters and metrics across manifests (and matrix cells)
+    Compare {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, conflicts_with_all = ["md", "csv"])]
+        json: bool,
+        #[arg(long, conflicts_with = "csv")]
+        md: bool,
+        #[arg(long)]
+        csv: bool,
+        /// Show parameters that are equal in every row too
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Print the stage DAG
+    Graph {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "mermaid")]
+        format: GraphFormat,
+    },
+    /// Re-hash cache entries and report corrupt ones
+    Verify {
+        /// A manifest whose cache to check (default: $BURNISH_CACHE or ./.burnish)
+        file: Option<PathBuf>,
+        /// Evict corrupt and incomplete entries
+        #[arg(long)]
+        repair: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Remove cache entries no given lock file and no recent run refers to
+    Gc {
+        /// Lock files whose entries to keep
+        #[arg(long = "lock", value_name = "FILE")]
+        locks: Vec<PathBuf>,
+        /// Keep entries used by runs in the last N days
+        #[arg(long, default_value_t = 7.0)]
+        keep_days: f64,
+        /// Only list what would be removed
+        #[arg(long)]
+        dry_run: bool,
+        /// A manifest whose cache to collect (default: $BURNISH_CACHE or ./.burnish)
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Mermaid,
+    Dot,
+}
+
+fn registry() -> Registry {
+    let mut r = burnish_stages::registry();
+    if std::env::var_os("BURNISH_TEST_KINDS").is_some() {
+        testing::register(&mut r);
+    }
+    r
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(report) => {
+            eprintln!("{report:?}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Exit code for invalid manifests.
+const INVALID: u8 = 2;
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let reg = registry();
+    match cli.command {
+        Command::Validate { files } => {
+            let mut ok = true;
+            for f in &files {
+                match manifest::load(f, &reg) {
+                    Ok(m) => println!("{}: valid ({} stages)", f.display(), m.stages.len()),
+                    Err(e) => {
+                        ok = false;
+                        eprint!("{}", e.render(terminal_width(), color()));
+                    }
+                }
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(INVALID)
+            })
+        }
+        Command::Schema => {
+            let s = schema::pipeline_schema(&reg);
+            println!("{}", serde_json::to_string_pretty(&s).into_diagnostic()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan {
+            file,
+            json,
+            backend,
+            cache,
+        } => {
+            let Some(m) = load(&file, &reg) else {
+                return Ok(ExitCode::from(INVALID));
+            };
+            let (plan, cache) = plan_and_cache(m, &reg, backend, &cache)?;
+            let lock = LockFile::read(&plan.manifest.lock_path())?;
+            let mut hasher = cache.file_hasher();
+            let status = plan.status(&cache, lock.as_ref(), &mut hasher)?;
+            hasher.save();
+            if json {
+                let stages: Vec<serde_json::Value> = status
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "stage": s.stage, "kind": s.kind, "state": s.state.as_str(),
+                            "fingerprint": s.fingerprint, "reasons": s.reasons,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "stages": stages }))
+                        .into_diagnostic()?
+                );
+            } else {
+                let width = status.iter().map(|s| s.stage.len()).max().unwrap_or(0);
+                for s in &status {
+                    let fp = s
+                        .fingerprint
+                        .as_deref()
+                        .map_or("(pending)".to_owned(), |f| short(f).to_owned());
+                    println!(
+                        "{:<7} {:<width$}  {:<14} {}",
+                        s.state.as_str(),
+                        s.stage,
+                        s.kind,
+                        fp
+                    );
+                    for r in &s.reasons {
+                        println!("        {:<width$}  - {r}", "");
+                    }
+                }
+                let count = |st: State| status.iter().filter(|s| s.state == st).count();
+                println!(
+                    "{} cached, {} stale, {} new",
+                    count(State::Cached),
+                    count(State::Stale),
+                    count(State::New)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            file,
+            force,
+            until,
+            jobs,
+            backend,
+            locked,
+            quiet,
+            cache,
+        } => {
+            let Some(m) = load(&file, &reg) else {
+                return Ok(ExitCode::from(INVALID));
+            };
+            let (plan, cache) = plan_and_cache(m, &reg, backend, &cache)?;
+            for name in force.iter().chain(until.iter()) {
+                if plan.select(name).is_empty() {
+                    let names: Vec<&str> = plan.cells.iter().map(|c| c.name.as_str()).collect();
+                    return Err(miette!(
+                        code = "burnish::run::unknown_stage",
+                        help = format!("stages: {}", names.join(", ")),
+                        "no stage or matrix cell named `{name}` in {}",
+                        file.display()
+                    ));
+                }
+            }
+            let cancel = Arc::new(AtomicBool::new(false));
+            {
+                let cancel = cancel.clone();
+                let _ = ctrlc::set_handler(move || {
+                    if cancel.swap(true, Ordering::SeqCst) {
+                        eprintln!(
+                            "\ninterrupted again: exiting now; nothing unfinished was cached"
+                        );
+                        std::process::exit(130);
+                    }
+                    eprintln!(
+                        "\ninterrupting: stages stop at their next step (Ctrl-C again to exit now); the next run resumes"
+                    );
+                });
+            }
+            let opts = RunOptions {
+                force,
+                until,
+                jobs,
+                locked,
+                quiet,
+            };
+            let t0 = std::time::Instant::now();
+            let report = exec::run(&plan, &cache, &opts, cancel)?;
+            let elapsed = t0.elapsed();
+            let count =
+                |f: fn(&Outcome) -> bool| report.cells.iter().filter(|c| f(&c.outcome)).count();
+            let ran = count(|o| matches!(o, Outcome::Ran));
+            let cached = count(|o| matches!(o, Outcome::Cached));
+            let failed: Vec<_> = report.failures().collect();
+            let skipped = count(|o| matches!(o, Outcome::Skipped { .. }));
+            for (_, e) in &failed {
+                eprint!("{}", render_diagnostic(*e));
+            }
+            if !report.lock_diff.is_empty() {
+                eprintln!(
+                    "error: the run differs from {}:",
+                    plan.manifest.lock_path().display()
+                );
+                for d in &report.lock_diff {
+                    eprintln!("  {d}");
+                }
+            }
+            if !quiet {
+                eprintln!(
+                    "{}: {ran} ran, {cached} cached, {} failed, {skipped} skipped in {:.2}s (run {})",
+                    plan.manifest.header.pipeline,
+                    failed.len(),
+                    elapsed.as_secs_f64(),
+                    report.run_id
+                );
+            }
+            if report.interrupted {
+                return Ok(ExitCode::from(130));
+            }
+            if !report.succeeded() {
+                return Ok(ExitCode::from(1));
+            }
+            if !locked && let Some(lock) = report.lock_file(&plan.manifest.header.pipeline) {
+                let path = plan.manifest.lock_path();
+                let old = LockFile::read(&path).ok().flatten();
+                if old.as_ref() != Some(&lock) {
+                    lock.write(&path).into_diagnostic()?;
+                    if !quiet {
+                        eprintln!("wrote {}", path.display());
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Metrics { file, json, cache } => {
+            let Some(m) = load(&file, &reg) else {
+                return Ok(ExitCode::from(INVALID));
+            };
+            let (plan, cache) = plan_and_cache(m, &reg, None, &cache)?;
+            let mut hasher = cache.file_hasher();
+            let status = plan.status(&cache, None, &mut hasher)?;
+            let mut stages = serde_json::Map::new();
+            for s in &status {
+                let metrics = match &s.fingerprint {
+                    Some(fp) => cache.record(fp)?.map(|r| r.metrics).unwrap_or_default(),
+                    None => Default::default(),
+                };
+                if s.state == State::Cached {
+                    stages.insert(
+                        s.stage.clone(),
+                        serde_json::to_value(metrics).into_diagnostic()?,
+                    );
+                }
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "stages": stages }))
+                        .into_diagnostic()?
+                );
+            } else {
+                for (stage, metrics) in &stages {
+                    println!("{stage}");
+                    if let Some(m) = metrics.as_object() {
+                        for (k, v) in m {
+                            println!("  {k}: {v}");
+                        }
+                    }
+                }
+                let missing: Vec<&str> = status
+                    .iter()
+                    .filter(|s| s.state != State::Cached)
+                    .map(|s| s.stage.as_str())
+                    .collect();
+                if !missing.is_empty() {
+                    eprintln!("not run yet: {}", missing.join(", "));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare {
+            files,
+            json,
+            md,
+            csv,
+            all,
+            cache,
+        } => {
+            let mut rows = Vec::new();
+            let mut invalid = false;
+            for f in &files {
+                let Some(m) = load(f, &reg) else {
+                    invalid = true;
+                    continue;
+                };
+                let (plan, c) = plan_and_cache(m, &reg, None, &cache)?;
+                let mut hasher = c.file_hasher();
+                let status = plan.status(&c, None, &mut hasher)?;
+                rows.extend(compare::rows(&plan, &status, &c));
+            }
+            if invalid {
+                return Ok(ExitCode::from(INVALID));
+            }
+            let table = compare::table(rows, all);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&table).into_diagnostic()?
+                );
+            } else if md {
+                print!("{}", table.to_markdown());
+            } else if csv {
+                print!("{}", table.to_csv());
+            } else {
+                print!("{}", table.to_text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Graph { file, format } => {
+            let Some(m) = load(&file, &reg) else {
+                return Ok(ExitCode::from(INVALID));
+            };
+            let plan = Plan::build(Arc::new(m), &reg, "cpu")?;
+            match format {
+                GraphFormat::Mermaid => print!("{}", compare::mermaid(&plan)),
+                GraphFormat::Dot => print!("{}", compare::dot(&plan)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            file,
+            repair,
+            cache,
+        } => {
+            let cache = open_cache(file.as_deref(), &cache)?;
+            let mut bad = 0;
+            let entries = cache.entries()?;
+            for fp in &entries {
+                match cache.verify(fp)? {
+                    EntryHealth::Ok => {}
+                    EntryHealth::Incomplete => {
+                        bad += 1;
+                        println!("incomplete {} (no record: an interrupted write)", short(fp));
+                        if repair {
+                            cache.evict(fp)?;
+                        }
+                    }
+                    EntryHealth::Corrupt(problems) => {
+                        bad += 1;
+                        println!("corrupt    {}", short(fp));
+                        for p in problems {
+                            println!("  - {p}");
+                        }
+                        if repair {
+                            cache.evict(fp)?;
+                            println!("  evicted");
+                        }
+                    }
+                }
+            }
+            println!(
+                "{} entries checked, {bad} bad{}",
+                entries.len(),
+                if repair && bad > 0 { ", evicted" } else { "" }
+            );
+            Ok(if bad > 0 && !repair {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Gc {
+            locks,
+            keep_days,
+            dry_run,
+            file,
+            cache,
+        } => {
+            let cache = open_cache(file.as_deref(), &cache)?;
+            let report = gc(&cache, &locks, keep_days, dry_run)?;
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn gc(cache: &Cache, locks: &[PathBuf], keep_days: f64, dry_run: bool) -> Result<String> {
+    use std::collections::HashSet;
+    let mut keep: HashSet<String> = HashSet::new();
+    for l in locks {
+        let lock = LockFile::read(l)?.ok_or_else(|| {
+            miette!(
+                code = "burnish::gc::no_lock",
+                "lock file {} not found",
+                l.display()
+            )
+        })?;
+        keep.extend(lock.stages.values().map(|s| s.fingerprint.clone()));
+    }
+    let horizon = burnish_engine::cache::now_unix().saturating_sub((keep_days * 86_400.0) as u64);
+    if let Ok(rd) = std::fs::read_dir(cache.runs_dir()) {
+        for e in rd.flatten() {
+            let Ok(bytes) = std::fs::read(e.path().join("run.json")) else {
+                continue;
+            };
+            let Ok(rec) = serde_json::from_slice::<exec::RunRecord>(&bytes) else {
+                continue;
+            };
+            if rec.finished > horizon {
+                keep.extend(rec.cells.into_iter().filter_map(|c| c.fingerprint));
+            } else if !dry_run {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let mut removed = 0;
+    let mut kept = 0;
+    for fp in cache.entries()? {
+        if keep.contains(&fp) || cache.is_locked(&fp) {
+            kept += 1;
+            continue;
+        }
+        removed += 1;
+        if dry_run {
+            println!("would remove {}", short(&fp));
+        } else {
+            cache.evict(&fp)?;
+        }
+    }
+    for (fp, path) in cache.leftovers() {
+        if keep.contains(&fp) {
+            continue;
+        }
+        let old = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .is_some_and(|d| d.as_secs() < horizon);
+        if old {
+            if dry_run {
+                println!("would remove {}", path.display());
+            } else {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+    }
+    Ok(format!(
+        "{} {removed} entries, kept {kept}",
+        if dry_run { "would remove" } else { "removed" }
+    ))
+}
+
+/// Render any diagnostic the way miette's report handler would, borrowing it.
+fn render_diagnostic(d: &dyn miette::Diagnostic) -> String {
+    let theme = if color() {
+        miette::GraphicalTheme::unicode()
+    } else {
+        miette::GraphicalTheme::unicode_nocolor()
+    };
+    let mut out = String::new();
+    let _ = miette::GraphicalReportHandler::new_themed(theme)
+        .with_width(terminal_width())
+        .render_report(&mut out, d);
+    out
+}
+
+fn load(file: &Path, reg: &Registry) -> Option<Manifest> {
+    match manifest::load(file, reg) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            eprint!("{}", e.render(terminal_width(), color()));
+            None
+        }
+    }
+}
+
+fn resolve_backend(choice: BackendChoice) -> &'static str {
+    // Only the CPU backend exists so far; `auto` resolves to it.
+    match choice {
+        BackendChoice::Auto | BackendChoice::Cpu => "cpu",
+        BackendChoice::Wgpu => "wgpu",
+        BackendChoice::Cuda => "cuda",
+    }
+}
+
+fn plan_and_cache(
+    m: Manifest,
+    reg: &Registry,
+    backend: Option<BackendArg>,
+    args: &CacheArgs,
+) -> Result<(Plan, Cache)> {
+    let choice = match backend {
+        Some(BackendArg::Auto) => BackendChoice::Auto,
+        Some(BackendArg::Cpu) => BackendChoice::Cpu,
+        Some(BackendArg::Wgpu) => BackendChoice::Wgpu,
+        Some(BackendArg::Cuda) => BackendChoice::Cuda,
+        None => m.header.backend,
+    };
+    let dir = cache_dir(Some(&m.dir), args);
+    let cache = Cache::open(&dir)?;
+    let plan = Plan::build(Arc::new(m), reg, resolve_backend(choice))?;
+    Ok((plan, cache))
+}
+
+fn cache_dir(manifest_dir: Option<&Path>, args: &CacheArgs) -> PathBuf {
+    if let Some(d) = &args.cache_dir {
+        return d.clone();
+    }
+    if let Some(d) = std::env::var_os("BURNISH_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    manifest_dir.unwrap_or(Path::new(".")).join(".burnish")
+}
+
+fn open_cache(file: Option<&Path>, args: &CacheArgs) -> Result<Cache> {
+    let dir = match file {
+        Some(f) => {
+            let abs = std::path::absolute(f).into_diagnostic()?;
+            cache_dir(abs.parent(), args)
+        }
+        None => cache_dir(None, args),
+    };
+    if !dir.exists() {
+        return Err(miette!(
+            code = "burnish::cache::missing",
+            "no cache at {}",
+            dir.display()
+        ));
+    }
+    Ok(Cache::open(&dir)?)
+}
+
+fn terminal_width() -> usize {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(100)
+}
+
+fn color() -> bool {
+    std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal()
+}

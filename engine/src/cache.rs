@@ -493,10 +493,10 @@ impl FileHasher {
         if !self.dirty {
             return;
         }
-        if let Some(p) = &self.table_path {
-            if let Ok(text) = serde_json::to_string(&self.table) {
-                let _ = write_atomic(p, text.as_bytes());
-            }
+        if let Some(p) = &self.table_path
+            && let Ok(text) = serde_json::to_string(&self.table)
+        {
+            let _ = write_atomic(p, text.as_bytes());
         }
         self.dirty = false;
     }
@@ -708,6 +708,7 @@ impl Cache {
     }
 
     /// Hash the staged outputs, move them into place and write the record last.
+    #[allow(clippy::too_many_arguments)] // each argument is a distinct part of the record
     pub fn publish(
         &self,
         staging: Staging,

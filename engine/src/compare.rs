@@ -57,11 +57,11 @@ pub fn rows(plan: &Plan, status: &[CellStatus], cache: &Cache) -> Vec<Row> {
                     continue;
                 }
                 flatten(&c.stage, &c.params.to_json(), &mut params);
-                if let Some(fp) = &status[i].fingerprint {
-                    if let Ok(Some(r)) = cache.record(fp) {
-                        for (m, v) in r.metrics {
-                            metrics.insert(format!("{}.{m}", c.stage), v);
-                        }
+                if let Some(fp) = &status[i].fingerprint
+                    && let Ok(Some(r)) = cache.record(fp)
+                {
+                    for (m, v) in r.metrics {
+                        metrics.insert(format!("{}.{m}", c.stage), v);
                     }
                 }
             }

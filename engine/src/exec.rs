@@ -470,30 +470,29 @@ pub fn run(
                     };
                     let fp = fi.fingerprint();
                     fingerprints[i] = Some(fp.clone());
-                    if let Some(l) = &lock {
-                        if let Some(exp) = l.stages.get(&cell.name) {
-                            if exp.fingerprint != fp {
-                                let mut d = Vec::new();
-                                diff_stage(
-                                    &cell.name,
-                                    exp,
-                                    &LockedStage {
-                                        kind: cell.kind.into(),
-                                        fingerprint: fp.clone(),
-                                        outputs: exp.outputs.clone(),
-                                        metrics: exp.metrics.clone(),
-                                    },
-                                    &mut d,
-                                );
-                                lock_diff.extend(d);
-                                outcome[i] = Some(Outcome::Failed(ExecError::Locked {
-                                    stage: cell.name.clone(),
-                                    diff: lock_diff.clone(),
-                                }));
-                                progressed = true;
-                                continue;
-                            }
-                        }
+                    if let Some(l) = &lock
+                        && let Some(exp) = l.stages.get(&cell.name)
+                        && exp.fingerprint != fp
+                    {
+                        let mut d = Vec::new();
+                        diff_stage(
+                            &cell.name,
+                            exp,
+                            &LockedStage {
+                                kind: cell.kind.into(),
+                                fingerprint: fp.clone(),
+                                outputs: exp.outputs.clone(),
+                                metrics: exp.metrics.clone(),
+                            },
+                            &mut d,
+                        );
+                        lock_diff.extend(d);
+                        outcome[i] = Some(Outcome::Failed(ExecError::Locked {
+                            stage: cell.name.clone(),
+                            diff: lock_diff.clone(),
+                        }));
+                        progressed = true;
+                        continue;
                     }
                     if !forced[i] {
                         match cache.record(&fp) {
@@ -702,10 +701,10 @@ fn run_cell(
             cell.name
         ));
     })?;
-    if !job.force {
-        if let Some(r) = cache.record(fp)? {
-            return Ok((r, false));
-        }
+    if !job.force
+        && let Some(r) = cache.record(fp)?
+    {
+        return Ok((r, false));
     }
     let out_names: Vec<&str> = cell.outputs.iter().map(|o| o.dir_name()).collect();
     let staging = cache.begin(fp, &out_names, &lock)?;

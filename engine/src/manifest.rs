@@ -666,7 +666,7 @@ impl Validator<'_> {
         let params = match self.registry.parse(entry.kind, &first_cell) {
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => {
-                let p = self.de_problem(e, key.span, &what);
+                let p = self.de_problem(*e, key.span, &what);
                 self.problem(p);
                 None
             }
@@ -679,7 +679,7 @@ impl Validator<'_> {
                 pick[ai] = vi;
                 let cell = apply_matrix_values(&clean, &matrix, &pick);
                 if let Some(Err(e)) = self.registry.parse(entry.kind, &cell) {
-                    let p = self.de_problem(e, axis.values[vi].span, &what);
+                    let p = self.de_problem(*e, axis.values[vi].span, &what);
                     self.problem(p);
                 }
             }

@@ -100,6 +100,10 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
         root.insert("required".into(), json!(["pipeline", "stages"]));
     }
     root.insert("title".into(), json!(TITLE));
+    root.insert(
+        "description".into(),
+        json!("a burnish pipeline: stages by name, each with a `kind` and that kind's fields"),
+    );
     root.insert("$defs".into(), Value::Object(sorted(defs)));
     Value::Object(root)
 }
@@ -166,12 +170,11 @@ fn alternatives<'a>(root: &'a Value, s: &'a Value) -> Vec<&'a Value> {
     let mut i = 0;
     while i < out.len() && out.len() < 64 {
         let cur = out[i];
-        if let Some(r) = cur.get("$ref").and_then(Value::as_str) {
-            if let Some(name) = r.strip_prefix("#/$defs/") {
-                if let Some(t) = root.get("$defs").and_then(|d| d.get(name)) {
-                    out.push(t);
-                }
-            }
+        if let Some(r) = cur.get("$ref").and_then(Value::as_str)
+            && let Some(name) = r.strip_prefix("#/$defs/")
+            && let Some(t) = root.get("$defs").and_then(|d| d.get(name))
+        {
+            out.push(t);
         }
         for key in ["anyOf", "oneOf", "allOf"] {
             if let Some(arr) = cur.get(key).and_then(Value::as_array) {

@@ -548,7 +548,7 @@ impl<S: Stage> ErasedParams for Typed<S> {
     }
 }
 
-type ParseFn = fn(&Node) -> Result<Arc<dyn ErasedParams>, DeError>;
+type ParseFn = fn(&Node) -> Result<Arc<dyn ErasedParams>, Box<DeError>>;
 type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
 
 /// A registered stage kind.
@@ -581,8 +581,8 @@ pub struct Registry {
 /// or explains why it cannot.
 pub type UriResolver = fn(&str) -> Result<PathBuf, String>;
 
-fn parse_typed<S: Stage>(node: &Node) -> Result<Arc<dyn ErasedParams>, DeError> {
-    let params = S::Params::deserialize(NodeDeserializer::new(node))?;
+fn parse_typed<S: Stage>(node: &Node) -> Result<Arc<dyn ErasedParams>, Box<DeError>> {
+    let params = S::Params::deserialize(NodeDeserializer::new(node)).map_err(Box::new)?;
     Ok(Arc::new(Typed::<S>(params)))
 }
 
@@ -646,7 +646,7 @@ impl Registry {
         &self,
         kind: &str,
         node: &Node,
-    ) -> Option<Result<Arc<dyn ErasedParams>, DeError>> {
+    ) -> Option<Result<Arc<dyn ErasedParams>, Box<DeError>>> {
         self.kinds.get(kind).map(|k| (k.parse)(node))
     }
 }

@@ -263,7 +263,7 @@ pub fn parse(text: &str, file: FileId) -> Result<Node, SyntaxError> {
     }
     let options = serde_saphyr::options! {
         budget: serde_saphyr::budget! {
-            max_depth: 64,
+            max_depth: 24,
             max_nodes: 200_000,
             max_aliases: 1_000,
             max_documents: 1,
