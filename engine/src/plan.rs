@@ -14,8 +14,10 @@ use serde::Serialize;
 use crate::cache::{self, Cache, CacheError, FileHasher, FingerprintInputs, PENDING};
 use crate::error::InternalError;
 use crate::lock::LockFile;
-use crate::manifest::{Manifest, apply_matrix_values, topo_order};
+use crate::manifest::{Manifest, apply_matrix_values};
 use crate::stage::{ArtifactType, ErasedParams, OutputDecl, Registry, Sensitivity};
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::{Dfs, Reversed};
 
 /// One upstream artifact of a cell.
 #[derive(Clone, Debug)]
@@ -72,7 +74,10 @@ impl Cell {
 /// A manifest expanded into cells in dependency order.
 pub struct Plan {
     pub manifest: Arc<Manifest>,
+    /// Cells in topological order (every cell after the cells it reads from).
     pub cells: Vec<Cell>,
+    /// The cell DAG: node `i` is `cells[i]`, edges run upstream → downstream.
+    pub graph: DiGraph<usize, ()>,
     /// The resolved backend name that enters backend-sensitive fingerprints.
     pub backend: String,
 }
@@ -103,8 +108,9 @@ impl Plan {
                     .collect()
             })
             .collect();
-        let order =
-            topo_order(&deps).map_err(|_| InternalError("cycle in a validated manifest".into()))?;
+        // Dependency order that keeps the written order among independent stages.
+        let order = crate::manifest::topo_order(&deps)
+            .map_err(|_| InternalError("cycle in a validated manifest".into()))?;
 
         // Axis labels: the field path, qualified by the stage when two stages share it.
         let mut field_count: HashMap<&str, usize> = HashMap::new();
@@ -239,9 +245,19 @@ impl Plan {
                 }
             }
         }
+        let mut graph = DiGraph::new();
+        for i in 0..cells.len() {
+            graph.add_node(i);
+        }
+        for (i, c) in cells.iter().enumerate() {
+            for d in c.deps() {
+                graph.add_edge(NodeIndex::new(d), NodeIndex::new(i), ());
+            }
+        }
         Ok(Plan {
             manifest,
             cells,
+            graph,
             backend: backend.to_owned(),
         })
     }
@@ -289,11 +305,11 @@ impl Plan {
     /// `targets` and everything they depend on.
     pub fn ancestors_of(&self, targets: &[usize]) -> Vec<bool> {
         let mut keep = vec![false; self.cells.len()];
-        let mut stack: Vec<usize> = targets.to_vec();
-        while let Some(i) = stack.pop() {
-            if !keep[i] {
-                keep[i] = true;
-                stack.extend(self.cells[i].deps());
+        let reversed = Reversed(&self.graph);
+        for &t in targets {
+            let mut dfs = Dfs::new(reversed, NodeIndex::new(t));
+            while let Some(n) = dfs.next(reversed) {
+                keep[n.index()] = true;
             }
         }
         keep
