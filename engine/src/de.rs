@@ -122,15 +122,28 @@ impl de::Error for DeError {
     }
     fn invalid_type(unexp: de::Unexpected, exp: &dyn de::Expected) -> Self {
         DeError::custom(format_args!(
-            "expected {exp}, found {}",
+            "expected {}, found {}",
+            plain_expected(&exp.to_string()),
             describe_unexpected(&unexp)
         ))
     }
     fn invalid_value(unexp: de::Unexpected, exp: &dyn de::Expected) -> Self {
         DeError::custom(format_args!(
-            "expected {exp}, found {}",
+            "expected {}, found {}",
+            plain_expected(&exp.to_string()),
             describe_unexpected(&unexp)
         ))
+    }
+}
+
+/// serde names Rust types ("f64", "u32"); users wrote YAML.
+fn plain_expected(exp: &str) -> String {
+    match exp {
+        "f64" | "f32" => "a number".into(),
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a non-negative integer".into(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "an integer".into(),
+        "a boolean" | "bool" => "`true` or `false`".into(),
+        other => other.to_owned(),
     }
 }
 
@@ -439,7 +452,10 @@ mod tests {
         let t = "format: text\nlora: {rank: many}\nlr: 1\n";
         let e = read(t).unwrap_err();
         assert_eq!(at(t, &e), "many");
-        assert_eq!(e.message, "expected u32, found string \"many\"");
+        assert_eq!(
+            e.message,
+            "expected a non-negative integer, found string \"many\""
+        );
     }
 
     #[test]

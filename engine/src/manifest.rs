@@ -173,9 +173,14 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Manifest, ManifestErrors
     };
     let abs = absolute(path);
     let root = v.load_with_extends(&abs, &display, None, &mut Vec::new());
-    let fail = |v: Validator| ManifestErrors {
-        manifest: display.clone(),
-        problems: v.problems,
+    let fail = |mut v: Validator| {
+        // Source order (file, then position); problems without a place first.
+        v.problems
+            .sort_by_key(|p| p.at.as_ref().map(|(_, s)| (s.file, s.offset)));
+        ManifestErrors {
+            manifest: display.clone(),
+            problems: v.problems,
+        }
     };
     let Some(root) = root else {
         return Err(fail(v));
@@ -636,6 +641,7 @@ impl Validator<'_> {
         // Unknown keys: all of them, with suggestions (serde stops at the first).
         let mut clean = params_node.clone();
         let mut bad_keys = false;
+        let mut suggested: Vec<String> = Vec::new();
         if let Value::Map(m) = &mut clean.value {
             let mut unknown = Vec::new();
             m.retain(|(k, _)| {
@@ -649,6 +655,9 @@ impl Validator<'_> {
             all.extend(STAGE_KEYS);
             for k in unknown {
                 bad_keys = true;
+                if let Some(s) = suggest(&k.name, all.iter().copied()) {
+                    suggested.push(s.to_owned());
+                }
                 let p = self
                     .at(
                         Code::UnknownField,
@@ -666,8 +675,12 @@ impl Validator<'_> {
         let params = match self.registry.parse(entry.kind, &first_cell) {
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => {
-                let p = self.de_problem(*e, key.span, &what);
-                self.problem(p);
+                // `fromat:` already said "did you mean `format`"; don't also say it is missing.
+                let knock_on = matches!(e.kind, DeErrorKind::MissingField(f) if suggested.iter().any(|s| s == f));
+                if !knock_on {
+                    let p = self.de_problem(*e, key.span, &what);
+                    self.problem(p);
+                }
                 None
             }
             None => None,
@@ -678,9 +691,31 @@ impl Validator<'_> {
                 let mut pick = vec![0; matrix.len()];
                 pick[ai] = vi;
                 let cell = apply_matrix_values(&clean, &matrix, &pick);
-                if let Some(Err(e)) = self.registry.parse(entry.kind, &cell) {
-                    let p = self.de_problem(*e, axis.values[vi].span, &what);
-                    self.problem(p);
+                match self.registry.parse(entry.kind, &cell) {
+                    Some(Err(e)) => {
+                        let p = self.de_problem(*e, axis.values[vi].span, &what);
+                        self.problem(p);
+                    }
+                    Some(Ok(params)) => {
+                        for fp in params.check() {
+                            if fp.field != axis.field {
+                                continue; // reported for the first cell already
+                            }
+                            let p = self
+                                .at(
+                                    Code::OutOfRange,
+                                    format!(
+                                        "matrix value of `{}` in {what}: {}",
+                                        fp.field, fp.message
+                                    ),
+                                    axis.values[vi].span,
+                                    "out of range",
+                                )
+                                .maybe_help(fp.help);
+                            self.problem(p);
+                        }
+                    }
+                    None => {}
                 }
             }
         }

@@ -262,6 +262,8 @@ pub fn parse(text: &str, file: FileId) -> Result<Node, SyntaxError> {
         ));
     }
     let options = serde_saphyr::options! {
+        // Duplicates reach the validator, which reports both places.
+        duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::PassThrough,
         budget: serde_saphyr::budget! {
             max_depth: 24,
             max_nodes: 200_000,
@@ -283,6 +285,25 @@ pub fn parse(text: &str, file: FileId) -> Result<Node, SyntaxError> {
 fn first_line(s: &str) -> String {
     let line = s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim();
     let line = line.strip_prefix("error: ").unwrap_or(line);
+    // Positions are in the label; drop "line N column M: " prefixes.
+    let line = match line.strip_prefix("line ") {
+        Some(rest) => rest.split_once(": ").map_or(line, |(_, msg)| msg),
+        None => line,
+    };
+    if let Some(budget) = line.strip_prefix("budget breached: ") {
+        let n = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+        return if budget.starts_with("Depth") {
+            format!("nested deeper than 24 levels ({})", n(budget))
+        } else if budget.starts_with("Nodes") {
+            "expands to more than 200000 nodes (aliases multiplying?)".to_owned()
+        } else if budget.starts_with("Documents") {
+            "a manifest holds one YAML document; found a second `---`".to_owned()
+        } else if budget.starts_with("Aliases") {
+            "uses more than 1000 aliases".to_owned()
+        } else {
+            format!("too large to read ({budget})")
+        };
+    }
     // serde-saphyr appends " at line N column M"; the label carries the position.
     let line = match line.find(" at line ") {
         Some(i) => &line[..i],
