@@ -280,22 +280,21 @@ impl<'a> RowReader<'a> {
         self.boolean(&f)
     }
 
+    /// A list, or a JSON string holding one (as CSV cells hold lists).
+    fn list(&self, f: &Found<'_>, what: &'static str) -> Result<Vec<Value>, DataError> {
+        match f.value {
+            Value::Array(items) => Ok(items.clone()),
+            Value::String(s) => match parse_json_list(s) {
+                Some(Value::Array(items)) => Ok(items),
+                _ => Err(self.wrong_type(&f.name, what, f.value)),
+            },
+            v => Err(self.wrong_type(&f.name, what, v)),
+        }
+    }
+
     /// A list of messages (a JSON string holding one is accepted, as CSV cells hold them).
     fn messages(&self, f: &Found<'_>) -> Result<Vec<Message>, DataError> {
-        let parsed;
-        let value = match f.value {
-            Value::String(s) => match parse_json_list(s) {
-                Some(v) => {
-                    parsed = v;
-                    &parsed
-                }
-                None => return Err(self.wrong_type(&f.name, "a list of messages", f.value)),
-            },
-            v => v,
-        };
-        let Value::Array(items) = value else {
-            return Err(self.wrong_type(&f.name, "a list of messages", value));
-        };
+        let items = self.list(f, "a list of messages")?;
         if items.is_empty() {
             return Err(self.bad_value(&f.name, "the list of messages is empty"));
         }
@@ -597,20 +596,7 @@ impl<'a> RowReader<'a> {
     fn ranking(&mut self) -> Result<Record, DataError> {
         let prompt = self.req_text_or_messages("prompt", Role::User)?;
         let f = self.require("responses")?;
-        let parsed;
-        let value = match f.value {
-            Value::String(s) => match parse_json_list(s) {
-                Some(v) => {
-                    parsed = v;
-                    &parsed
-                }
-                None => return Err(self.wrong_type(&f.name, "a list of {text, rank}", f.value)),
-            },
-            v => v,
-        };
-        let Value::Array(items) = value else {
-            return Err(self.wrong_type(&f.name, "a list of {text, rank}", value));
-        };
+        let items = self.list(&f, "a list of {text, rank}")?;
         if items.len() < 2 {
             return Err(self.bad_value(
                 &f.name,
