@@ -207,7 +207,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let Some(m) = load(&file, &reg) else {
                 return Ok(ExitCode::from(INVALID));
             };
-            let (plan, cache) = plan_and_cache(m, &reg, backend, &cache)?;
+            let (plan, cache, _) = plan_and_cache(m, &reg, backend, &cache)?;
             let lock = LockFile::read(&plan.manifest.lock_path())?;
             let mut hasher = cache.file_hasher();
             let status = plan.status(&cache, lock.as_ref(), &mut hasher)?;
@@ -268,7 +268,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let Some(m) = load(&file, &reg) else {
                 return Ok(ExitCode::from(INVALID));
             };
-            let (plan, cache) = plan_and_cache(m, &reg, backend, &cache)?;
+            let (plan, cache, note) = plan_and_cache(m, &reg, backend, &cache)?;
+            if let Some(note) = note
+                && !quiet
+                && plan.cells.iter().any(|c| c.sensitivity.backend)
+            {
+                eprintln!("{note}");
+            }
             for name in force.iter().chain(until.iter()) {
                 if plan.select(name).is_empty() {
                     let names: Vec<&str> = plan.cells.iter().map(|c| c.name.as_str()).collect();
@@ -354,7 +360,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let Some(m) = load(&file, &reg) else {
                 return Ok(ExitCode::from(INVALID));
             };
-            let (plan, cache) = plan_and_cache(m, &reg, None, &cache)?;
+            let (plan, cache, _) = plan_and_cache(m, &reg, None, &cache)?;
             let mut hasher = cache.file_hasher();
             let status = plan.status(&cache, None, &mut hasher)?;
             let mut stages = serde_json::Map::new();
@@ -411,7 +417,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     invalid = true;
                     continue;
                 };
-                let (plan, c) = plan_and_cache(m, &reg, None, &cache)?;
+                let (plan, c, _) = plan_and_cache(m, &reg, None, &cache)?;
                 let mut hasher = c.file_hasher();
                 let status = plan.status(&c, None, &mut hasher)?;
                 rows.extend(compare::rows(&plan, &status, &c));
@@ -592,13 +598,27 @@ fn load(file: &Path, reg: &Registry) -> Option<Manifest> {
     }
 }
 
-fn resolve_backend(choice: BackendChoice) -> &'static str {
-    // Only the CPU backend exists so far; `auto` resolves to it.
-    match choice {
-        BackendChoice::Auto | BackendChoice::Cpu => "cpu",
+/// The backend a plan runs on, and for `auto` the reason it was picked.
+fn resolve_backend(choice: BackendChoice) -> Result<(&'static str, Option<String>)> {
+    let name = match choice {
+        BackendChoice::Auto => {
+            let (name, why) = burnish_stages::backend::resolve_auto();
+            return Ok((name, Some(format!("backend auto → {name} ({why})"))));
+        }
+        BackendChoice::Cpu => "cpu",
         BackendChoice::Wgpu => "wgpu",
         BackendChoice::Cuda => "cuda",
+    };
+    let available = burnish_stages::backend::available();
+    if !available.contains(&name) {
+        return Err(miette!(
+            code = "burnish::run::backend",
+            help = "rebuild with `--features {name}` (on by default), or use `--backend cpu`",
+            "backend `{name}` is not built into this binary (it has {})",
+            available.join(", ")
+        ));
     }
+    Ok((name, None))
 }
 
 fn plan_and_cache(
@@ -606,7 +626,7 @@ fn plan_and_cache(
     reg: &Registry,
     backend: Option<BackendArg>,
     args: &CacheArgs,
-) -> Result<(Plan, Cache)> {
+) -> Result<(Plan, Cache, Option<String>)> {
     let choice = match backend {
         Some(BackendArg::Auto) => BackendChoice::Auto,
         Some(BackendArg::Cpu) => BackendChoice::Cpu,
@@ -616,8 +636,9 @@ fn plan_and_cache(
     };
     let dir = cache_dir(Some(&m.dir), args);
     let cache = Cache::open(&dir)?;
-    let plan = Plan::build(Arc::new(m), reg, resolve_backend(choice))?;
-    Ok((plan, cache))
+    let (backend, note) = resolve_backend(choice)?;
+    let plan = Plan::build(Arc::new(m), reg, backend)?;
+    Ok((plan, cache, note))
 }
 
 fn cache_dir(manifest_dir: Option<&Path>, args: &CacheArgs) -> PathBuf {

@@ -2,7 +2,11 @@
 //! now, and the burn models, trainers and exporters as they land. The engine sees them only
 //! through [`burnish_engine::stage::Stage`] and the [`registry`].
 
+pub mod backend;
 pub mod data;
+pub mod model;
+pub mod text;
+pub mod train;
 
 use burnish_engine::stage::Registry;
 
@@ -13,6 +17,8 @@ pub use data::register_data;
 pub fn registry() -> Registry {
     let mut reg = Registry::new();
     data::register_data(&mut reg);
+    text::register_text(&mut reg);
+    train::register_train(&mut reg);
     reg.set_uri_resolver(|uri| data::resolve_hf(uri).map_err(|e| e.to_string()));
     reg
 }

@@ -1187,7 +1187,13 @@ fn registry_holds_every_data_kind_with_a_schema() {
             "data.mix",
             "data.select",
             "data.split",
-            "dataset"
+            "dataset",
+            "eval",
+            "merge",
+            "model",
+            "tokenizer.train",
+            "train.cpt",
+            "train.sft"
         ]
     );
     let mut generator = schemars::SchemaGenerator::default();

@@ -13,7 +13,7 @@ pub mod formats;
 pub mod hf;
 pub mod mix;
 pub mod records;
-mod rng;
+pub(crate) mod rng;
 pub mod select;
 pub mod source;
 pub mod split;

@@ -25,6 +25,19 @@ impl Rng {
         }
     }
 
+    /// A uniform float in `[0, 1)` with 24 random bits.
+    pub fn uniform(&mut self) -> f32 {
+        (self.0.next_u32() >> 8) as f32 / (1u32 << 24) as f32
+    }
+
+    /// A standard normal float (Box–Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let u2 = (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let r = (-2.0 * (1.0 - u1).ln()).sqrt();
+        (r * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
     /// Fisher–Yates shuffle.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {

@@ -1,0 +1,345 @@
+//! A LLaMA-family decoder (Llama, TinyLlama, SmolLM2, Mistral without sliding window, Qwen2).
+//!
+//! Field names mirror the checkpoint's tensor names (`model.layers.0.self_attn.q_proj.weight`),
+//! so the module path of every parameter *is* its Hugging Face name. The file reads bottom-up:
+//! linear (with optional LoRA), norm, rotary embedding, attention, MLP, block, model.
+//!
+//! Conventions held to transformers' `modeling_llama.py`:
+//! - linear weights are `[out, in]` and applied as `x · Wᵀ`;
+//! - RMSNorm normalises in f32 and then scales by its weight;
+//! - RoPE rotates the two halves of each head (`rotate_half`), not interleaved pairs, with
+//!   `inv_freq = θ^(-2i/d)` from the checkpoint's `rope_theta`;
+//! - grouped-query attention: query head `h` reads key/value head `h / (heads / kv_heads)`.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use super::config::ModelConfig;
+
+/// LoRA adapter on a linear layer: `y += (dropout(x) · Aᵀ · Bᵀ) · alpha / r`.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[r, in]` (PEFT `lora_A.weight`)
+    pub a: Param<Tensor<B, 2>>,
+    /// `[out, r]` (PEFT `lora_B.weight`)
+    pub b: Param<Tensor<B, 2>>,
+    #[module(skip)]
+    pub scale: f64,
+    #[module(skip)]
+    pub dropout: f64,
+}
+
+/// A linear layer in Hugging Face layout, optionally with a bias and a LoRA adapter.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[out, in]`
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out]`
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<Lora<B>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, in]`
+    /// - output: `[batch, seq, out]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d_in] = x.dims();
+        let x2 = x.reshape([b * t, d_in]); // [b*t, in]
+        let mut y = x2.clone().matmul(self.weight.val().transpose()); // [b*t, out]
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().unsqueeze_dim(0);
+        }
+        if let Some(lora) = &self.lora {
+            let xa = if lora.dropout > 0.0 && B::ad_enabled(&x2.device()) {
+                let keep = 1.0 - lora.dropout;
+                let mask = x2.random_like(burn::tensor::Distribution::Bernoulli(keep));
+                x2 * mask / keep
+            } else {
+                x2
+            };
+            let delta = xa
+                .matmul(lora.a.val().transpose()) // [b*t, r]
+                .matmul(lora.b.val().transpose()); // [b*t, out]
+            y = y + delta * lora.scale;
+        }
+        let out = y.dims()[1];
+        y.reshape([b, t, out])
+    }
+
+    /// The effective weight `W + scale · B·A` (what a merge writes).
+    pub fn merged_weight(&self) -> Tensor<B, 2> {
+        let w = self.weight.val();
+        match &self.lora {
+            Some(l) => w + l.b.val().matmul(l.a.val()) * l.scale,
+            None => w,
+        }
+    }
+}
+
+/// Root-mean-square layer norm.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[hidden]`
+    pub weight: Param<Tensor<B, 1>>,
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` → same
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let var = x.clone().powi_scalar(2).mean_dim(2); // [b, t, 1]
+        let x = x * (var + self.eps).sqrt().recip();
+        x * self.weight.val().unsqueeze::<3>()
+    }
+}
+
+/// Rotary position tables for one sequence length.
+pub struct Rope<B: Backend> {
+    /// `[seq, head_dim]`
+    cos: Tensor<B, 2>,
+    /// `[seq, head_dim]`
+    sin: Tensor<B, 2>,
+}
+
+impl<B: Backend> Rope<B> {
+    pub fn new(cfg: &ModelConfig, seq: usize, device: &B::Device) -> Self {
+        let half = cfg.head_dim / 2;
+        let mut cos = Vec::with_capacity(seq * cfg.head_dim);
+        let mut sin = Vec::with_capacity(seq * cfg.head_dim);
+        // transformers computes inv_freq in f32; so do we, then the angles in f64.
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        for p in 0..seq {
+            for _ in 0..2 {
+                for f in &inv {
+                    let angle = (p as f32 * f) as f64;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        let shape = [seq, cfg.head_dim];
+        Rope {
+            cos: Tensor::from_data(TensorData::new(cos, shape), device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, heads, seq, head_dim]` → same
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, t, d] = x.dims();
+        let half = d / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // rotate_half
+        let cos = self.cos.clone().narrow(0, 0, t).unsqueeze::<4>();
+        let sin = self.sin.clone().narrow(0, 0, t).unsqueeze::<4>();
+        let _ = (b, h);
+        x * cos + rotated * sin
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub num_kv_heads: usize,
+    #[module(skip)]
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` → same
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: &Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, nh, hd])
+            .swap_dims(1, 2); // [b, nh, t, hd]
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, nkv, hd])
+            .swap_dims(1, 2); // [b, nkv, t, hd]
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, nkv, hd])
+            .swap_dims(1, 2); // [b, nkv, t, hd]
+        let q = rope.apply(q);
+        let k = rope.apply(k);
+        let (k, v) = if nh == nkv {
+            (k, v)
+        } else {
+            let rep = nh / nkv;
+            let grow = |x: Tensor<B, 4>| {
+                x.unsqueeze_dim::<5>(2) // [b, nkv, 1, t, hd]
+                    .expand([b, nkv, rep, t, hd])
+                    .reshape([b, nh, t, hd])
+            };
+            (grow(k), grow(v))
+        };
+        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt(); // [b, nh, t, t]
+        let scores = scores.mask_fill(
+            mask.clone().unsqueeze::<4>().expand([b, nh, t, t]),
+            f32::NEG_INFINITY,
+        );
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]); // [b, t, nh*hd]
+        self.o_proj.forward(out)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// SwiGLU: `down(silu(gate(x)) * up(x))`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let g = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(g * self.up_proj.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: &Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, mask);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    /// `[vocab, hidden]`
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+/// The decoder stack (`model.*` in checkpoints).
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<Block<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// Decoder plus language-model head: `LlamaForCausalLM` / `Qwen2ForCausalLM`.
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub model: Decoder<B>,
+    /// `[vocab, hidden]`; `None` when tied to the embeddings.
+    pub lm_head: Option<Embedding<B>>,
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Next-token logits.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let hidden = self.hidden(ids);
+        let [b, t, h] = hidden.dims();
+        let head = match &self.lm_head {
+            Some(head) => head.weight.val(),
+            None => self.model.embed_tokens.weight.val(),
+        };
+        let logits = hidden.reshape([b * t, h]).matmul(head.transpose()); // [b*t, vocab]
+        logits.reshape([b, t, self.config.vocab_size])
+    }
+
+    /// Final hidden states after the last norm.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let device = ids.device();
+        let [_, t] = ids.dims();
+        let rope = Rope::new(&self.config, t, &device);
+        let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device); // true above the diagonal
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), ids); // [b, t, hidden]
+        for layer in &self.model.layers {
+            x = layer.forward(x, &rope, &mask);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Per-position negative log-likelihood of the next token, and the target weights.
+    ///
+    /// Position `i` of the result is the loss of predicting `ids[i+1]`; `targets[b][i+1]` says
+    /// whether it counts.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`, targets: `[batch, seq]` (0/1)
+    /// - output: (`nll [batch, seq-1]`, `weights [batch, seq-1]`)
+    pub fn token_nll(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let [b, t] = ids.dims();
+        let logits = self.forward(ids.clone()).narrow(1, 0, t - 1); // [b, t-1, vocab]
+        let logp = log_softmax(logits, 2);
+        let next = ids.narrow(1, 1, t - 1).unsqueeze_dim::<3>(2); // [b, t-1, 1]
+        let picked = logp.gather(2, next).reshape([b, t - 1]); // [b, t-1]
+        (picked.neg(), targets.narrow(1, 1, t - 1))
+    }
+
+    /// Parameters in the model (tied embeddings counted once, adapters included).
+    pub fn num_params(&self) -> usize {
+        self.num_params_where(|_| true)
+    }
+
+    /// Parameters whose module path satisfies `keep`.
+    pub fn num_params_where(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let mut total = 0;
+        super::weights::for_each_param(self, |name, shape, _| {
+            if keep(name) {
+                total += shape.iter().product::<usize>();
+            }
+        });
+        total
+    }
+}

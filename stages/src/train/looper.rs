@@ -1,0 +1,421 @@
+//! The one training loop every trainer shares.
+//!
+//! Per optimizer step: `grad_accum` micro-batches of `batch_size` examples (from a seeded
+//! shuffle of the data, epoch after epoch), the loss averaged over every target token of the
+//! step, gradients clipped to `max_grad_norm` by their global norm, one AdamW update at the
+//! scheduled learning rate.
+//!
+//! **Resume.** Every `checkpoint_every` steps (and when cancelled) the loop writes the trainable
+//! weights, both Adam moments, the step and the log so far into the stage's scratch directory.
+//! Everything else a step depends on is a function of the step number — the data position (the
+//! micro-batch counter is `step × grad_accum`), the shuffle of each epoch (seeded by
+//! `seed + epoch`), the dropout RNG (reseeded from `seed` and the step) — so a resumed run
+//! performs exactly the arithmetic an uninterrupted one would, and on a deterministic backend
+//! ends with the same bits.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burnish_engine::stage::RunContext;
+use serde::{Deserialize, Serialize};
+
+use super::batch::{Score, make_batch, score};
+use super::error::TrainError;
+use super::optim::{self, AdamW, Grads, OptimState, Schedule, lr_at};
+use crate::data::rng::Rng;
+use crate::model::CausalLm;
+use crate::model::weights::{self, TensorFiles};
+use crate::text::Example;
+
+/// Everything the loop needs to know, as plain data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoopSpec {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub adamw: AdamW,
+    pub max_grad_norm: Option<f64>,
+    pub checkpoint_every: usize,
+    pub eval_every: Option<usize>,
+    pub seed: u64,
+    pub pad_id: u32,
+}
+
+/// One line of the training log (`train_log.jsonl` in the stage output).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LogLine {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+}
+
+/// What a finished loop reports.
+pub struct LoopResult<B: AutodiffBackend> {
+    pub model: CausalLm<B>,
+    pub log: Vec<LogLine>,
+    pub resumed_from: Option<usize>,
+    pub final_eval: Option<Score>,
+    pub tokens_per_s: f64,
+}
+
+/// Steps in `epochs` passes over `n` examples.
+pub fn steps_for_epochs(n: usize, batch_size: usize, grad_accum: usize, epochs: f64) -> usize {
+    let per_step = (batch_size * grad_accum).max(1);
+    let per_epoch = n.div_ceil(per_step).max(1);
+    ((per_epoch as f64) * epochs).ceil().max(1.0) as usize
+}
+
+/// Example indices of micro-batch `k`: the stream of epoch permutations, cut into pieces of
+/// `batch` (an epoch's tail continues into the next epoch's head).
+fn micro_batch(
+    n: usize,
+    batch: usize,
+    k: usize,
+    seed: u64,
+    cache: &mut Option<(usize, Vec<usize>)>,
+) -> Vec<usize> {
+    let mut out = Vec::with_capacity(batch);
+    let mut pos = k * batch;
+    while out.len() < batch {
+        let epoch = pos / n;
+        let within = pos % n;
+        if cache.as_ref().map(|c| c.0) != Some(epoch) {
+            let mut order: Vec<usize> = (0..n).collect();
+            Rng::new(seed.wrapping_add(epoch as u64)).shuffle(&mut order);
+            *cache = Some((epoch, order));
+        }
+        let order = &cache.as_ref().map(|c| &c.1).cloned().unwrap_or_default();
+        let take = (batch - out.len()).min(n - within);
+        out.extend_from_slice(&order[within..within + take]);
+        pos += take;
+    }
+    out
+}
+
+/// Train `model` (its trainable parameters are those with `require_grad`).
+pub fn train<B: AutodiffBackend>(
+    mut model: CausalLm<B>,
+    data: &[Example],
+    eval: Option<&[Example]>,
+    spec: &LoopSpec,
+    cx: &mut RunContext,
+) -> Result<LoopResult<B>, TrainError> {
+    if data.is_empty() {
+        return Err(TrainError::NoData);
+    }
+    let device = model.model.embed_tokens.weight.val().device();
+    let ckpt = Checkpoints::new(cx.scratch_dir());
+    let mut state = OptimState::<B::InnerBackend>::default();
+    let mut log: Vec<LogLine> = Vec::new();
+    let mut start = 0;
+    let mut resumed_from = None;
+    if let Some(found) = ckpt.latest()? {
+        let restored = ckpt.restore::<B>(&found, model, &mut state)?;
+        model = restored.0;
+        log = restored.1;
+        start = state.step;
+        resumed_from = Some(start);
+        cx.log(format!("resuming from checkpoint at step {start}"));
+    }
+    cx.progress().set_total(spec.steps as u64);
+    cx.progress().set_position(start as u64);
+    let mut order_cache = None;
+    let began = Instant::now();
+    let mut tokens_seen = 0usize;
+    for step in start..spec.steps {
+        if cx.cancelled() {
+            ckpt.save(&model, &state, &log)?;
+            return Err(TrainError::Cancelled { step });
+        }
+        B::seed(
+            &device,
+            spec.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        // Gather the step's micro-batches first: the loss is a mean over all their targets.
+        let mut micro = Vec::with_capacity(spec.grad_accum);
+        let mut step_targets = 0;
+        for a in 0..spec.grad_accum {
+            let k = step * spec.grad_accum + a;
+            let idx = micro_batch(data.len(), spec.batch_size, k, spec.seed, &mut order_cache);
+            let refs: Vec<&Example> = idx.iter().map(|&i| &data[i]).collect();
+            let batch = make_batch::<B>(&refs, spec.pad_id, &device);
+            step_targets += batch.target_tokens;
+            micro.push(batch);
+        }
+        let mut grads = Grads::<B::InnerBackend>::default();
+        let mut loss_sum = 0.0f64;
+        let mut step_tokens = 0;
+        let t0 = Instant::now();
+        for batch in micro {
+            step_tokens += batch.tokens;
+            let (nll, w) = model.token_nll(batch.ids, batch.targets);
+            let loss = (nll * w).sum() / (step_targets.max(1) as f64);
+            let value: f32 = loss.clone().into_scalar().elem();
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: step + 1,
+                    value: value as f64,
+                });
+            }
+            loss_sum += value as f64;
+            let g = loss.backward();
+            grads.accumulate::<B, _>(&model, &g);
+        }
+        let norm = grads.global_norm();
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: step + 1,
+                value: norm,
+            });
+        }
+        let clip = match spec.max_grad_norm {
+            Some(max) if norm > max => max / (norm + 1e-6),
+            _ => 1.0,
+        };
+        let lr = lr_at(spec.lr, spec.schedule, spec.warmup_steps, spec.steps, step);
+        model = optim::step(model, &mut grads, &mut state, spec.adamw, lr, clip);
+        let elapsed = t0.elapsed().as_secs_f64().max(1e-9);
+        tokens_seen += step_tokens;
+        let mut line = LogLine {
+            step: step + 1,
+            loss: loss_sum,
+            lr,
+            grad_norm: norm,
+            tokens: step_tokens,
+            eval_loss: None,
+        };
+        if let (Some(every), Some(eval)) = (spec.eval_every, eval)
+            && every > 0
+            && (step + 1) % every == 0
+        {
+            let s = score(&model.valid(), eval, spec.batch_size, spec.pad_id);
+            line.eval_loss = Some(s.mean_nll());
+        }
+        cx.log(format!(
+            "{{\"step\":{},\"loss\":{:.6},\"lr\":{:.3e},\"grad_norm\":{:.4},\"tokens_per_s\":{:.1}{}}}",
+            line.step,
+            line.loss,
+            line.lr,
+            line.grad_norm,
+            step_tokens as f64 / elapsed,
+            line.eval_loss
+                .map(|e| format!(",\"eval_loss\":{e:.6}"))
+                .unwrap_or_default()
+        ));
+        cx.progress().set_position((step + 1) as u64);
+        cx.progress().set_message(&format!(
+            "loss {:.4} · {:.0} tok/s",
+            line.loss,
+            step_tokens as f64 / elapsed
+        ));
+        log.push(line);
+        if spec.checkpoint_every > 0
+            && (step + 1) % spec.checkpoint_every == 0
+            && step + 1 < spec.steps
+        {
+            ckpt.save(&model, &state, &log)?;
+        }
+    }
+    let final_eval = eval.map(|e| score(&model.valid(), e, spec.batch_size, spec.pad_id));
+    let secs = began.elapsed().as_secs_f64().max(1e-9);
+    Ok(LoopResult {
+        model,
+        log,
+        resumed_from,
+        final_eval,
+        tokens_per_s: tokens_seen as f64 / secs,
+    })
+}
+
+/// Checkpoints in a scratch directory: `ckpt/step-NNNNNNNN/` directories and a `ckpt/latest`
+/// pointer file that is replaced atomically once a directory is complete.
+pub struct Checkpoints {
+    root: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CkptMeta {
+    step: usize,
+    dir: String,
+}
+
+impl Checkpoints {
+    pub fn new(scratch: &Path) -> Self {
+        Checkpoints {
+            root: scratch.join("ckpt"),
+        }
+    }
+
+    fn latest(&self) -> Result<Option<PathBuf>, TrainError> {
+        let pointer = self.root.join("latest");
+        if !pointer.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&pointer).map_err(|e| TrainError::io(&pointer, e))?;
+        let meta: CkptMeta = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+            path: pointer.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(Some(self.root.join(meta.dir)))
+    }
+
+    /// Write the trainable weights, the moments and the log, then move `latest` to them.
+    pub fn save<B: AutodiffBackend>(
+        &self,
+        model: &CausalLm<B>,
+        state: &OptimState<B::InnerBackend>,
+        log: &[LogLine],
+    ) -> Result<(), TrainError> {
+        let name = format!("step-{:08}", state.step);
+        let dir = self.root.join(&name);
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        let mut tensors = Vec::new();
+        weights::for_each_param(model, |pname, shape, entry| {
+            if entry.trainable {
+                tensors.push((
+                    format!("param/{pname}"),
+                    shape.to_vec(),
+                    weights::tensor_f32(entry.value),
+                ));
+            }
+        });
+        for (pname, (m, v)) in &state.moments {
+            let n = m.dims()[0];
+            tensors.push((
+                format!("m/{pname}"),
+                vec![n],
+                weights::tensor_f32(m.clone()),
+            ));
+            tensors.push((
+                format!("v/{pname}"),
+                vec![n],
+                weights::tensor_f32(v.clone()),
+            ));
+        }
+        weights::write_safetensors(&dir.join("state.safetensors"), &tensors, None)?;
+        let mut lines = String::new();
+        for l in log {
+            lines.push_str(&serde_json::to_string(l).unwrap_or_default());
+            lines.push('\n');
+        }
+        burnish_engine::cache::write_atomic(&dir.join("log.jsonl"), lines.as_bytes())
+            .map_err(|e| TrainError::io(&dir, e))?;
+        let meta = CkptMeta {
+            step: state.step,
+            dir: name.clone(),
+        };
+        let pointer = self.root.join("latest");
+        burnish_engine::cache::write_atomic(
+            &pointer,
+            serde_json::to_string(&meta).unwrap_or_default().as_bytes(),
+        )
+        .map_err(|e| TrainError::io(&pointer, e))?;
+        // Older checkpoints are no longer needed.
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if n.starts_with("step-") && n != name {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn restore<B: AutodiffBackend>(
+        &self,
+        dir: &Path,
+        model: CausalLm<B>,
+        state: &mut OptimState<B::InnerBackend>,
+    ) -> Result<(CausalLm<B>, Vec<LogLine>), TrainError> {
+        let files = TensorFiles::open(&[dir.join("state.safetensors")])?;
+        let log_path = dir.join("log.jsonl");
+        let text = std::fs::read_to_string(&log_path).map_err(|e| TrainError::io(&log_path, e))?;
+        let mut log = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            log.push(
+                serde_json::from_str(line).map_err(|e| TrainError::Checkpoint {
+                    path: log_path.display().to_string(),
+                    message: e.to_string(),
+                })?,
+            );
+        }
+        let device = model.model.embed_tokens.weight.val().device();
+        let mut loader = LoadTrainable::<B> {
+            path: Vec::new(),
+            files: &files,
+            device: device.clone(),
+            error: None,
+        };
+        let model = model.map(&mut loader);
+        if let Some(e) = loader.error {
+            return Err(e);
+        }
+        let names: Vec<String> = files
+            .names()
+            .filter_map(|n| n.strip_prefix("m/").map(str::to_owned))
+            .collect();
+        for name in names {
+            let m = read_flat::<B::InnerBackend>(&files, &format!("m/{name}"), &device)?;
+            let v = read_flat::<B::InnerBackend>(&files, &format!("v/{name}"), &device)?;
+            state.moments.insert(name, (m, v));
+        }
+        state.step = log.len();
+        Ok((model, log))
+    }
+}
+
+fn read_flat<B: Backend>(
+    files: &TensorFiles,
+    name: &str,
+    device: &B::Device,
+) -> Result<Tensor<B, 1>, TrainError> {
+    let n = files.shape(name).map(|s| s.iter().product()).unwrap_or(0);
+    let values = files.read_f32(name, &[n])?;
+    Ok(Tensor::from_data(TensorData::new(values, [n]), device))
+}
+
+struct LoadTrainable<'a, B: Backend> {
+    path: Vec<String>,
+    files: &'a TensorFiles,
+    device: B::Device,
+    error: Option<TrainError>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for LoadTrainable<'_, B> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_owned());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        if !tensor.is_require_grad() {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let name = format!("param/{}", self.path.join("."));
+        let shape = tensor.dims();
+        match self.files.read_f32(&name, &shape) {
+            Ok(values) => {
+                let t = Tensor::<B, D>::from_data(TensorData::new(values, shape), &self.device)
+                    .require_grad();
+                Param::from_mapped_value(id, t, mapper)
+            }
+            Err(e) => {
+                self.error.get_or_insert(e.into());
+                Param::from_mapped_value(id, tensor, mapper)
+            }
+        }
+    }
+}

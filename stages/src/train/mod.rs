@@ -1,0 +1,535 @@
+//! Trainers (`train.cpt`, `train.sft`) and the stages around them (`model`, `merge`, `eval`).
+//!
+//! Every trainer shares [`looper::train`] and the parameters [`trainer_params!`] declares; a
+//! trainer only decides how its records become [`Example`]s.
+
+pub mod batch;
+pub mod error;
+pub mod looper;
+pub mod optim;
+pub mod stages;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use burnish_engine::stage::{
+    Accepts, ArtifactKind, ArtifactType, FieldProblem, Input, OutputDecl, RunContext, StageOutcome,
+    StageRef,
+};
+
+pub use error::TrainError;
+pub use looper::{LogLine, LoopSpec};
+pub use optim::{AdamW, Schedule};
+
+use crate::backend::{BackendTask, dispatch};
+use crate::model::{self, LoraParams, lora};
+use crate::text::{Example, TextTokenizer};
+
+/// Register `model`, `train.cpt`, `train.sft`, `merge` and `eval`.
+pub fn register_train(reg: &mut burnish_engine::stage::Registry) {
+    reg.register::<stages::ModelStage>()
+        .register::<stages::CptStage>()
+        .register::<stages::SftStage>()
+        .register::<stages::MergeStage>()
+        .register::<stages::EvalStage>();
+}
+
+pub(crate) fn d_batch() -> usize {
+    4
+}
+pub(crate) fn d_one() -> usize {
+    1
+}
+pub(crate) fn d_lr() -> f64 {
+    2e-4
+}
+pub(crate) fn d_beta1() -> f64 {
+    0.9
+}
+pub(crate) fn d_beta2() -> f64 {
+    0.999
+}
+pub(crate) fn d_eps() -> f64 {
+    1e-8
+}
+pub(crate) fn d_clip() -> Option<f64> {
+    Some(1.0)
+}
+pub(crate) fn d_seq() -> usize {
+    256
+}
+pub(crate) fn d_ckpt() -> usize {
+    50
+}
+
+/// The parameters every trainer has, then the trainer's own.
+macro_rules! trainer_params {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident : $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            /// The model to train: a Model, or an Adapter (whose adapter keeps training).
+            pub model: burnish_engine::stage::StageRef,
+            /// Training data.
+            pub data: burnish_engine::stage::StageRef,
+            /// Held-out data, scored every `eval_every` steps and at the end.
+            #[serde(default)]
+            pub eval_data: Option<burnish_engine::stage::StageRef>,
+            /// Train LoRA adapters (base frozen) instead of every weight.
+            #[serde(default)]
+            pub lora: Option<$crate::model::LoraParams>,
+            /// Optimizer steps (exclusive with `epochs`).
+            #[serde(default)]
+            pub steps: Option<usize>,
+            /// Passes over the data (default 1 when `steps` is absent).
+            #[serde(default)]
+            pub epochs: Option<f64>,
+            /// Examples per micro-batch.
+            #[serde(default = "crate::train::d_batch")]
+            pub batch_size: usize,
+            /// Micro-batches per optimizer step.
+            #[serde(default = "crate::train::d_one")]
+            pub grad_accum: usize,
+            /// Peak learning rate.
+            #[serde(default = "crate::train::d_lr")]
+            pub lr: f64,
+            /// Decay after warmup: constant, linear (default) or cosine, to 0 at the last step.
+            #[serde(default)]
+            pub schedule: $crate::train::Schedule,
+            /// Linear warmup steps from 0 to `lr`.
+            #[serde(default)]
+            pub warmup_steps: usize,
+            /// AdamW decoupled weight decay.
+            #[serde(default)]
+            pub weight_decay: f64,
+            /// AdamW β1.
+            #[serde(default = "crate::train::d_beta1")]
+            pub beta1: f64,
+            /// AdamW β2.
+            #[serde(default = "crate::train::d_beta2")]
+            pub beta2: f64,
+            /// AdamW ε.
+            #[serde(default = "crate::train::d_eps")]
+            pub adam_eps: f64,
+            /// Clip gradients to this global L2 norm (`null`: no clipping).
+            #[serde(default = "crate::train::d_clip")]
+            pub max_grad_norm: Option<f64>,
+            /// Tokens per sequence; longer examples are truncated (and counted).
+            #[serde(default = "crate::train::d_seq")]
+            pub seq_len: usize,
+            /// Write a resumable checkpoint every this many steps (0: never).
+            #[serde(default = "crate::train::d_ckpt")]
+            pub checkpoint_every: usize,
+            /// Score `eval_data` every this many steps.
+            #[serde(default)]
+            pub eval_every: Option<usize>,
+            /// Shuffle/dropout/adapter-init seed; when absent, the pipeline seed.
+            #[serde(default)]
+            pub seed: Option<u64>,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $crate::train::TrainerParams for $name {
+            fn common(&self) -> $crate::train::Common {
+                $crate::train::Common {
+                    model: self.model.clone(),
+                    data: self.data.clone(),
+                    eval_data: self.eval_data.clone(),
+                    lora: self.lora.clone(),
+                    steps: self.steps,
+                    epochs: self.epochs,
+                    batch_size: self.batch_size,
+                    grad_accum: self.grad_accum,
+                    lr: self.lr,
+                    schedule: self.schedule,
+                    warmup_steps: self.warmup_steps,
+                    adamw: $crate::train::AdamW {
+                        beta1: self.beta1,
+                        beta2: self.beta2,
+                        eps: self.adam_eps,
+                        weight_decay: self.weight_decay,
+                    },
+                    max_grad_norm: self.max_grad_norm,
+                    seq_len: self.seq_len,
+                    checkpoint_every: self.checkpoint_every,
+                    eval_every: self.eval_every,
+                    seed: self.seed,
+                }
+            }
+        }
+    };
+}
+pub(crate) use trainer_params;
+
+/// The shared trainer parameters as plain data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Common {
+    pub model: StageRef,
+    pub data: StageRef,
+    pub eval_data: Option<StageRef>,
+    pub lora: Option<LoraParams>,
+    pub steps: Option<usize>,
+    pub epochs: Option<f64>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub adamw: AdamW,
+    pub max_grad_norm: Option<f64>,
+    pub seq_len: usize,
+    pub checkpoint_every: usize,
+    pub eval_every: Option<usize>,
+    pub seed: Option<u64>,
+}
+
+pub trait TrainerParams {
+    fn common(&self) -> Common;
+}
+
+/// The inputs every trainer declares.
+pub(crate) fn trainer_inputs(c: &Common, data: Accepts) -> Vec<Input> {
+    let mut v = vec![
+        Input {
+            field: "model".into(),
+            reference: c.model.clone(),
+            accepts: Accepts::kinds(&[ArtifactKind::Model, ArtifactKind::Adapter]),
+        },
+        Input {
+            field: "data".into(),
+            reference: c.data.clone(),
+            accepts: data.clone(),
+        },
+    ];
+    if let Some(e) = &c.eval_data {
+        v.push(Input {
+            field: "eval_data".into(),
+            reference: e.clone(),
+            accepts: data,
+        });
+    }
+    v
+}
+
+/// A trainer yields an Adapter when it trains adapters (its own `lora:`, or an Adapter
+/// upstream without `lora:`), else a Model.
+pub(crate) fn trainer_outputs(
+    c: &Common,
+    inputs: &BTreeMap<String, ArtifactType>,
+) -> Vec<OutputDecl> {
+    let upstream_adapter = inputs
+        .get("model")
+        .is_some_and(|t| t.kind == ArtifactKind::Adapter);
+    let kind = if c.lora.is_some() || upstream_adapter {
+        ArtifactKind::Adapter
+    } else {
+        ArtifactKind::Model
+    };
+    vec![OutputDecl::main(ArtifactType::of(kind))]
+}
+
+/// Range checks shared by every trainer.
+pub(crate) fn trainer_check(c: &Common) -> Vec<FieldProblem> {
+    let mut p = Vec::new();
+    if c.steps.is_some() && c.epochs.is_some() {
+        p.push(
+            FieldProblem::new("epochs", "set either `steps` or `epochs`, not both")
+                .help("`steps` counts optimizer steps; `epochs` counts passes over the data"),
+        );
+    }
+    if c.steps == Some(0) {
+        p.push(FieldProblem::new(
+            "steps",
+            "steps must be at least 1, found 0",
+        ));
+    }
+    if let Some(e) = c.epochs
+        && !(e.is_finite() && e > 0.0)
+    {
+        p.push(FieldProblem::new(
+            "epochs",
+            format!("epochs must be > 0, found {e}"),
+        ));
+    }
+    if c.batch_size == 0 {
+        p.push(FieldProblem::new(
+            "batch_size",
+            "batch_size must be at least 1, found 0",
+        ));
+    }
+    if c.grad_accum == 0 {
+        p.push(FieldProblem::new(
+            "grad_accum",
+            "grad_accum must be at least 1, found 0",
+        ));
+    }
+    if !(c.lr.is_finite() && c.lr > 0.0) {
+        p.push(FieldProblem::new(
+            "lr",
+            format!("lr must be > 0, found {}", c.lr),
+        ));
+    }
+    for (field, v) in [("beta1", c.adamw.beta1), ("beta2", c.adamw.beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            p.push(FieldProblem::new(
+                field,
+                format!("{field} must be in [0, 1), found {v}"),
+            ));
+        }
+    }
+    if !(c.adamw.eps.is_finite() && c.adamw.eps > 0.0) {
+        p.push(FieldProblem::new(
+            "adam_eps",
+            format!("adam_eps must be > 0, found {}", c.adamw.eps),
+        ));
+    }
+    if !(c.adamw.weight_decay.is_finite() && c.adamw.weight_decay >= 0.0) {
+        p.push(FieldProblem::new(
+            "weight_decay",
+            format!("weight_decay must be ≥ 0, found {}", c.adamw.weight_decay),
+        ));
+    }
+    if let Some(g) = c.max_grad_norm
+        && !(g.is_finite() && g > 0.0)
+    {
+        p.push(FieldProblem::new(
+            "max_grad_norm",
+            format!("max_grad_norm must be > 0, found {g}"),
+        ));
+    }
+    if c.seq_len < 2 {
+        p.push(FieldProblem::new(
+            "seq_len",
+            format!("seq_len must be at least 2, found {}", c.seq_len),
+        ));
+    }
+    if let (Some(steps), w) = (c.steps, c.warmup_steps)
+        && w >= steps
+    {
+        p.push(FieldProblem::new(
+            "warmup_steps",
+            format!("warmup_steps {w} must be less than steps {steps}"),
+        ));
+    }
+    if c.eval_every.is_some() && c.eval_data.is_none() {
+        p.push(FieldProblem::new(
+            "eval_every",
+            "eval_every needs `eval_data`",
+        ));
+    }
+    if let Some(l) = &c.lora {
+        if l.rank == 0 {
+            p.push(FieldProblem::new(
+                "lora.rank",
+                "lora.rank must be at least 1, found 0",
+            ));
+        }
+        if l.targets.is_empty() {
+            p.push(
+                FieldProblem::new("lora.targets", "lora.targets is empty")
+                    .help("e.g. [q_proj, k_proj, v_proj, o_proj]"),
+            );
+        }
+        if !(0.0..1.0).contains(&l.dropout) {
+            p.push(FieldProblem::new(
+                "lora.dropout",
+                format!("lora.dropout must be in [0, 1), found {}", l.dropout),
+            ));
+        }
+        if let Some(a) = l.alpha
+            && !(a.is_finite() && a > 0.0)
+        {
+            p.push(FieldProblem::new(
+                "lora.alpha",
+                format!("lora.alpha must be > 0, found {a}"),
+            ));
+        }
+    }
+    p
+}
+
+/// Where a Model or Adapter artifact keeps its tokenizer files.
+pub fn tokenizer_dir(artifact: &Path) -> PathBuf {
+    if model::is_adapter_dir(artifact) {
+        artifact.join(model::ADAPTER_BASE_DIR)
+    } else {
+        artifact.to_path_buf()
+    }
+}
+
+/// Tokenized training (and eval) data, ready for the loop.
+pub struct Prepared {
+    pub train: Vec<Example>,
+    pub eval: Option<Vec<Example>>,
+    pub truncated: usize,
+    pub tokens: usize,
+}
+
+/// Load the model, set up adapters, run the loop, write the output. Generic over the backend.
+pub(crate) struct Fit<'a> {
+    pub common: Common,
+    pub data: Prepared,
+    pub tokenizer: TextTokenizer,
+    pub cx: &'a mut RunContext,
+}
+
+impl BackendTask for Fit<'_> {
+    type Output = Result<StageOutcome, TrainError>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let Fit {
+            common: c,
+            data,
+            tokenizer,
+            cx,
+        } = self;
+        let seed = c.seed.unwrap_or(cx.seed());
+        let upstream = cx
+            .input("model")
+            .map_err(|e| TrainError::Input {
+                message: e.to_string(),
+            })?
+            .dir
+            .clone();
+        let loaded = model::load::<B>(&upstream, &device)?;
+        let base_dir = loaded.model_dir.clone();
+        // Decide what trains: an upstream adapter keeps training when `lora:` is absent or
+        // equal to its own; full fine-tuning of an adapter's model trains the merged weights.
+        let (net, lora_params) = match (&loaded.adapter, &c.lora) {
+            (Some(up), None) => (loaded.model, Some(up.clone())),
+            (Some(up), Some(mine)) if same_adapter(up, mine) => (loaded.model, Some(up.clone())),
+            (Some(up), Some(mine)) => {
+                return Err(TrainError::Input {
+                    message: format!(
+                        "the upstream adapter has rank {} and targets {:?}, this stage's lora has rank {} and targets {:?}; continue it with the same settings (or leave `lora:` out), or merge it first",
+                        up.rank,
+                        names(&up.targets),
+                        mine.rank,
+                        names(&mine.targets)
+                    ),
+                });
+            }
+            (None, Some(mine)) => (lora::inject(loaded.model, mine, seed), Some(mine.clone())),
+            (None, None) => (loaded.model, None),
+        };
+        let trainable = net.num_params_where(|_| true) - frozen_count(&net);
+        let total_params = net.num_params();
+        let steps = match (c.steps, c.epochs) {
+            (Some(s), _) => s,
+            (None, e) => looper::steps_for_epochs(
+                data.train.len(),
+                c.batch_size,
+                c.grad_accum,
+                e.unwrap_or(1.0),
+            ),
+        };
+        cx.log(format!(
+            "training {trainable} of {total_params} parameters for {steps} steps on {} examples ({} tokens, {} truncated)",
+            data.train.len(), data.tokens, data.truncated
+        ));
+        let spec = LoopSpec {
+            steps,
+            batch_size: c.batch_size,
+            grad_accum: c.grad_accum,
+            lr: c.lr,
+            schedule: c.schedule,
+            warmup_steps: c.warmup_steps,
+            adamw: c.adamw,
+            max_grad_norm: c.max_grad_norm,
+            checkpoint_every: c.checkpoint_every,
+            eval_every: c.eval_every,
+            seed,
+            pad_id: tokenizer
+                .pad_id()
+                .or(tokenizer.eos().map(|e| e.1))
+                .unwrap_or(0),
+        };
+        let result = looper::train(net, &data.train, data.eval.as_deref(), &spec, cx)?;
+        let out = cx
+            .output_dir(None)
+            .map_err(|e| TrainError::Input {
+                message: e.to_string(),
+            })?
+            .to_path_buf();
+        let valid = result.model.valid();
+        match &lora_params {
+            Some(lp) => {
+                lora::write_adapter(&valid, lp, model::ADAPTER_BASE_DIR, &out)?;
+                model::link_model_dir(&base_dir, &out.join(model::ADAPTER_BASE_DIR))?;
+            }
+            None => model::save_model_dir(&valid, &loaded.raw_config, &base_dir, &out)?,
+        }
+        let mut log = String::new();
+        for l in &result.log {
+            log.push_str(&serde_json::to_string(l).unwrap_or_default());
+            log.push('\n');
+        }
+        let log_path = out.join("train_log.jsonl");
+        std::fs::write(&log_path, log).map_err(|e| TrainError::io(&log_path, e))?;
+        let first = result.log.first().map(|l| l.loss).unwrap_or(f64::NAN);
+        let last = result.log.last().map(|l| l.loss).unwrap_or(f64::NAN);
+        let mut outcome = StageOutcome::default()
+            .metric("steps", steps)
+            .metric("examples", data.train.len())
+            .metric("tokens", data.tokens)
+            .metric("truncated", data.truncated)
+            .metric("trainable_params", trainable)
+            .metric("total_params", total_params)
+            .metric("loss_first", round6(first))
+            .metric("loss_last", round6(last));
+        if let Some(s) = result.final_eval {
+            outcome = outcome
+                .metric("eval_loss", round6(s.mean_nll()))
+                .metric("eval_perplexity", round6(s.perplexity()));
+        }
+        cx.log(format!(
+            "done: loss {first:.4} → {last:.4}, {:.0} tokens/s{}",
+            result.tokens_per_s,
+            result
+                .resumed_from
+                .map(|s| format!(", resumed at step {s}"))
+                .unwrap_or_default()
+        ));
+        Ok(outcome)
+    }
+}
+
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+fn names(t: &[model::LoraTarget]) -> Vec<&'static str> {
+    t.iter().map(|t| t.name()).collect()
+}
+
+fn same_adapter(a: &LoraParams, b: &LoraParams) -> bool {
+    let mut ta = a.targets.clone();
+    let mut tb = b.targets.clone();
+    ta.sort();
+    ta.dedup();
+    tb.sort();
+    tb.dedup();
+    a.rank == b.rank && ta == tb && (a.alpha() - b.alpha()).abs() < 1e-12
+}
+
+fn frozen_count<B: burn::tensor::backend::Backend>(m: &model::CausalLm<B>) -> usize {
+    let mut n = 0;
+    model::weights::for_each_param(m, |_, shape, e| {
+        if !e.trainable {
+            n += shape.iter().product::<usize>();
+        }
+    });
+    n
+}
+
+/// Run a [`Fit`] on the context's backend.
+pub(crate) fn fit(fit: Fit<'_>) -> Result<StageOutcome, burnish_engine::stage::StageError> {
+    let backend = fit.cx.backend().to_owned();
+    match dispatch(&backend, fit) {
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) | Err(e) => Err(Box::new(e)),
+    }
+}

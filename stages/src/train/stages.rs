@@ -1,0 +1,580 @@
+//! The stage kinds: `model`, `train.cpt`, `train.sft`, `merge`, `eval`.
+
+use std::collections::BTreeMap;
+
+use burn::backend::flex::{Flex, FlexDevice};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use burnish_engine::stage::{
+    Accepts, ArtifactKind, ArtifactType, DatasetFamily, FieldProblem, FileInput, Input,
+    ManifestPath, OutputDecl, RunContext, Sensitivity, Stage, StageError, StageOutcome, StageRef,
+};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::batch::score;
+use super::{
+    Fit, Prepared, TrainError, TrainerParams, fit, tokenizer_dir, trainer_check, trainer_inputs,
+    trainer_outputs, trainer_params,
+};
+use crate::backend::{BackendTask, dispatch};
+use crate::data::records::{ChatRecord, Record, TextRecord};
+use crate::data::{load_input, require_family};
+use crate::model::{self, Arch, ModelConfig, SizePreset, lora};
+use crate::text::{self, ChatTemplate, Encoded, TemplateChoice, TextTokenizer};
+
+fn texts(cx: &RunContext, field: &str) -> Result<Vec<TextRecord>, StageError> {
+    let ds = load_input(cx, field)?;
+    require_family(field, &ds, &[DatasetFamily::Text])?;
+    Ok(ds
+        .records
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Text(t) => Some(t),
+            _ => None,
+        })
+        .collect())
+}
+
+fn chats(cx: &RunContext, field: &str) -> Result<Vec<ChatRecord>, StageError> {
+    let ds = load_input(cx, field)?;
+    require_family(field, &ds, &[DatasetFamily::Chat])?;
+    Ok(ds
+        .records
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Chat(c) => Some(c),
+            _ => None,
+        })
+        .collect())
+}
+
+fn model_tokenizer(cx: &RunContext) -> Result<TextTokenizer, StageError> {
+    let dir = tokenizer_dir(&cx.input("model")?.dir);
+    Ok(TextTokenizer::from_dir(&dir)?)
+}
+
+const TRAINING: Sensitivity = Sensitivity {
+    seed: true,
+    backend: true,
+};
+
+// ---------------------------------------------------------------------------------------------
+// train.cpt
+
+trainer_params! {
+    /// Parameters of `train.cpt`: continued pretraining on raw text, packed into `seq_len` blocks.
+    pub struct CptParams {}
+}
+
+/// `train.cpt`: next-token loss on every token of packed raw text.
+pub struct CptStage;
+
+impl Stage for CptStage {
+    const KIND: &'static str = "train.cpt";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "Continued pretraining on raw text (packed blocks), full or LoRA";
+    type Params = CptParams;
+
+    fn inputs(p: &CptParams) -> Vec<Input> {
+        trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Text]))
+    }
+    fn outputs(p: &CptParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        trainer_outputs(&p.common(), inputs)
+    }
+    fn check(p: &CptParams) -> Vec<FieldProblem> {
+        trainer_check(&p.common())
+    }
+    fn sensitivity(_: &CptParams) -> Sensitivity {
+        TRAINING
+    }
+    fn run(p: &CptParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let c = p.common();
+        let tok = model_tokenizer(cx)?;
+        let train = text::encode_cpt(&tok, &texts(cx, "data")?, c.seq_len)?;
+        let eval = match c.eval_data {
+            Some(_) => Some(text::encode_cpt(&tok, &texts(cx, "eval_data")?, c.seq_len)?),
+            None => None,
+        };
+        fit(Fit {
+            data: prepared(train, eval),
+            common: c,
+            tokenizer: tok,
+            cx,
+        })
+    }
+}
+
+fn prepared(train: Encoded, eval: Option<Encoded>) -> Prepared {
+    Prepared {
+        truncated: train.truncated,
+        tokens: train.tokens,
+        train: train.examples,
+        eval: eval.map(|e| e.examples),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// train.sft
+
+trainer_params! {
+    /// Parameters of `train.sft`: supervised fine-tuning on instructions or conversations.
+    pub struct SftParams {
+        /// Chat template: `auto` (the checkpoint's, else chatml), `checkpoint`, `chatml`,
+        /// `llama3` or `alpaca`.
+        #[serde(default)]
+        pub chat_template: TemplateChoice,
+        /// Also train on system/user tokens (by default only assistant replies and their
+        /// end-of-turn token are targets).
+        #[serde(default)]
+        pub train_on_prompt: bool,
+        /// Concatenate examples into full `seq_len` blocks.
+        #[serde(default)]
+        pub packing: bool,
+    }
+}
+
+/// `train.sft`: loss on assistant tokens of rendered conversations.
+pub struct SftStage;
+
+impl Stage for SftStage {
+    const KIND: &'static str = "train.sft";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "Supervised fine-tuning on instructions or chats (alpaca, prompt_completion, chat, sharegpt), full or LoRA";
+    type Params = SftParams;
+
+    fn inputs(p: &SftParams) -> Vec<Input> {
+        trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Chat]))
+    }
+    fn outputs(p: &SftParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        trainer_outputs(&p.common(), inputs)
+    }
+    fn check(p: &SftParams) -> Vec<FieldProblem> {
+        trainer_check(&p.common())
+    }
+    fn sensitivity(_: &SftParams) -> Sensitivity {
+        TRAINING
+    }
+    fn run(p: &SftParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let c = p.common();
+        let tok = model_tokenizer(cx)?;
+        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+        cx.log(format!("chat template: {}", template.name()));
+        let enc = |records: &[ChatRecord]| {
+            text::encode_sft(
+                &tok,
+                &template,
+                records,
+                c.seq_len,
+                p.train_on_prompt,
+                p.packing,
+            )
+        };
+        let train = enc(&chats(cx, "data")?)?;
+        let eval = match c.eval_data {
+            Some(_) => Some(enc(&chats(cx, "eval_data")?)?),
+            None => None,
+        };
+        fit(Fit {
+            data: prepared(train, eval),
+            common: c,
+            tokenizer: tok,
+            cx,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// model
+
+/// Explicit dimensions for `init:`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InitDims {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    #[serde(default)]
+    pub num_kv_heads: Option<usize>,
+    pub intermediate_size: usize,
+    #[serde(default)]
+    pub max_positions: Option<usize>,
+}
+
+/// `init:` — a size preset or explicit dimensions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum InitSpec {
+    Preset(SizePreset),
+    Dims(InitDims),
+}
+
+/// Parameters of `model`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelParams {
+    /// A Hugging Face model directory (config.json, model.safetensors or a sharded index,
+    /// tokenizer.json), relative to the manifest.
+    #[serde(default)]
+    pub from: Option<ManifestPath>,
+    /// Build a fresh model instead: a size preset (`tiny`, `125m`, `500m`, `1b`) or explicit dims.
+    #[serde(default)]
+    pub init: Option<InitSpec>,
+    /// With `init`: the tokenizer (a `tokenizer.train` stage); its vocabulary sizes the model.
+    #[serde(default)]
+    pub tokenizer: Option<StageRef>,
+    /// With `init`: `llama` (default) or `qwen2`.
+    #[serde(default)]
+    pub arch: Option<Arch>,
+    /// With `init`: tie the output head to the embeddings.
+    #[serde(default)]
+    pub tie_embeddings: bool,
+}
+
+/// `model`: load a checkpoint (checked, then linked into the cache) or initialise one.
+pub struct ModelStage;
+
+impl Stage for ModelStage {
+    const KIND: &'static str = "model";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "A model: a Hugging Face checkpoint directory (`from:`) or a fresh one (`init:` + `tokenizer:`)";
+    type Params = ModelParams;
+
+    fn inputs(p: &ModelParams) -> Vec<Input> {
+        p.tokenizer
+            .iter()
+            .map(|t| Input {
+                field: "tokenizer".into(),
+                reference: t.clone(),
+                accepts: Accepts::kind(ArtifactKind::Tokenizer),
+            })
+            .collect()
+    }
+    fn files(p: &ModelParams) -> Vec<FileInput> {
+        p.from
+            .iter()
+            .map(|f| FileInput {
+                field: "from".into(),
+                path: f.clone(),
+            })
+            .collect()
+    }
+    fn outputs(_: &ModelParams, _: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        vec![OutputDecl::main(ArtifactType::of(ArtifactKind::Model))]
+    }
+    fn check(p: &ModelParams) -> Vec<FieldProblem> {
+        let mut v = Vec::new();
+        match (&p.from, &p.init) {
+            (Some(_), Some(_)) => v.push(FieldProblem::new("init", "set either `from` or `init`, not both")),
+            (None, None) => v.push(
+                FieldProblem::new("from", "a model needs `from` (a checkpoint directory) or `init` (a size preset)")
+                    .help("e.g. `from: ../fixtures/models/tiny-llama` or `init: tiny` with `tokenizer: tok`"),
+            ),
+            (None, Some(_)) if p.tokenizer.is_none() => v.push(
+                FieldProblem::new("tokenizer", "`init` needs `tokenizer`: a tokenizer.train stage")
+            ),
+            (Some(_), None) if p.tokenizer.is_some() || p.arch.is_some() || p.tie_embeddings => v.push(
+                FieldProblem::new("from", "`tokenizer`, `arch` and `tie_embeddings` apply only with `init`"),
+            ),
+            _ => {}
+        }
+        if let Some(InitSpec::Dims(d)) = &p.init {
+            let kv = d.num_kv_heads.unwrap_or(d.num_heads);
+            if d.num_heads == 0
+                || kv == 0
+                || d.num_heads % kv != 0
+                || d.hidden_size % d.num_heads != 0
+            {
+                v.push(FieldProblem::new(
+                    "init.num_heads",
+                    format!(
+                        "hidden_size {} must divide into num_heads {} and num_heads into num_kv_heads {kv}",
+                        d.hidden_size, d.num_heads
+                    ),
+                ));
+            }
+        }
+        v
+    }
+    fn sensitivity(p: &ModelParams) -> Sensitivity {
+        Sensitivity {
+            seed: p.init.is_some(),
+            backend: false,
+        }
+    }
+    fn run(p: &ModelParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let out = cx.output_dir(None)?.to_path_buf();
+        if p.from.is_some() {
+            let dir = cx.file("from")?.to_path_buf();
+            // Load it once on the CPU: every tensor is read, shape-checked and converted.
+            let loaded = model::load_model_dir::<Flex>(&dir, &FlexDevice)?;
+            let tok = TextTokenizer::from_dir(&dir)?;
+            model::link_model_dir(&dir, &out)?;
+            let cfg = &loaded.model.config;
+            return Ok(StageOutcome::default()
+                .metric("arch", cfg.arch.model_type())
+                .metric("params", loaded.model.num_params())
+                .metric("vocab_size", tok.vocab_size())
+                .metric("layers", cfg.num_layers)
+                .metric("hidden_size", cfg.hidden_size));
+        }
+        let Some(init) = &p.init else {
+            return Err(Box::new(TrainError::Input {
+                message: "a model needs `from` or `init`".into(),
+            }));
+        };
+        let tok_dir = cx.input("tokenizer")?.dir.clone();
+        let tok = TextTokenizer::from_dir(&tok_dir)?;
+        let (h, l, nh, nkv, f, maxp) = match init {
+            InitSpec::Preset(pr) => {
+                let (h, l, nh, nkv, f) = pr.dims();
+                (h, l, nh, nkv, f, 2048)
+            }
+            InitSpec::Dims(d) => (
+                d.hidden_size,
+                d.num_layers,
+                d.num_heads,
+                d.num_kv_heads.unwrap_or(d.num_heads),
+                d.intermediate_size,
+                d.max_positions.unwrap_or(2048),
+            ),
+        };
+        let arch = p.arch.unwrap_or(Arch::Llama);
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: tok.vocab_size(),
+            hidden_size: h,
+            intermediate_size: f,
+            num_layers: l,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: h / nh,
+            max_positions: maxp,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: p.tie_embeddings,
+            qkv_bias: arch == Arch::Qwen2,
+            o_bias: false,
+        };
+        let net = model::init::<Flex>(&cfg, cx.seed(), &FlexDevice);
+        let raw = cfg.to_hf_json(tok.bos().map(|b| b.1), tok.eos().map(|e| e.1), tok.pad_id());
+        model::save_model_dir(&net, &raw, &tok_dir, &out)?;
+        Ok(StageOutcome::default()
+            .metric("arch", arch.model_type())
+            .metric("params", net.num_params())
+            .metric("vocab_size", cfg.vocab_size)
+            .metric("layers", l)
+            .metric("hidden_size", h))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// merge
+
+/// Parameters of `merge`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MergeParams {
+    /// The Adapter to fold into its base.
+    pub model: StageRef,
+}
+
+/// `merge`: fold a LoRA adapter into its base model (`W + alpha/r · B·A`), giving a Model.
+pub struct MergeStage;
+
+impl Stage for MergeStage {
+    const KIND: &'static str = "merge";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "Fold a LoRA adapter into its base model";
+    type Params = MergeParams;
+
+    fn inputs(p: &MergeParams) -> Vec<Input> {
+        vec![Input {
+            field: "model".into(),
+            reference: p.model.clone(),
+            accepts: Accepts::kind(ArtifactKind::Adapter),
+        }]
+    }
+    fn outputs(_: &MergeParams, _: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        vec![OutputDecl::main(ArtifactType::of(ArtifactKind::Model))]
+    }
+    fn sensitivity(_: &MergeParams) -> Sensitivity {
+        Sensitivity {
+            seed: false,
+            backend: false,
+        }
+    }
+    fn run(p: &MergeParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let _ = p;
+        let dir = cx.input("model")?.dir.clone();
+        let loaded = model::load::<Flex>(&dir, &FlexDevice)?;
+        let adapter_params = lora::adapter_param_count(&loaded.model);
+        let merged = lora::merge(loaded.model);
+        let out = cx.output_dir(None)?.to_path_buf();
+        model::save_model_dir(&merged, &loaded.raw_config, &loaded.model_dir, &out)?;
+        Ok(StageOutcome::default()
+            .metric("merged_adapter_params", adapter_params)
+            .metric("params", merged.num_params()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// eval
+
+/// What `eval` can measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalMetric {
+    /// exp(mean negative log-likelihood of the target tokens).
+    Perplexity,
+    /// Fraction of target tokens that are the model's argmax prediction.
+    TokenAccuracy,
+}
+
+fn default_metrics() -> Vec<EvalMetric> {
+    vec![EvalMetric::Perplexity, EvalMetric::TokenAccuracy]
+}
+
+/// Parameters of `eval`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvalParams {
+    /// A Model or an Adapter.
+    pub model: StageRef,
+    /// Text (every token scored) or chat/instruction data (assistant tokens scored, as in SFT).
+    pub data: StageRef,
+    #[serde(default = "default_metrics")]
+    pub metrics: Vec<EvalMetric>,
+    #[serde(default = "crate::train::d_seq")]
+    pub seq_len: usize,
+    #[serde(default = "crate::train::d_batch")]
+    pub batch_size: usize,
+    /// For chat data: the template (as in train.sft).
+    #[serde(default)]
+    pub chat_template: TemplateChoice,
+    /// For chat data: score prompt tokens too.
+    #[serde(default)]
+    pub train_on_prompt: bool,
+}
+
+/// `eval`: perplexity and token accuracy on a dataset, with training's masking.
+pub struct EvalStage;
+
+impl Stage for EvalStage {
+    const KIND: &'static str = "eval";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "Score a model on a dataset: perplexity, token accuracy";
+    type Params = EvalParams;
+
+    fn inputs(p: &EvalParams) -> Vec<Input> {
+        vec![
+            Input {
+                field: "model".into(),
+                reference: p.model.clone(),
+                accepts: Accepts::kinds(&[ArtifactKind::Model, ArtifactKind::Adapter]),
+            },
+            Input {
+                field: "data".into(),
+                reference: p.data.clone(),
+                accepts: Accepts::datasets(&[DatasetFamily::Text, DatasetFamily::Chat]),
+            },
+        ]
+    }
+    fn outputs(_: &EvalParams, _: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        vec![OutputDecl::main(ArtifactType::of(ArtifactKind::Metrics))]
+    }
+    fn check(p: &EvalParams) -> Vec<FieldProblem> {
+        let mut v = Vec::new();
+        if p.metrics.is_empty() {
+            v.push(
+                FieldProblem::new("metrics", "metrics is empty")
+                    .help("e.g. [perplexity, token_accuracy]"),
+            );
+        }
+        if p.seq_len < 2 {
+            v.push(FieldProblem::new(
+                "seq_len",
+                format!("seq_len must be at least 2, found {}", p.seq_len),
+            ));
+        }
+        if p.batch_size == 0 {
+            v.push(FieldProblem::new(
+                "batch_size",
+                "batch_size must be at least 1, found 0",
+            ));
+        }
+        v
+    }
+    fn sensitivity(_: &EvalParams) -> Sensitivity {
+        Sensitivity {
+            seed: false,
+            backend: true,
+        }
+    }
+    fn run(p: &EvalParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let tok = model_tokenizer(cx)?;
+        let ds = load_input(cx, "data")?;
+        let examples = match ds.family {
+            DatasetFamily::Text => text::encode_cpt(&tok, &texts(cx, "data")?, p.seq_len)?,
+            _ => {
+                let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+                text::encode_sft(
+                    &tok,
+                    &template,
+                    &chats(cx, "data")?,
+                    p.seq_len,
+                    p.train_on_prompt,
+                    false,
+                )?
+            }
+        };
+        let pad = tok.pad_id().or(tok.eos().map(|e| e.1)).unwrap_or(0);
+        let dir = cx.input("model")?.dir.clone();
+        let task = Score {
+            dir,
+            examples: examples.examples,
+            batch: p.batch_size,
+            pad,
+        };
+        let s = match dispatch(cx.backend(), task) {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) | Err(e) => return Err(Box::new(e)),
+        };
+        let mut out = StageOutcome::default()
+            .metric("tokens", s.targets)
+            .metric("mean_nll", round6(s.mean_nll()));
+        for m in &p.metrics {
+            out = match m {
+                EvalMetric::Perplexity => out.metric("perplexity", round6(s.perplexity())),
+                EvalMetric::TokenAccuracy => {
+                    out.metric("token_accuracy", round6(s.token_accuracy()))
+                }
+            };
+        }
+        let path = cx.output_dir(None)?.join("metrics.json");
+        let text = serde_json::to_string_pretty(&out.metrics).unwrap_or_default() + "\n";
+        std::fs::write(&path, text)
+            .map_err(|e| Box::new(TrainError::io(&path, e)) as StageError)?;
+        Ok(out)
+    }
+}
+
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+struct Score {
+    dir: std::path::PathBuf,
+    examples: Vec<crate::text::Example>,
+    batch: usize,
+    pad: u32,
+}
+
+impl BackendTask for Score {
+    type Output = Result<super::batch::Score, TrainError>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let loaded = model::load::<B>(&self.dir, &device)?;
+        let net = loaded.model.valid();
+        Ok(score(&net, &self.examples, self.batch, self.pad))
+    }
+}

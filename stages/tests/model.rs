@@ -1,0 +1,231 @@
+//! The model held against transformers: the fixture checkpoints in `fixtures/models/` carry the
+//! logits and perplexity transformers computed on a fixed text (`reference.json`,
+//! `reference.safetensors`, written by `fixtures/models/make_models.py`).
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexDevice;
+use burn::tensor::{Int, Tensor, TensorData};
+use burnish_stages::model::weights::{TensorFiles, tensor_f32};
+use burnish_stages::model::{self, LoraParams, LoraTarget, lora};
+use burnish_stages::text::{Example, TextTokenizer};
+use burnish_stages::train::batch::score;
+
+type B = Flex;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/models")
+        .join(name)
+}
+
+struct Reference {
+    text: String,
+    ids: Vec<u32>,
+    logits: Vec<f32>,
+    perplexity: f64,
+}
+
+fn reference(dir: &Path, vocab: usize) -> Reference {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let ids: Vec<u32> = json["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let files = TensorFiles::open(&[dir.join("reference.safetensors")]).unwrap();
+    let logits = files.read_f32("logits", &[1, ids.len(), vocab]).unwrap();
+    Reference {
+        text: json["text"].as_str().unwrap().to_owned(),
+        ids,
+        logits,
+        perplexity: json["perplexity"].as_f64().unwrap(),
+    }
+}
+
+fn ids_tensor(ids: &[u32]) -> Tensor<B, 2, Int> {
+    let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(v, [1, ids.len()]), &FlexDevice)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check_against_transformers(name: &str) {
+    let dir = fixture(name);
+    let loaded = model::load_model_dir::<B>(&dir, &FlexDevice).unwrap();
+    let vocab = loaded.model.config.vocab_size;
+    let r = reference(&dir, vocab);
+
+    // The tokenizer gives the ids the reference was computed on.
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    assert_eq!(tok.encode(&r.text).unwrap(), r.ids, "{name}: tokenization");
+
+    let logits = tensor_f32(loaded.model.forward(ids_tensor(&r.ids)));
+    let diff = max_abs_diff(&logits, &r.logits);
+    eprintln!("{name}: max |logits - transformers| = {diff:e}");
+    assert!(
+        diff <= 1e-4,
+        "{name}: max |logits - transformers| = {diff:e}"
+    );
+
+    let mut targets = vec![true; r.ids.len()];
+    targets[0] = false;
+    let ex = Example {
+        ids: r.ids.clone(),
+        targets,
+    };
+    let s = score(&loaded.model, &[ex], 1, 0);
+    let rel = (s.perplexity() - r.perplexity).abs() / r.perplexity;
+    eprintln!(
+        "{name}: perplexity {} vs {} (relative {rel:e})",
+        s.perplexity(),
+        r.perplexity
+    );
+    assert!(
+        rel <= 1e-3,
+        "{name}: perplexity {} vs transformers {} (relative {rel:e})",
+        s.perplexity(),
+        r.perplexity
+    );
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    check_against_transformers("tiny-llama");
+}
+
+#[test]
+fn tiny_qwen2_with_biases_and_tied_embeddings_matches_transformers() {
+    let dir = fixture("tiny-qwen2");
+    let loaded = model::load_model_dir::<B>(&dir, &FlexDevice).unwrap();
+    assert!(loaded.model.config.tie_word_embeddings);
+    assert!(loaded.model.lm_head.is_none());
+    assert!(loaded.model.model.layers[0].self_attn.q_proj.bias.is_some());
+    check_against_transformers("tiny-qwen2");
+}
+
+#[test]
+fn saved_model_reloads_with_identical_logits() {
+    let dir = fixture("tiny-qwen2");
+    let loaded = model::load_model_dir::<B>(&dir, &FlexDevice).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    model::save_model_dir(&loaded.model, &loaded.raw_config, &dir, out.path()).unwrap();
+    let back = model::load_model_dir::<B>(out.path(), &FlexDevice).unwrap();
+    let ids = ids_tensor(&[5, 17, 42, 99, 300, 2]);
+    let a = tensor_f32(loaded.model.forward(ids.clone()));
+    let b = tensor_f32(back.model.forward(ids));
+    assert_eq!(a, b);
+    // Tied: no lm_head.weight written, as transformers writes it.
+    let files = TensorFiles::open(&[out.path().join("model.safetensors")]).unwrap();
+    assert!(!files.contains("lm_head.weight"));
+    assert!(out.path().join("tokenizer.json").is_file());
+}
+
+#[test]
+fn lora_starts_as_identity_counts_what_rank_implies_and_merges_exactly() {
+    let dir = fixture("tiny-llama");
+    let loaded = model::load_model_dir::<B>(&dir, &FlexDevice).unwrap();
+    let ids = ids_tensor(&[5, 17, 42, 99, 300, 2, 7, 8]);
+    let base_logits = tensor_f32(loaded.model.forward(ids.clone()));
+    let params = LoraParams {
+        rank: 4,
+        alpha: Some(8.0),
+        dropout: 0.0,
+        targets: vec![LoraTarget::QProj, LoraTarget::VProj, LoraTarget::DownProj],
+    };
+    let with = lora::inject(loaded.model, &params, 7);
+    // B = 0: the adapter changes nothing yet.
+    assert_eq!(tensor_f32(with.forward(ids.clone())), base_logits);
+    // 2 layers × r=4 × [(64+64) q + (64+32) v + (176+64) down] = 2 × 4 × 464 = 3712
+    assert_eq!(lora::adapter_param_count(&with), 3712);
+    assert_eq!(lora::expected_adapter_params(&with, &params), 3712);
+
+    // Give B values, then merging must reproduce the adapted forward pass.
+    let mut adapted = with;
+    for layer in adapted.model.layers.iter_mut() {
+        for lin in [
+            &mut layer.self_attn.q_proj,
+            &mut layer.self_attn.v_proj,
+            &mut layer.mlp.down_proj,
+        ] {
+            let l = lin.lora.as_mut().unwrap();
+            let [o, r] = l.b.val().dims();
+            let v: Vec<f32> = (0..o * r)
+                .map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.01)
+                .collect();
+            l.b = burn::module::Param::from_tensor(Tensor::from_data(
+                TensorData::new(v, [o, r]),
+                &FlexDevice,
+            ));
+        }
+    }
+    let adapted_logits = tensor_f32(adapted.forward(ids.clone()));
+    assert!(
+        max_abs_diff(&adapted_logits, &base_logits) > 1e-3,
+        "the adapter must matter"
+    );
+    let merged = lora::merge(adapted.clone());
+    let merged_logits = tensor_f32(merged.forward(ids.clone()));
+    let d = max_abs_diff(&adapted_logits, &merged_logits);
+    assert!(d < 1e-4, "merged vs adapted: {d:e}");
+
+    // PEFT layout round trip.
+    let out = tempfile::tempdir().unwrap();
+    lora::write_adapter(&adapted, &params, "base", out.path()).unwrap();
+    let files = TensorFiles::open(&[out.path().join("adapter_model.safetensors")]).unwrap();
+    assert!(files.contains("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"));
+    assert!(files.contains("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["down_proj", "q_proj", "v_proj"])
+    );
+    let fresh = model::load_model_dir::<B>(&dir, &FlexDevice).unwrap().model;
+    let (reloaded, p2) = lora::load_adapter(fresh, out.path()).unwrap();
+    assert_eq!(p2.rank, 4);
+    assert_eq!(tensor_f32(reloaded.forward(ids)), adapted_logits);
+}
+
+#[test]
+fn shape_mismatch_names_the_file_and_tensor() {
+    let dir = fixture("tiny-llama");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(dir.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["intermediate_size"] = 128.into();
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = model::load_model_dir::<B>(tmp.path(), &FlexDevice)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains("model.layers.0.mlp.gate_proj.weight")
+            && err.contains("[176, 64]")
+            && err.contains("[128, 64]"),
+        "{err}"
+    );
+}
