@@ -63,6 +63,21 @@ fn gpu_adapter() -> Option<String> {
     })
 }
 
+/// Every wgpu adapter this machine offers, as `(name, device type)` (CPU ones included, such as
+/// Mesa's lavapipe).
+#[cfg(feature = "wgpu")]
+pub fn wgpu_adapters() -> Vec<(String, String)> {
+    use wgpu::{Backends, Instance, InstanceDescriptor};
+    let instance = Instance::new(InstanceDescriptor::new_without_display_handle());
+    block_on(instance.enumerate_adapters(Backends::all()))
+        .into_iter()
+        .map(|a| {
+            let info = a.get_info();
+            (info.name, format!("{:?}", info.device_type))
+        })
+        .collect()
+}
+
 /// Run `task` on the backend called `name` (`cpu`, `wgpu` or `cuda`).
 pub fn dispatch<T: BackendTask>(name: &str, task: T) -> Result<T::Output, TrainError> {
     match name {
