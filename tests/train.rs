@@ -235,3 +235,69 @@ fn full_sft_lowers_held_out_loss() {
     );
     assert_eq!(metric(&l, "sft", "trainable_params"), 158_016.0);
 }
+
+#[test]
+fn a_fresh_model_from_a_trained_tokenizer_pretrains_and_evaluates() {
+    let f = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = write_manifest(
+        tmp.path(),
+        &format!(
+            "pipeline: train
+seed: 3
+backend: cpu
+stages:
+  code: {{kind: dataset, path: {}, format: text}}
+  tok: {{kind: tokenizer.train, data: code, vocab_size: 300}}
+  fresh:
+    kind: model
+    init: {{hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}}
+    tokenizer: tok
+  cpt: {{kind: train.cpt, model: fresh, data: code, seq_len: 32, batch_size: 8, steps: 30, lr: 1.0e-2}}
+  before: {{kind: eval, model: fresh, data: code, seq_len: 32}}
+  after: {{kind: eval, model: cpt, data: code, seq_len: 32}}
+",
+            f.join("data/code.jsonl").display()
+        ),
+    );
+    run_ok(&["run", m.to_str().unwrap(), "-q"], tmp.path());
+    let l = lock(tmp.path());
+    assert_eq!(metric(&l, "tok", "vocab_size"), 300.0);
+    assert_eq!(metric(&l, "fresh", "vocab_size"), 300.0);
+    // 300×32 embed + 300×32 head + one layer (4·32·32 attention + 3·32·64 MLP + 2·32 norms) + 32
+    assert_eq!(metric(&l, "fresh", "params"), 29_536.0);
+    // A random model is near uniform: perplexity ≈ vocab size.
+    let before = metric(&l, "before", "perplexity");
+    assert!(
+        (200.0..400.0).contains(&before),
+        "fresh perplexity {before}"
+    );
+    let after = metric(&l, "after", "perplexity");
+    assert!(
+        after < before / 3.0,
+        "perplexity {before} → {after} after 30 steps"
+    );
+}
+
+#[test]
+fn a_diverging_run_fails_with_the_step_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = write_manifest(
+        tmp.path(),
+        &manifest(
+            "    steps: 10
+    lr: 1.0e+30
+    max_grad_norm: null
+",
+        ),
+    );
+    let out = burnish()
+        .args(["run", m.to_str().unwrap(), "-q"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("burnish::train::non_finite"), "{err}");
+    assert!(err.contains("at step 2"), "{err}");
+}

@@ -229,3 +229,41 @@ fn shape_mismatch_names_the_file_and_tensor() {
         "{err}"
     );
 }
+
+#[test]
+fn sharded_checkpoints_load_through_their_index() {
+    let dir = fixture("tiny-llama");
+    let whole = TensorFiles::open_model_dir(&dir).unwrap();
+    let names: Vec<String> = whole.names().map(str::to_owned).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let tensors: Vec<_> = part
+            .iter()
+            .map(|n| {
+                let shape = whole.shape(n).unwrap();
+                (n.clone(), shape.clone(), whole.read_f32(n, &shape).unwrap())
+            })
+            .collect();
+        burnish_stages::model::weights::write_safetensors(&tmp.path().join(&file), &tensors, None)
+            .unwrap();
+        for n in part {
+            map.insert(n.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        tmp.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    std::fs::copy(dir.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let sharded = model::load_model_dir::<B>(tmp.path(), &FlexDevice).unwrap();
+    let single = model::load_model_dir::<B>(&dir, &FlexDevice).unwrap();
+    let ids = ids_tensor(&[3, 30, 300, 2]);
+    assert_eq!(
+        tensor_f32(sharded.model.forward(ids.clone())),
+        tensor_f32(single.model.forward(ids))
+    );
+}
