@@ -85,6 +85,7 @@ impl Stage for Steps {
         Sensitivity {
             seed: true,
             backend: false,
+            names: false,
         }
     }
 

@@ -15,6 +15,7 @@
 //! | `files`          | per path field, the content digest of the file or directory read  |
 //! | `seed`           | the pipeline seed, for kinds whose numbers depend on it           |
 //! | `backend`        | the resolved backend, for kinds whose numbers depend on it        |
+//! | `names`          | `pipeline/stage`, only for kinds that write names into their output (`Sensitivity::names`: an exported `<pipeline>-<stage>-q8_0.gguf`) |
 //!
 //! ## Deliberately not hashed
 //!
@@ -29,6 +30,8 @@
 //!   digest to skip re-hashing unchanged files, but that is a shortcut, never a key.
 //! - **The manifest's own name, the pipeline name, the matrix cell name.** A stage in two
 //!   manifests with the same parameters and inputs is one cache entry: ablations share work.
+//!   (The exception is a kind whose output *contains* those names, which says so through
+//!   `Sensitivity::names`; its entry then belongs to one pipeline and stage.)
 //!
 //! Because upstream artifacts enter by *content*, a stage whose upstream re-ran but produced the
 //! same bytes stays cached (early cut-off). The price: a downstream fingerprint is known only once
@@ -101,6 +104,9 @@ pub struct FingerprintInputs {
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// `pipeline/stage`, for the few kinds that write names into their output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<String>,
 }
 
 impl FingerprintInputs {
@@ -222,6 +228,13 @@ pub fn explain(
             "backend changed {} → {}",
             opt(&old.backend),
             opt(&new.backend)
+        ));
+    }
+    if old.names != new.names {
+        out.push(format!(
+            "output name changed {} → {}",
+            opt(&old.names),
+            opt(&new.names)
         ));
     }
     out
@@ -883,6 +896,7 @@ mod tests {
             files: BTreeMap::new(),
             seed: Some(1),
             backend: None,
+            names: None,
         }
     }
 

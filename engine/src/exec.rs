@@ -718,6 +718,7 @@ fn run_cell(
     reporter.line(format!("  running  {} ({})", cell.name, cell.kind));
     let progress = reporter.bar(&cell.name);
     let mut cx = RunContext {
+        pipeline: plan.manifest.header.pipeline.clone(),
         stage: cell.name.clone(),
         manifest_dir: plan.manifest.dir.clone(),
         inputs: job.artifacts,

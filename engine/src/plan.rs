@@ -289,6 +289,10 @@ impl Plan {
             files,
             seed: c.sensitivity.seed.then_some(self.manifest.header.seed),
             backend: c.sensitivity.backend.then(|| self.backend.clone()),
+            names: c
+                .sensitivity
+                .names
+                .then(|| format!("{}/{}", self.manifest.header.pipeline, c.name)),
         })
     }
 

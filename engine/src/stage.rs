@@ -295,6 +295,10 @@ pub struct Sensitivity {
     pub seed: bool,
     /// The backend (and dtype) enter the fingerprint.
     pub backend: bool,
+    /// The pipeline and stage names enter the fingerprint: for stages that write them into their
+    /// output (an exported file named `<pipeline>-<stage>-….gguf`). Off for everything else, so
+    /// renaming a stage or a manifest keeps its cache entries.
+    pub names: bool,
 }
 
 /// A stage kind.
@@ -330,6 +334,7 @@ pub trait Stage: Send + Sync + 'static {
         Sensitivity {
             seed: true,
             backend: false,
+            names: false,
         }
     }
 
@@ -381,6 +386,7 @@ impl ProgressSink for NoProgress {
 
 /// Everything a running stage may touch.
 pub struct RunContext {
+    pub(crate) pipeline: String,
     pub(crate) stage: String,
     pub(crate) manifest_dir: PathBuf,
     pub(crate) inputs: BTreeMap<String, Artifact>,
@@ -398,6 +404,7 @@ impl RunContext {
     /// A context for exercising a stage outside the executor (tests, benchmarks).
     pub fn standalone(stage: &str, root: &Path, seed: u64) -> RunContext {
         RunContext {
+            pipeline: "standalone".into(),
             stage: stage.to_owned(),
             manifest_dir: root.to_path_buf(),
             inputs: BTreeMap::new(),
@@ -425,6 +432,17 @@ impl RunContext {
     /// Builder for standalone contexts: where an output (`main` or a name) is written.
     pub fn with_output(mut self, name: &str, dir: PathBuf) -> Self {
         self.outputs.insert(name.to_owned(), dir);
+        self
+    }
+
+    /// The pipeline's name (its manifest's `pipeline:`).
+    pub fn pipeline_name(&self) -> &str {
+        &self.pipeline
+    }
+
+    /// Builder for standalone contexts: the pipeline name.
+    pub fn with_pipeline(mut self, name: &str) -> Self {
+        self.pipeline = name.to_owned();
         self
     }
 

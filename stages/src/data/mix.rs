@@ -106,6 +106,7 @@ impl Stage for MixStage {
         Sensitivity {
             seed: params.seed.is_none(),
             backend: false,
+            names: false,
         }
     }
 

@@ -54,6 +54,7 @@ pub fn register_data(reg: &mut Registry) {
 pub(crate) const DETERMINISTIC: Sensitivity = Sensitivity {
     seed: false,
     backend: false,
+    names: false,
 };
 
 /// The type of the input bound to `field`, for stages whose output has the input's family.

@@ -136,6 +136,7 @@ impl Stage for SelectStage {
         Sensitivity {
             seed: p.sample.is_some() && p.seed.is_none(),
             backend: false,
+            names: false,
         }
     }
 

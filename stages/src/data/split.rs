@@ -74,6 +74,7 @@ impl Stage for SplitStage {
         Sensitivity {
             seed: params.seed.is_none(),
             backend: false,
+            names: false,
         }
     }
 

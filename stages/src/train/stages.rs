@@ -57,6 +57,7 @@ fn model_tokenizer(cx: &RunContext) -> Result<TextTokenizer, StageError> {
 const TRAINING: Sensitivity = Sensitivity {
     seed: true,
     backend: true,
+    names: false,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -300,6 +301,7 @@ impl Stage for ModelStage {
         Sensitivity {
             seed: p.init.is_some(),
             backend: false,
+            names: false,
         }
     }
     fn run(p: &ModelParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
@@ -402,6 +404,7 @@ impl Stage for MergeStage {
         Sensitivity {
             seed: false,
             backend: false,
+            names: false,
         }
     }
     fn run(p: &MergeParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
@@ -509,6 +512,7 @@ impl Stage for EvalStage {
         Sensitivity {
             seed: false,
             backend: true,
+            names: false,
         }
     }
     fn run(p: &EvalParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
