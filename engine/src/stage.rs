@@ -32,6 +32,8 @@ pub enum ArtifactKind {
     Adapter,
     Metrics,
     File,
+    /// Per-example completion log-probabilities of a frozen reference model on a dataset.
+    LogProbs,
 }
 
 impl fmt::Display for ArtifactKind {
@@ -43,6 +45,7 @@ impl fmt::Display for ArtifactKind {
             ArtifactKind::Adapter => "adapter",
             ArtifactKind::Metrics => "metrics",
             ArtifactKind::File => "file",
+            ArtifactKind::LogProbs => "logprobs",
         };
         f.write_str(s)
     }

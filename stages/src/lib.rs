@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod data;
 pub mod model;
+pub mod pref;
 pub mod text;
 pub mod train;
 

@@ -13,6 +13,7 @@
 //! performs exactly the arithmetic an uninterrupted one would, and on a deterministic backend
 //! ends with the same bits.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -22,7 +23,7 @@ use burn::tensor::{ElementConversion, Tensor, TensorData};
 use burnish_engine::stage::RunContext;
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Score, make_batch, score};
+use super::batch::{make_batch, score};
 use super::error::TrainError;
 use super::optim::{self, AdamW, Grads, OptimState, Schedule, lr_at};
 use crate::data::rng::Rng;
@@ -57,6 +58,58 @@ pub struct LogLine {
     pub tokens: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// Objective-specific per-step metrics (`rewards/chosen`, …), averaged over the step.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, f64>,
+}
+
+/// What a trainer optimizes: how a micro-batch of its items becomes a loss.
+///
+/// The loop averages over *units*: a step's loss is Σ `loss` over its micro-batches divided by
+/// Σ `weight` over its items (target tokens for language modelling, examples or pairs for
+/// preference objectives), so gradient accumulation equals one big batch.
+pub trait Objective {
+    type Item;
+    /// How many units `item` holds.
+    fn weight(&self, item: &Self::Item) -> f64;
+    /// Tokens `item` feeds the model (throughput only).
+    fn tokens(&self, item: &Self::Item) -> usize;
+    /// The loss summed over `items`' units, and named metrics summed over them.
+    fn loss<B: AutodiffBackend>(
+        &self,
+        model: &CausalLm<B>,
+        items: &[&Self::Item],
+    ) -> (Tensor<B, 1>, BTreeMap<String, f64>);
+    /// Mean loss per unit on held-out items (no gradients).
+    fn eval<B: Backend>(&self, model: &CausalLm<B>, items: &[Self::Item], batch: usize) -> f64;
+}
+
+/// Next-token cross-entropy over target tokens: CPT and SFT.
+pub struct LanguageModeling {
+    pub pad_id: u32,
+}
+
+impl Objective for LanguageModeling {
+    type Item = Example;
+    fn weight(&self, item: &Example) -> f64 {
+        item.targets.iter().skip(1).filter(|&&t| t).count() as f64
+    }
+    fn tokens(&self, item: &Example) -> usize {
+        item.ids.len()
+    }
+    fn loss<B: AutodiffBackend>(
+        &self,
+        model: &CausalLm<B>,
+        items: &[&Example],
+    ) -> (Tensor<B, 1>, BTreeMap<String, f64>) {
+        let device = model.model.embed_tokens.weight.val().device();
+        let batch = make_batch::<B>(items, self.pad_id, &device);
+        let (nll, w) = model.token_nll(batch.ids, batch.targets);
+        ((nll * w).sum(), BTreeMap::new())
+    }
+    fn eval<B: Backend>(&self, model: &CausalLm<B>, items: &[Example], batch: usize) -> f64 {
+        score(model, items, batch, self.pad_id).mean_nll()
+    }
 }
 
 /// What a finished loop reports.
@@ -64,7 +117,8 @@ pub struct LoopResult<B: AutodiffBackend> {
     pub model: CausalLm<B>,
     pub log: Vec<LogLine>,
     pub resumed_from: Option<usize>,
-    pub final_eval: Option<Score>,
+    /// Mean held-out loss per unit at the end.
+    pub final_eval: Option<f64>,
     pub tokens_per_s: f64,
 }
 
@@ -102,11 +156,27 @@ fn micro_batch(
     out
 }
 
-/// Train `model` (its trainable parameters are those with `require_grad`).
+/// Train `model` on next-token prediction (its trainable parameters are those with
+/// `require_grad`).
 pub fn train<B: AutodiffBackend>(
-    mut model: CausalLm<B>,
+    model: CausalLm<B>,
     data: &[Example],
     eval: Option<&[Example]>,
+    spec: &LoopSpec,
+    cx: &mut RunContext,
+) -> Result<LoopResult<B>, TrainError> {
+    let objective = LanguageModeling {
+        pad_id: spec.pad_id,
+    };
+    train_with(model, &objective, data, eval, spec, cx)
+}
+
+/// Train `model` on any [`Objective`].
+pub fn train_with<B: AutodiffBackend, O: Objective>(
+    mut model: CausalLm<B>,
+    objective: &O,
+    data: &[O::Item],
+    eval: Option<&[O::Item]>,
     spec: &LoopSpec,
     cx: &mut RunContext,
 ) -> Result<LoopResult<B>, TrainError> {
@@ -141,25 +211,29 @@ pub fn train<B: AutodiffBackend>(
             &device,
             spec.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
-        // Gather the step's micro-batches first: the loss is a mean over all their targets.
+        // Gather the step's micro-batches first: the loss is a mean over all their units.
         let mut micro = Vec::with_capacity(spec.grad_accum);
-        let mut step_targets = 0;
+        let mut step_weight = 0.0;
         for a in 0..spec.grad_accum {
             let k = step * spec.grad_accum + a;
             let idx = micro_batch(data.len(), spec.batch_size, k, spec.seed, &mut order_cache);
-            let refs: Vec<&Example> = idx.iter().map(|&i| &data[i]).collect();
-            let batch = make_batch::<B>(&refs, spec.pad_id, &device);
-            step_targets += batch.target_tokens;
-            micro.push(batch);
+            let refs: Vec<&O::Item> = idx.iter().map(|&i| &data[i]).collect();
+            step_weight += refs.iter().map(|r| objective.weight(r)).sum::<f64>();
+            micro.push(refs);
         }
+        let step_weight = if step_weight > 0.0 { step_weight } else { 1.0 };
         let mut grads = Grads::<B::InnerBackend>::default();
         let mut loss_sum = 0.0f64;
         let mut step_tokens = 0;
+        let mut extra: BTreeMap<String, f64> = BTreeMap::new();
         let t0 = Instant::now();
-        for batch in micro {
-            step_tokens += batch.tokens;
-            let (nll, w) = model.token_nll(batch.ids, batch.targets);
-            let loss = (nll * w).sum() / (step_targets.max(1) as f64);
+        for refs in micro {
+            step_tokens += refs.iter().map(|r| objective.tokens(r)).sum::<usize>();
+            let (summed, metrics) = objective.loss(&model, &refs);
+            for (k, v) in metrics {
+                *extra.entry(k).or_insert(0.0) += v / step_weight;
+            }
+            let loss = summed / step_weight;
             let value: f32 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -193,13 +267,13 @@ pub fn train<B: AutodiffBackend>(
             grad_norm: norm,
             tokens: step_tokens,
             eval_loss: None,
+            extra,
         };
         if let (Some(every), Some(eval)) = (spec.eval_every, eval)
             && every > 0
             && (step + 1) % every == 0
         {
-            let s = score(&model.valid(), eval, spec.batch_size, spec.pad_id);
-            line.eval_loss = Some(s.mean_nll());
+            line.eval_loss = Some(objective.eval(&model.valid(), eval, spec.batch_size));
         }
         cx.log(format!(
             "{{\"step\":{},\"loss\":{:.6},\"lr\":{:.3e},\"grad_norm\":{:.4},\"tokens_per_s\":{:.1}{}}}",
@@ -226,7 +300,7 @@ pub fn train<B: AutodiffBackend>(
             ckpt.save(&model, &state, &log)?;
         }
     }
-    let final_eval = eval.map(|e| score(&model.valid(), e, spec.batch_size, spec.pad_id));
+    let final_eval = eval.map(|e| objective.eval(&model.valid(), e, spec.batch_size));
     let secs = began.elapsed().as_secs_f64().max(1e-9);
     Ok(LoopResult {
         model,

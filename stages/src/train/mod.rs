@@ -480,10 +480,10 @@ impl BackendTask for Fit<'_> {
             .metric("total_params", total_params)
             .metric("loss_first", round6(first))
             .metric("loss_last", round6(last));
-        if let Some(s) = result.final_eval {
+        if let Some(e) = result.final_eval {
             outcome = outcome
-                .metric("eval_loss", round6(s.mean_nll()))
-                .metric("eval_perplexity", round6(s.perplexity()));
+                .metric("eval_loss", round6(e))
+                .metric("eval_perplexity", round6(e.exp()));
         }
         cx.log(format!(
             "done: loss {first:.4} → {last:.4}, {:.0} tokens/s{}",
