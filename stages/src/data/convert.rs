@@ -20,7 +20,9 @@ pub enum ConvertTo {
     /// From a ranking dataset: pairs of responses, the better-ranked one chosen.
     Preference,
     /// From a preference dataset: each pair becomes a desirable example (the chosen completion,
-    /// `label: true`) and an undesirable one (the rejected completion, `label: false`).
+    /// `label: true`) and an undesirable one (the rejected completion, `label: false`). From a
+    /// chat dataset whose records carry `label`: the messages before the first assistant turn
+    /// are the prompt, the rest (assistant turns and tool results) the completion.
     Kto,
 }
 
@@ -49,10 +51,10 @@ pub struct ConvertParams {
 }
 
 impl ConvertTo {
-    fn source(self) -> DatasetFamily {
+    fn sources(self) -> &'static [DatasetFamily] {
         match self {
-            ConvertTo::Preference => DatasetFamily::Ranking,
-            ConvertTo::Kto => DatasetFamily::Preference,
+            ConvertTo::Preference => &[DatasetFamily::Ranking],
+            ConvertTo::Kto => &[DatasetFamily::Preference, DatasetFamily::Chat],
         }
     }
     fn target(self) -> DatasetFamily {
@@ -78,7 +80,7 @@ impl Stage for ConvertStage {
         vec![Input {
             field: "data".into(),
             reference: params.data.clone(),
-            accepts: Accepts::datasets(&[params.to.source()]),
+            accepts: Accepts::datasets(params.to.sources()),
         }]
     }
 
@@ -106,16 +108,19 @@ impl Stage for ConvertStage {
 
     fn run(params: &ConvertParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let ds = load_input(cx, "data")?;
-        require_family("data", &ds, &[params.to.source()])?;
+        require_family("data", &ds, params.to.sources())?;
         let n = ds.len();
         let mut out = Vec::new();
-        for rec in ds.records {
+        for (index, rec) in ds.records.into_iter().enumerate() {
             match (params.to, rec) {
                 (ConvertTo::Preference, Record::Ranking(r)) => out.extend(
                     ranking_pairs(r, params.pairs.unwrap_or_default()).map(Record::Preference),
                 ),
                 (ConvertTo::Kto, Record::Preference(p)) => {
                     out.extend(preference_to_kto(p).map(Record::Labeled))
+                }
+                (ConvertTo::Kto, Record::Chat(c)) => {
+                    out.push(Record::Labeled(chat_to_kto(c, index)?))
                 }
                 _ => unreachable!("require_family checked the family"),
             }
@@ -171,6 +176,35 @@ pub fn ranking_pairs(r: RankingRecord, mode: PairMode) -> impl Iterator<Item = P
 }
 
 /// A preference pair as a desirable and an undesirable KTO example, in that order.
+/// A labeled conversation → a KTO example: the messages before the first assistant turn are
+/// the prompt, the rest the completion.
+pub fn chat_to_kto(
+    c: super::records::ChatRecord,
+    index: usize,
+) -> Result<LabeledRecord, StageError> {
+    use super::records::Role;
+    let problem = |why: &str| -> StageError {
+        empty(
+            "data.convert",
+            format!("chat record {index} {why}; `to: kto` needs a `label` and an assistant turn"),
+        )
+    };
+    let label = c.label.ok_or_else(|| problem("has no `label`"))?;
+    let first = c
+        .messages
+        .iter()
+        .position(|m| m.role == Role::Assistant)
+        .ok_or_else(|| problem("has no assistant turn"))?;
+    let mut prompt = c.messages;
+    let completion = prompt.split_off(first);
+    Ok(LabeledRecord {
+        prompt,
+        completion,
+        label,
+        meta: c.meta,
+    })
+}
+
 pub fn preference_to_kto(p: PreferenceRecord) -> impl Iterator<Item = LabeledRecord> {
     [
         LabeledRecord {

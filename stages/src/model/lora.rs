@@ -323,6 +323,18 @@ pub fn merge<B: Backend>(model: CausalLm<B>) -> CausalLm<B> {
     model
 }
 
+/// The same model with every adapter removed (the base weights are shared, not copied): the
+/// reference model of a LoRA policy.
+pub fn without_adapters<B: Backend>(model: CausalLm<B>) -> CausalLm<B> {
+    let mut model = model;
+    for layer in model.model.layers.iter_mut() {
+        for t in LoraTarget::ALL {
+            t.linear_mut(layer).lora = None;
+        }
+    }
+    model
+}
+
 /// Trainable parameters `rank` implies for `model`'s shapes: Σ over adapted linears of
 /// `r · (in + out)`.
 pub fn expected_adapter_params<B: Backend>(model: &CausalLm<B>, params: &LoraParams) -> usize {

@@ -80,8 +80,30 @@ pub trait Objective {
         model: &CausalLm<B>,
         items: &[&Self::Item],
     ) -> (Tensor<B, 1>, BTreeMap<String, f64>);
-    /// Mean loss per unit on held-out items (no gradients).
-    fn eval<B: Backend>(&self, model: &CausalLm<B>, items: &[Self::Item], batch: usize) -> f64;
+    /// Mean loss per unit on held-out items (no gradients), and held-out metrics.
+    fn eval<B: Backend>(
+        &self,
+        model: &CausalLm<B>,
+        items: &[Self::Item],
+        batch: usize,
+    ) -> (f64, BTreeMap<String, f64>);
+    /// Whether the held-out loss is a per-token NLL (so its exp is a perplexity).
+    fn reports_perplexity(&self) -> bool {
+        false
+    }
+    /// Whether [`Objective::prepare`] needs the reference model.
+    fn needs_reference(&self) -> bool {
+        false
+    }
+    /// Fill in what the items need from the frozen reference model (reference log-probs that no
+    /// cached artifact provided). Called once, before training.
+    fn prepare<B: Backend>(
+        &self,
+        _reference: &CausalLm<B>,
+        _items: &mut [Self::Item],
+        _batch: usize,
+    ) {
+    }
 }
 
 /// Next-token cross-entropy over target tokens: CPT and SFT.
@@ -97,6 +119,9 @@ impl Objective for LanguageModeling {
     fn tokens(&self, item: &Example) -> usize {
         item.ids.len()
     }
+    fn reports_perplexity(&self) -> bool {
+        true
+    }
     fn loss<B: AutodiffBackend>(
         &self,
         model: &CausalLm<B>,
@@ -107,8 +132,14 @@ impl Objective for LanguageModeling {
         let (nll, w) = model.token_nll(batch.ids, batch.targets);
         ((nll * w).sum(), BTreeMap::new())
     }
-    fn eval<B: Backend>(&self, model: &CausalLm<B>, items: &[Example], batch: usize) -> f64 {
-        score(model, items, batch, self.pad_id).mean_nll()
+    fn eval<B: Backend>(
+        &self,
+        model: &CausalLm<B>,
+        items: &[Example],
+        batch: usize,
+    ) -> (f64, BTreeMap<String, f64>) {
+        let s = score(model, items, batch, self.pad_id);
+        (s.mean_nll(), BTreeMap::new())
     }
 }
 
@@ -117,8 +148,8 @@ pub struct LoopResult<B: AutodiffBackend> {
     pub model: CausalLm<B>,
     pub log: Vec<LogLine>,
     pub resumed_from: Option<usize>,
-    /// Mean held-out loss per unit at the end.
-    pub final_eval: Option<f64>,
+    /// Mean held-out loss per unit at the end, and held-out metrics.
+    pub final_eval: Option<(f64, BTreeMap<String, f64>)>,
     pub tokens_per_s: f64,
 }
 
@@ -273,7 +304,7 @@ pub fn train_with<B: AutodiffBackend, O: Objective>(
             && every > 0
             && (step + 1) % every == 0
         {
-            line.eval_loss = Some(objective.eval(&model.valid(), eval, spec.batch_size));
+            line.eval_loss = Some(objective.eval(&model.valid(), eval, spec.batch_size).0);
         }
         cx.log(format!(
             "{{\"step\":{},\"loss\":{:.6},\"lr\":{:.3e},\"grad_norm\":{:.4},\"tokens_per_s\":{:.1}{}}}",

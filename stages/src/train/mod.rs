@@ -20,7 +20,7 @@ use burnish_engine::stage::{
 };
 
 pub use error::TrainError;
-pub use looper::{LogLine, LoopSpec};
+pub use looper::{LanguageModeling, LogLine, LoopSpec, Objective};
 pub use optim::{AdamW, Schedule};
 
 use crate::backend::{BackendTask, dispatch};
@@ -369,21 +369,55 @@ pub struct Prepared {
 }
 
 /// Load the model, set up adapters, run the loop, write the output. Generic over the backend.
-pub(crate) struct Fit<'a> {
+pub(crate) struct Fit<'a, O: Objective> {
     pub common: Common,
-    pub data: Prepared,
-    pub tokenizer: TextTokenizer,
+    pub objective: O,
+    pub train: Vec<O::Item>,
+    pub eval: Option<Vec<O::Item>>,
+    /// Tokens in the training data and records truncated (for the log and metrics).
+    pub tokens: usize,
+    pub truncated: usize,
     pub cx: &'a mut RunContext,
 }
 
-impl BackendTask for Fit<'_> {
+impl<'a> Fit<'a, LanguageModeling> {
+    /// Next-token training on tokenized examples (CPT, SFT).
+    pub fn lm(
+        common: Common,
+        data: Prepared,
+        tokenizer: &TextTokenizer,
+        cx: &'a mut RunContext,
+    ) -> Self {
+        Fit {
+            common,
+            objective: LanguageModeling {
+                pad_id: pad_id(tokenizer),
+            },
+            train: data.train,
+            eval: data.eval,
+            tokens: data.tokens,
+            truncated: data.truncated,
+            cx,
+        }
+    }
+}
+
+/// The id batches are padded with: the tokenizer's pad, else its eos, else 0.
+pub fn pad_id(tok: &TextTokenizer) -> u32 {
+    tok.pad_id().or(tok.eos().map(|e| e.1)).unwrap_or(0)
+}
+
+impl<O: Objective> BackendTask for Fit<'_, O> {
     type Output = Result<StageOutcome, TrainError>;
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
         let Fit {
             common: c,
-            data,
-            tokenizer,
+            objective,
+            mut train,
+            mut eval,
+            tokens,
+            truncated,
             cx,
         } = self;
         let seed = c.seed.unwrap_or(cx.seed());
@@ -396,6 +430,16 @@ impl BackendTask for Fit<'_> {
             .clone();
         let loaded = model::load::<B>(&upstream, &device)?;
         let base_dir = loaded.model_dir.clone();
+        if objective.needs_reference() {
+            // The reference is the starting model with any adapter switched off: the same
+            // weights, no second copy.
+            let reference = lora::without_adapters(loaded.model.clone()).valid();
+            objective.prepare(&reference, &mut train, c.batch_size);
+            if let Some(e) = eval.as_mut() {
+                objective.prepare(&reference, e, c.batch_size);
+            }
+            cx.log("reference log-probs computed in this stage (give `reference:` to cache them)");
+        }
         // Decide what trains: an upstream adapter keeps training when `lora:` is absent or
         // equal to its own; full fine-tuning of an adapter's model trains the merged weights.
         let (net, lora_params) = match (&loaded.adapter, &c.lora) {
@@ -419,16 +463,13 @@ impl BackendTask for Fit<'_> {
         let total_params = net.num_params();
         let steps = match (c.steps, c.epochs) {
             (Some(s), _) => s,
-            (None, e) => looper::steps_for_epochs(
-                data.train.len(),
-                c.batch_size,
-                c.grad_accum,
-                e.unwrap_or(1.0),
-            ),
+            (None, e) => {
+                looper::steps_for_epochs(train.len(), c.batch_size, c.grad_accum, e.unwrap_or(1.0))
+            }
         };
         cx.log(format!(
             "training {trainable} of {total_params} parameters for {steps} steps on {} examples ({} tokens, {} truncated)",
-            data.train.len(), data.tokens, data.truncated
+            train.len(), tokens, truncated
         ));
         let spec = LoopSpec {
             steps,
@@ -442,12 +483,10 @@ impl BackendTask for Fit<'_> {
             checkpoint_every: c.checkpoint_every,
             eval_every: c.eval_every,
             seed,
-            pad_id: tokenizer
-                .pad_id()
-                .or(tokenizer.eos().map(|e| e.1))
-                .unwrap_or(0),
+            // `train_with` pads through the objective; only `looper::train` reads this.
+            pad_id: 0,
         };
-        let result = looper::train(net, &data.train, data.eval.as_deref(), &spec, cx)?;
+        let result = looper::train_with(net, &objective, &train, eval.as_deref(), &spec, cx)?;
         let out = cx
             .output_dir(None)
             .map_err(|e| TrainError::Input {
@@ -473,17 +512,26 @@ impl BackendTask for Fit<'_> {
         let last = result.log.last().map(|l| l.loss).unwrap_or(f64::NAN);
         let mut outcome = StageOutcome::default()
             .metric("steps", steps)
-            .metric("examples", data.train.len())
-            .metric("tokens", data.tokens)
-            .metric("truncated", data.truncated)
+            .metric("examples", train.len())
+            .metric("tokens", tokens)
+            .metric("truncated", truncated)
             .metric("trainable_params", trainable)
             .metric("total_params", total_params)
             .metric("loss_first", round6(first))
             .metric("loss_last", round6(last));
-        if let Some(e) = result.final_eval {
-            outcome = outcome
-                .metric("eval_loss", round6(e))
-                .metric("eval_perplexity", round6(e.exp()));
+        if let Some((e, metrics)) = result.final_eval {
+            outcome = outcome.metric("eval_loss", round6(e));
+            if objective.reports_perplexity() {
+                outcome = outcome.metric("eval_perplexity", round6(e.exp()));
+            }
+            for (k, v) in metrics {
+                outcome = outcome.metric(&format!("eval_{k}"), round6(v));
+            }
+        }
+        if let Some(last) = result.log.last() {
+            for (k, v) in &last.extra {
+                outcome = outcome.metric(k, round6(*v));
+            }
         }
         cx.log(format!(
             "done: loss {first:.4} → {last:.4}, {:.0} tokens/s{}",
@@ -526,7 +574,9 @@ fn frozen_count<B: burn::tensor::backend::Backend>(m: &model::CausalLm<B>) -> us
 }
 
 /// Run a [`Fit`] on the context's backend.
-pub(crate) fn fit(fit: Fit<'_>) -> Result<StageOutcome, burnish_engine::stage::StageError> {
+pub(crate) fn fit<O: Objective>(
+    fit: Fit<'_, O>,
+) -> Result<StageOutcome, burnish_engine::stage::StageError> {
     let backend = fit.cx.backend().to_owned();
     match dispatch(&backend, fit) {
         Ok(Ok(o)) => Ok(o),

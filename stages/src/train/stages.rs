@@ -97,12 +97,7 @@ impl Stage for CptStage {
             Some(_) => Some(text::encode_cpt(&tok, &texts(cx, "eval_data")?, c.seq_len)?),
             None => None,
         };
-        fit(Fit {
-            data: prepared(train, eval),
-            common: c,
-            tokenizer: tok,
-            cx,
-        })
+        fit(Fit::lm(c, prepared(train, eval), &tok, cx))
     }
 }
 
@@ -176,12 +171,7 @@ impl Stage for SftStage {
             Some(_) => Some(enc(&chats(cx, "eval_data")?)?),
             None => None,
         };
-        fit(Fit {
-            data: prepared(train, eval),
-            common: c,
-            tokenizer: tok,
-            cx,
-        })
+        fit(Fit::lm(c, prepared(train, eval), &tok, cx))
     }
 }
 

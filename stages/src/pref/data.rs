@@ -1,0 +1,198 @@
+//! Preference and labeled records → tokenized items, and completion log-probs.
+//!
+//! A completion's log-prob is the SUM of its target tokens' log-probabilities (the assistant
+//! tokens and their end-of-turn, exactly SFT's mask), with the token count kept beside it so
+//! per-token means (IPO, ORPO) can be formed.
+
+use burn::tensor::ElementConversion;
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use serde::{Deserialize, Serialize};
+
+use crate::data::records::{LabeledRecord, Message, PreferenceRecord};
+use crate::model::CausalLm;
+use crate::text::{ChatTemplate, Example, TextError, TextTokenizer, encode_chat};
+use crate::train::batch::make_batch;
+
+/// A completion's log-prob: sum over its target tokens, and how many there are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogProb {
+    pub sum: f64,
+    pub tokens: usize,
+}
+
+impl LogProb {
+    pub fn mean(&self) -> f64 {
+        self.sum / self.tokens.max(1) as f64
+    }
+}
+
+/// A preference pair, tokenized; `reference` filled from the cached artifact or computed.
+#[derive(Clone, Debug)]
+pub struct PairItem {
+    /// Index of the record in the dataset.
+    pub index: usize,
+    pub chosen: Example,
+    pub rejected: Example,
+    pub reference: Option<(LogProb, LogProb)>,
+}
+
+/// A labeled (KTO) example with its mismatched companion: its prompt followed by the next
+/// record's completion (dataset order, wrapping), the pairing TRL's batch KL estimate uses.
+#[derive(Clone, Debug)]
+pub struct LabeledItem {
+    pub index: usize,
+    pub example: Example,
+    pub mismatched: Example,
+    pub desirable: bool,
+    pub reference: Option<(LogProb, LogProb)>,
+}
+
+/// `prompt ++ completion` rendered with the template; targets on the completion only; cut to
+/// `seq_len`. `None` when no target survives the cut.
+pub fn encode_completion(
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    prompt: &[Message],
+    completion: &[Message],
+    seq_len: usize,
+) -> Result<Option<Example>, TextError> {
+    let mut messages = prompt.to_vec();
+    messages.extend_from_slice(completion);
+    let mut ex = encode_chat(tok, template, &messages, false)?;
+    if ex.ids.len() > seq_len {
+        ex.ids.truncate(seq_len);
+        ex.targets.truncate(seq_len);
+    }
+    Ok((ex.target_count() > 0).then_some(ex))
+}
+
+/// Encoded items and how many records were dropped because truncation left no target.
+pub struct EncodedItems<T> {
+    pub items: Vec<T>,
+    pub dropped: usize,
+    pub tokens: usize,
+}
+
+pub fn encode_pairs(
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    records: &[PreferenceRecord],
+    seq_len: usize,
+) -> Result<EncodedItems<PairItem>, TextError> {
+    let mut items = Vec::with_capacity(records.len());
+    let mut dropped = 0;
+    let mut tokens = 0;
+    for (index, r) in records.iter().enumerate() {
+        let c = encode_completion(tok, template, &r.prompt, &r.chosen, seq_len)
+            .map_err(|e| e.in_record(index))?;
+        let j = encode_completion(tok, template, &r.prompt, &r.rejected, seq_len)
+            .map_err(|e| e.in_record(index))?;
+        match (c, j) {
+            (Some(chosen), Some(rejected)) => {
+                tokens += chosen.ids.len() + rejected.ids.len();
+                items.push(PairItem {
+                    index,
+                    chosen,
+                    rejected,
+                    reference: None,
+                });
+            }
+            _ => dropped += 1,
+        }
+    }
+    Ok(EncodedItems {
+        items,
+        dropped,
+        tokens,
+    })
+}
+
+pub fn encode_labeled(
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    records: &[LabeledRecord],
+    seq_len: usize,
+) -> Result<EncodedItems<LabeledItem>, TextError> {
+    let n = records.len();
+    let mut items = Vec::with_capacity(n);
+    let mut dropped = 0;
+    let mut tokens = 0;
+    for (index, r) in records.iter().enumerate() {
+        let next = &records[(index + 1) % n];
+        let e = encode_completion(tok, template, &r.prompt, &r.completion, seq_len)
+            .map_err(|e| e.in_record(index))?;
+        let m = encode_completion(tok, template, &r.prompt, &next.completion, seq_len)
+            .map_err(|e| e.in_record(index))?;
+        match (e, m) {
+            (Some(example), Some(mismatched)) => {
+                tokens += example.ids.len() + mismatched.ids.len();
+                items.push(LabeledItem {
+                    index,
+                    example,
+                    mismatched,
+                    desirable: r.label,
+                    reference: None,
+                });
+            }
+            _ => dropped += 1,
+        }
+    }
+    Ok(EncodedItems {
+        items,
+        dropped,
+        tokens,
+    })
+}
+
+/// Per-sequence completion log-probs as tensors (differentiable when `model` is).
+///
+/// # Shapes
+/// - output: (`sum [n]`, `tokens [n]`)
+pub fn sequence_logps<B: Backend>(
+    model: &CausalLm<B>,
+    examples: &[&Example],
+    pad: u32,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let device = model.model.embed_tokens.weight.val().device();
+    let batch = make_batch::<B>(examples, pad, &device);
+    let n = examples.len();
+    let (nll, w) = model.token_nll(batch.ids, batch.targets); // [n, t-1]
+    let sum = (nll * w.clone()).sum_dim(1).reshape([n]).neg();
+    let count = w.sum_dim(1).reshape([n]);
+    (sum, count)
+}
+
+/// Completion log-probs of `examples` under `model`, `batch` at a time, as plain numbers.
+pub fn logprobs<B: Backend>(
+    model: &CausalLm<B>,
+    examples: &[&Example],
+    batch: usize,
+    pad: u32,
+) -> Vec<LogProb> {
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch.max(1)) {
+        let (sum, count) = sequence_logps(model, chunk, pad);
+        let sums = floats(sum);
+        let counts = floats(count);
+        for (s, c) in sums.into_iter().zip(counts) {
+            out.push(LogProb {
+                sum: s,
+                tokens: c.round() as usize,
+            });
+        }
+    }
+    out
+}
+
+/// A 1-D tensor's values as f64.
+pub fn floats<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
+    let data = t.into_data();
+    match data.to_vec::<f32>() {
+        Ok(v) => v.into_iter().map(f64::from).collect(),
+        Err(_) => data
+            .iter::<f32>()
+            .map(|x| f64::from(x.elem::<f32>()))
+            .collect(),
+    }
+}

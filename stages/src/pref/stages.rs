@@ -1,0 +1,674 @@
+//! Stage kinds: `logprobs` (the reference log-probs artifact), `train.dpo`, `train.kto`,
+//! `train.orpo`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use burnish_engine::stage::{
+    Accepts, ArtifactKind, ArtifactType, DatasetFamily, FieldProblem, Input, OutputDecl,
+    RunContext, Sensitivity, Stage, StageError, StageOutcome, StageRef,
+};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::data::{EncodedItems, LabeledItem, LogProb, PairItem, encode_labeled, encode_pairs};
+use super::losses::{DpoLoss, kto_balance};
+use super::objectives::{DpoObjective, KtoObjective, OrpoObjective, fill_labeled, fill_pairs};
+use crate::backend::{BackendTask, dispatch};
+use crate::data::records::{LabeledRecord, PreferenceRecord, Record};
+use crate::data::{load_input, require_family};
+use crate::model::{self, lora};
+use crate::text::{ChatTemplate, TemplateChoice, TextTokenizer};
+use crate::train::{
+    Fit, TrainError, TrainerParams, fit, pad_id, tokenizer_dir, trainer_check, trainer_inputs,
+    trainer_outputs, trainer_params,
+};
+
+const LOGPROBS_FILE: &str = "logprobs.jsonl";
+const META_FILE: &str = "meta.json";
+
+fn err(message: impl Into<String>) -> StageError {
+    Box::new(TrainError::Input {
+        message: message.into(),
+    })
+}
+
+fn preference_records(cx: &RunContext, field: &str) -> Result<Vec<PreferenceRecord>, StageError> {
+    let ds = load_input(cx, field)?;
+    require_family(field, &ds, &[DatasetFamily::Preference])?;
+    Ok(ds
+        .records
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Preference(p) => Some(p),
+            _ => None,
+        })
+        .collect())
+}
+
+fn labeled_records(cx: &RunContext, field: &str) -> Result<Vec<LabeledRecord>, StageError> {
+    let ds = load_input(cx, field)?;
+    require_family(field, &ds, &[DatasetFamily::Labeled])?;
+    Ok(ds
+        .records
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Labeled(l) => Some(l),
+            _ => None,
+        })
+        .collect())
+}
+
+fn model_tokenizer(cx: &RunContext) -> Result<TextTokenizer, StageError> {
+    Ok(TextTokenizer::from_dir(&tokenizer_dir(
+        &cx.input("model")?.dir,
+    ))?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// logprobs
+
+/// What a LogProbs artifact was computed from; a trainer checks it against its own inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct LogProbsMeta {
+    family: DatasetFamily,
+    /// Content digests of the data and model artifacts.
+    data: String,
+    model: String,
+    chat_template: String,
+    seq_len: usize,
+    items: usize,
+}
+
+/// One line of `logprobs.jsonl`: the record index and the two completions' log-probs (chosen
+/// and rejected, or the example and its mismatched companion).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct LogProbsLine {
+    index: usize,
+    a: LogProb,
+    b: LogProb,
+}
+
+fn default_seq() -> usize {
+    256
+}
+fn default_batch() -> usize {
+    8
+}
+
+/// Parameters of `logprobs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogProbsParams {
+    /// The reference model: a Model, or an Adapter (whose base is used with the adapter off).
+    pub model: StageRef,
+    /// Preference pairs (DPO) or labeled examples (KTO).
+    pub data: StageRef,
+    /// Must match the trainer's.
+    #[serde(default)]
+    pub chat_template: TemplateChoice,
+    /// Must match the trainer's.
+    #[serde(default = "default_seq")]
+    pub seq_len: usize,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+}
+
+/// `logprobs`: the frozen reference model's completion log-probs on a dataset, computed once and
+/// cached, so a trainer's `beta` or `lr` can change without recomputing them.
+pub struct LogProbsStage;
+
+impl Stage for LogProbsStage {
+    const KIND: &'static str = "logprobs";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str =
+        "Reference completion log-probs for train.dpo / train.kto (`reference:`), cached";
+    type Params = LogProbsParams;
+
+    fn inputs(p: &LogProbsParams) -> Vec<Input> {
+        vec![
+            Input {
+                field: "model".into(),
+                reference: p.model.clone(),
+                accepts: Accepts::kinds(&[ArtifactKind::Model, ArtifactKind::Adapter]),
+            },
+            Input {
+                field: "data".into(),
+                reference: p.data.clone(),
+                accepts: Accepts::datasets(&[DatasetFamily::Preference, DatasetFamily::Labeled]),
+            },
+        ]
+    }
+    fn outputs(_: &LogProbsParams, _: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        vec![OutputDecl::main(ArtifactType::of(ArtifactKind::LogProbs))]
+    }
+    fn check(p: &LogProbsParams) -> Vec<FieldProblem> {
+        let mut v = Vec::new();
+        if p.seq_len < 2 {
+            v.push(FieldProblem::new(
+                "seq_len",
+                format!("seq_len must be at least 2, found {}", p.seq_len),
+            ));
+        }
+        if p.batch_size == 0 {
+            v.push(FieldProblem::new(
+                "batch_size",
+                "batch_size must be at least 1, found 0",
+            ));
+        }
+        v
+    }
+    fn sensitivity(_: &LogProbsParams) -> Sensitivity {
+        Sensitivity {
+            seed: false,
+            backend: true,
+            names: false,
+        }
+    }
+    fn run(p: &LogProbsParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let tok = model_tokenizer(cx)?;
+        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+        let ds = load_input(cx, "data")?;
+        let family = ds.family;
+        let model_art = cx.input("model")?.clone();
+        let data_digest = cx.input("data")?.digest.clone();
+        let pad = pad_id(&tok);
+        let lines: Vec<LogProbsLine> = match family {
+            DatasetFamily::Preference => {
+                let mut enc =
+                    encode_pairs(&tok, &template, &preference_records(cx, "data")?, p.seq_len)?;
+                let task = Reference {
+                    dir: model_art.dir.clone(),
+                    batch: p.batch_size,
+                    pad,
+                    items: Items::Pairs(std::mem::take(&mut enc.items)),
+                };
+                match run_reference(cx, task)? {
+                    Items::Pairs(items) => items
+                        .iter()
+                        .map(|i| {
+                            let (a, b) = i.reference.unwrap_or_default();
+                            LogProbsLine {
+                                index: i.index,
+                                a,
+                                b,
+                            }
+                        })
+                        .collect(),
+                    Items::Labeled(_) => Vec::new(),
+                }
+            }
+            _ => {
+                let mut enc =
+                    encode_labeled(&tok, &template, &labeled_records(cx, "data")?, p.seq_len)?;
+                let task = Reference {
+                    dir: model_art.dir.clone(),
+                    batch: p.batch_size,
+                    pad,
+                    items: Items::Labeled(std::mem::take(&mut enc.items)),
+                };
+                match run_reference(cx, task)? {
+                    Items::Labeled(items) => items
+                        .iter()
+                        .map(|i| {
+                            let (a, b) = i.reference.unwrap_or_default();
+                            LogProbsLine {
+                                index: i.index,
+                                a,
+                                b,
+                            }
+                        })
+                        .collect(),
+                    Items::Pairs(_) => Vec::new(),
+                }
+            }
+        };
+        let out = cx.output_dir(None)?.to_path_buf();
+        let mut text = String::new();
+        for l in &lines {
+            text.push_str(&serde_json::to_string(l).unwrap_or_default());
+            text.push('\n');
+        }
+        write(&out.join(LOGPROBS_FILE), &text)?;
+        let meta = LogProbsMeta {
+            family,
+            data: data_digest,
+            model: model_art.digest.clone(),
+            chat_template: template.name().to_owned(),
+            seq_len: p.seq_len,
+            items: lines.len(),
+        };
+        write(
+            &out.join(META_FILE),
+            &(serde_json::to_string_pretty(&meta).unwrap_or_default() + "\n"),
+        )?;
+        let mean_a = lines.iter().map(|l| l.a.sum).sum::<f64>() / lines.len().max(1) as f64;
+        Ok(StageOutcome::default()
+            .metric("items", lines.len())
+            .metric("mean_logp", (mean_a * 1e6).round() / 1e6))
+    }
+}
+
+fn write(path: &Path, text: &str) -> Result<(), StageError> {
+    std::fs::write(path, text).map_err(|e| Box::new(TrainError::io(path, e)) as StageError)
+}
+
+enum Items {
+    Pairs(Vec<PairItem>),
+    Labeled(Vec<LabeledItem>),
+}
+
+struct Reference {
+    dir: PathBuf,
+    batch: usize,
+    pad: u32,
+    items: Items,
+}
+
+impl BackendTask for Reference {
+    type Output = Result<Items, TrainError>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let loaded = model::load::<B>(&self.dir, &device)?;
+        // An adapter's reference is its base with the adapter switched off.
+        let net = lora::without_adapters(loaded.model).valid();
+        Ok(match self.items {
+            Items::Pairs(mut v) => {
+                fill_pairs(&net, &mut v, self.batch, self.pad);
+                Items::Pairs(v)
+            }
+            Items::Labeled(mut v) => {
+                fill_labeled(&net, &mut v, self.batch, self.pad);
+                Items::Labeled(v)
+            }
+        })
+    }
+}
+
+fn run_reference(cx: &RunContext, task: Reference) -> Result<Items, StageError> {
+    match dispatch(cx.backend(), task) {
+        Ok(Ok(items)) => Ok(items),
+        Ok(Err(e)) | Err(e) => Err(Box::new(e)),
+    }
+}
+
+/// Read a LogProbs artifact for a trainer, checking it was computed from the trainer's own
+/// data, model, template and sequence length.
+fn read_reference(
+    cx: &RunContext,
+    template: &ChatTemplate,
+    seq_len: usize,
+) -> Result<BTreeMap<usize, (LogProb, LogProb)>, StageError> {
+    let art = cx.input("reference")?;
+    let meta_path = art.dir.join(META_FILE);
+    let meta: LogProbsMeta = serde_json::from_str(
+        &std::fs::read_to_string(&meta_path)
+            .map_err(|e| Box::new(TrainError::io(&meta_path, e)) as StageError)?,
+    )
+    .map_err(|e| err(format!("{}: {e}", meta_path.display())))?;
+    let data = &cx.input("data")?.digest;
+    let model = &cx.input("model")?.digest;
+    let mut problems = Vec::new();
+    if &meta.data != data {
+        problems.push("was computed on different data than this stage's `data`".to_owned());
+    }
+    if &meta.model != model {
+        problems.push("was computed with a different model than this stage's `model`".to_owned());
+    }
+    if meta.chat_template != template.name() {
+        problems.push(format!(
+            "used chat template `{}`, this stage uses `{}`",
+            meta.chat_template,
+            template.name()
+        ));
+    }
+    if meta.seq_len != seq_len {
+        problems.push(format!(
+            "used seq_len {}, this stage uses {seq_len}",
+            meta.seq_len
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(err(format!(
+            "the `reference` log-probs {}; point the logprobs stage at the same model and data with the same chat_template and seq_len",
+            problems.join(", and ")
+        )));
+    }
+    let path = art.dir.join(LOGPROBS_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Box::new(TrainError::io(&path, e)) as StageError)?;
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let l: LogProbsLine = serde_json::from_str(line)
+            .map_err(|e| err(format!("{}:{}: {e}", path.display(), n + 1)))?;
+        out.insert(l.index, (l.a, l.b));
+    }
+    Ok(out)
+}
+
+fn reference_input(p: &Option<StageRef>) -> Option<Input> {
+    p.as_ref().map(|r| Input {
+        field: "reference".into(),
+        reference: r.clone(),
+        accepts: Accepts::kind(ArtifactKind::LogProbs),
+    })
+}
+
+fn beta_problem(beta: f64) -> Option<FieldProblem> {
+    (!(beta.is_finite() && beta > 0.0))
+        .then(|| FieldProblem::new("beta", format!("beta must be > 0, found {beta}")))
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+fn one() -> f64 {
+    1.0
+}
+
+const TRAINING: Sensitivity = Sensitivity {
+    seed: true,
+    backend: true,
+    names: false,
+};
+
+// ---------------------------------------------------------------------------------------------
+// train.dpo
+
+trainer_params! {
+    /// Parameters of `train.dpo`: direct preference optimization on chosen/rejected pairs.
+    pub struct DpoParams {
+        /// Cached reference log-probs (a `logprobs` stage on the same model and data); without
+        /// it they are computed at the start of this stage.
+        #[serde(default)]
+        pub reference: Option<StageRef>,
+        /// Strength of the implicit KL penalty.
+        #[serde(default = "default_beta")]
+        pub beta: f64,
+        /// sigmoid (default), ipo, hinge or robust.
+        #[serde(default)]
+        pub loss: DpoLoss,
+        /// ε for `loss: robust` (in [0, 0.5)).
+        #[serde(default)]
+        pub label_smoothing: f64,
+        #[serde(default)]
+        pub chat_template: TemplateChoice,
+    }
+}
+
+/// `train.dpo`.
+pub struct DpoStage;
+
+impl Stage for DpoStage {
+    const KIND: &'static str = "train.dpo";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str =
+        "Direct preference optimization (sigmoid, ipo, hinge, robust), full or LoRA";
+    type Params = DpoParams;
+
+    fn inputs(p: &DpoParams) -> Vec<Input> {
+        let mut v = trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Preference]));
+        v.extend(reference_input(&p.reference));
+        v
+    }
+    fn outputs(p: &DpoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        trainer_outputs(&p.common(), inputs)
+    }
+    fn check(p: &DpoParams) -> Vec<FieldProblem> {
+        let mut v = trainer_check(&p.common());
+        v.extend(beta_problem(p.beta));
+        if !(0.0..0.5).contains(&p.label_smoothing) {
+            v.push(FieldProblem::new(
+                "label_smoothing",
+                format!(
+                    "label_smoothing must be in [0, 0.5), found {}",
+                    p.label_smoothing
+                ),
+            ));
+        } else if p.label_smoothing > 0.0 && p.loss != DpoLoss::Robust {
+            v.push(
+                FieldProblem::new(
+                    "label_smoothing",
+                    "label_smoothing applies only to `loss: robust`",
+                )
+                .help("set `loss: robust`, or remove label_smoothing"),
+            );
+        }
+        v
+    }
+    fn sensitivity(_: &DpoParams) -> Sensitivity {
+        TRAINING
+    }
+    fn run(p: &DpoParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let c = p.common();
+        let tok = model_tokenizer(cx)?;
+        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+        let train = encode_pairs(&tok, &template, &preference_records(cx, "data")?, c.seq_len)?;
+        let eval = match &c.eval_data {
+            Some(_) => Some(encode_pairs(
+                &tok,
+                &template,
+                &preference_records(cx, "eval_data")?,
+                c.seq_len,
+            )?),
+            None => None,
+        };
+        let mut train = train;
+        if p.reference.is_some() {
+            let refs = read_reference(cx, &template, c.seq_len)?;
+            for item in train.items.iter_mut() {
+                item.reference = refs.get(&item.index).copied();
+            }
+        }
+        let objective = DpoObjective {
+            beta: p.beta,
+            loss: p.loss,
+            label_smoothing: p.label_smoothing,
+            pad: pad_id(&tok),
+        };
+        fit(fit_of(c, objective, train, eval, cx))
+    }
+}
+
+fn fit_of<'a, O: crate::train::Objective>(
+    common: crate::train::Common,
+    objective: O,
+    train: EncodedItems<O::Item>,
+    eval: Option<EncodedItems<O::Item>>,
+    cx: &'a mut RunContext,
+) -> Fit<'a, O> {
+    Fit {
+        common,
+        objective,
+        tokens: train.tokens,
+        truncated: train.dropped,
+        train: train.items,
+        eval: eval.map(|e| e.items),
+        cx,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// train.kto
+
+/// `balance:` for KTO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Set desirable/undesirable weights from the label counts (the KTO paper's [1, 4/3] rule).
+    Auto,
+}
+
+trainer_params! {
+    /// Parameters of `train.kto`: Kahneman–Tversky optimization on unpaired labeled examples.
+    pub struct KtoParams {
+        /// Cached reference log-probs (a `logprobs` stage on the same model and data).
+        #[serde(default)]
+        pub reference: Option<StageRef>,
+        #[serde(default = "default_beta")]
+        pub beta: f64,
+        /// λ_D
+        #[serde(default = "one")]
+        pub desirable_weight: f64,
+        /// λ_U
+        #[serde(default = "one")]
+        pub undesirable_weight: f64,
+        /// `auto`: weights from the label counts (replaces the two weights).
+        #[serde(default)]
+        pub balance: Option<Balance>,
+        #[serde(default)]
+        pub chat_template: TemplateChoice,
+    }
+}
+
+/// `train.kto`.
+pub struct KtoStage;
+
+impl Stage for KtoStage {
+    const KIND: &'static str = "train.kto";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str =
+        "KTO on desirable/undesirable examples (batch KL estimate), full or LoRA";
+    type Params = KtoParams;
+
+    fn inputs(p: &KtoParams) -> Vec<Input> {
+        let mut v = trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Labeled]));
+        v.extend(reference_input(&p.reference));
+        v
+    }
+    fn outputs(p: &KtoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        trainer_outputs(&p.common(), inputs)
+    }
+    fn check(p: &KtoParams) -> Vec<FieldProblem> {
+        let mut v = trainer_check(&p.common());
+        v.extend(beta_problem(p.beta));
+        if p.batch_size == 1 {
+            v.push(
+                FieldProblem::new("batch_size", "train.kto needs batch_size of at least 2, found 1")
+                    .help("KTO's KL estimate pairs each prompt with another example's completion in the same batch"),
+            );
+        }
+        for (field, w) in [
+            ("desirable_weight", p.desirable_weight),
+            ("undesirable_weight", p.undesirable_weight),
+        ] {
+            if !(w.is_finite() && w > 0.0) {
+                v.push(FieldProblem::new(
+                    field,
+                    format!("{field} must be > 0, found {w}"),
+                ));
+            }
+        }
+        if p.balance.is_some() && (p.desirable_weight != 1.0 || p.undesirable_weight != 1.0) {
+            v.push(
+                FieldProblem::new("balance", "`balance: auto` sets the weights itself")
+                    .help("remove desirable_weight/undesirable_weight, or remove balance"),
+            );
+        }
+        v
+    }
+    fn sensitivity(_: &KtoParams) -> Sensitivity {
+        TRAINING
+    }
+    fn run(p: &KtoParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let c = p.common();
+        let tok = model_tokenizer(cx)?;
+        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+        let mut train = encode_labeled(&tok, &template, &labeled_records(cx, "data")?, c.seq_len)?;
+        let eval = match &c.eval_data {
+            Some(_) => Some(encode_labeled(
+                &tok,
+                &template,
+                &labeled_records(cx, "eval_data")?,
+                c.seq_len,
+            )?),
+            None => None,
+        };
+        if p.reference.is_some() {
+            let refs = read_reference(cx, &template, c.seq_len)?;
+            for item in train.items.iter_mut() {
+                item.reference = refs.get(&item.index).copied();
+            }
+        }
+        let n_d = train.items.iter().filter(|i| i.desirable).count();
+        let n_u = train.items.len() - n_d;
+        let (wd, wu) = match p.balance {
+            Some(Balance::Auto) => kto_balance(n_d, n_u),
+            None => (p.desirable_weight, p.undesirable_weight),
+        };
+        cx.log(format!(
+            "{n_d} desirable, {n_u} undesirable; weights λ_D {wd:.4}, λ_U {wu:.4} (λ_D·n_D / λ_U·n_U = {:.3})",
+            wd * n_d as f64 / (wu * n_u.max(1) as f64)
+        ));
+        let objective = KtoObjective {
+            beta: p.beta,
+            desirable_weight: wd,
+            undesirable_weight: wu,
+            pad: pad_id(&tok),
+        };
+        let mut out = fit(fit_of(c, objective, train, eval, cx))?;
+        out.metrics.insert("desirable_weight".into(), wd.into());
+        out.metrics.insert("undesirable_weight".into(), wu.into());
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// train.orpo
+
+trainer_params! {
+    /// Parameters of `train.orpo`: odds-ratio preference optimization (no reference model).
+    pub struct OrpoParams {
+        #[serde(default = "default_beta")]
+        pub beta: f64,
+        #[serde(default)]
+        pub chat_template: TemplateChoice,
+    }
+}
+
+/// `train.orpo`.
+pub struct OrpoStage;
+
+impl Stage for OrpoStage {
+    const KIND: &'static str = "train.orpo";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str =
+        "ORPO: SFT on chosen plus an odds-ratio preference term, no reference model";
+    type Params = OrpoParams;
+
+    fn inputs(p: &OrpoParams) -> Vec<Input> {
+        trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Preference]))
+    }
+    fn outputs(p: &OrpoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        trainer_outputs(&p.common(), inputs)
+    }
+    fn check(p: &OrpoParams) -> Vec<FieldProblem> {
+        let mut v = trainer_check(&p.common());
+        v.extend(beta_problem(p.beta));
+        v
+    }
+    fn sensitivity(_: &OrpoParams) -> Sensitivity {
+        TRAINING
+    }
+    fn run(p: &OrpoParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let c = p.common();
+        let tok = model_tokenizer(cx)?;
+        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+        let train = encode_pairs(&tok, &template, &preference_records(cx, "data")?, c.seq_len)?;
+        let eval = match &c.eval_data {
+            Some(_) => Some(encode_pairs(
+                &tok,
+                &template,
+                &preference_records(cx, "eval_data")?,
+                c.seq_len,
+            )?),
+            None => None,
+        };
+        let objective = OrpoObjective {
+            beta: p.beta,
+            pad: pad_id(&tok),
+        };
+        fit(fit_of(c, objective, train, eval, cx))
+    }
+}
