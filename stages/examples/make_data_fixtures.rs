@@ -44,7 +44,16 @@ fn main() -> Result<()> {
     write_jsonl(&out.join("orca_prefs.jsonl"), &orca_rows())?;
     write_jsonl(&out.join("hh_prefs.jsonl"), &hh_rows())?;
     write_jsonl(&out.join("kto.jsonl"), &kto_rows())?;
-    write_jsonl(&out.join("claudesidian.jsonl"), &claudesidian_rows())?;
+    write_jsonl(
+        &out.join("claudesidian.jsonl"),
+        &claudesidian_rows(40, |i| i % 4 == 3),
+    )?;
+    // The seeds' shape at full size: 1,000 transcripts, 746 desirable / 254 undesirable
+    // (i·254 mod 1000 < 254 picks exactly 254, spread through the file).
+    write_jsonl(
+        &out.join("claudesidian_1k.jsonl"),
+        &claudesidian_rows(1000, |i| (i * 254) % 1000 < 254),
+    )?;
     write_jsonl(&out.join("ranking.jsonl"), &ranking_rows())?;
     write_jsonl(&out.join("gsm8k.jsonl"), &gsm8k_rows())?;
     write_jsonl(&out.join("scored.jsonl"), &scored_rows())?;
@@ -437,7 +446,7 @@ fn kto_rows() -> Vec<Value> {
 }
 
 // Claudesidian-style tool-use transcripts: {"conversations": [{role, content}], "label": bool}
-fn claudesidian_rows() -> Vec<Value> {
+fn claudesidian_rows(n: usize, undesirable: impl Fn(usize) -> bool) -> Vec<Value> {
     const SYSTEM: &str = "You are a note-taking assistant for an Obsidian vault. Tools: search_notes(query), read_note(path), create_note(path, content), append_to_note(path, content). Call a tool by writing <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; results come back as <tool_result>...</tool_result>.";
     const TOPICS: [(&str, &str); 10] = [
         ("meeting notes from Monday", "Meetings/2024-03-04.md"),
@@ -452,10 +461,10 @@ fn claudesidian_rows() -> Vec<Value> {
         ("project ideas", "Projects/Ideas.md"),
     ];
     let mut rows = Vec::new();
-    for i in 0..40usize {
+    for i in 0..n {
         let (topic, path) = TOPICS[i % 10];
-        // Every fourth transcript is undesirable: 30 desirable, 10 undesirable.
-        let good = i % 4 != 3;
+        // 40 rows: every fourth transcript is undesirable (30 desirable, 10 undesirable).
+        let good = !undesirable(i);
         let conv = match (i % 2, good) {
             (0, true) => vec![
                 json!({"role": "system", "content": SYSTEM}),

@@ -55,6 +55,12 @@ fn nvidia_driver_present() -> bool {
 #[cfg(feature = "wgpu")]
 fn gpu_adapter() -> Option<String> {
     use wgpu::{Backends, DeviceType, Instance, InstanceDescriptor};
+    // On Linux a GPU shows up as a DRM render node (or an NVIDIA device). Without one, only CPU
+    // adapters can exist: skip the enumeration, which is slow and makes Mesa's software driver
+    // print warnings.
+    if cfg!(target_os = "linux") && !linux_gpu_device_present() {
+        return None;
+    }
     let instance = Instance::new(InstanceDescriptor::new_without_display_handle());
     let adapters = block_on(instance.enumerate_adapters(Backends::all()));
     adapters.into_iter().find_map(|a| {
@@ -76,6 +82,17 @@ pub fn wgpu_adapters() -> Vec<(String, String)> {
             (info.name, format!("{:?}", info.device_type))
         })
         .collect()
+}
+
+#[cfg(feature = "wgpu")]
+fn linux_gpu_device_present() -> bool {
+    let render_node = std::fs::read_dir("/dev/dri")
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("renderD"))
+        })
+        .unwrap_or(false);
+    render_node || std::path::Path::new("/dev/nvidia0").exists()
 }
 
 /// Run `task` on the backend called `name` (`cpu`, `wgpu` or `cuda`).
