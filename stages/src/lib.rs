@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod data;
+pub mod export;
 pub mod model;
 pub mod pref;
 pub mod text;
