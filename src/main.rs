@@ -143,6 +143,11 @@ enum Command {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Print a GGUF file's header, metadata and tensor table
+    Inspect {
+        /// A .gguf file
+        file: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -505,7 +510,84 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Inspect { file } => {
+            print!("{}", inspect(&file)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `burnish inspect`: the header, every metadata key with its type and a summary of its value,
+/// and the tensor table. Reads the header only (no tensor data).
+fn inspect(path: &Path) -> Result<String> {
+    use burnish_stages::export::gguf::GgufFile;
+    use std::fmt::Write as _;
+    let f = GgufFile::read(path)?;
+    let mut s = String::new();
+    let data: u64 = f.tensors.iter().map(|t| t.n_bytes() as u64).sum();
+    let _ = writeln!(
+        s,
+        "{}: GGUF v{}, alignment {}, {} metadata keys, {} tensors, data at byte {} ({} bytes)",
+        path.display(),
+        f.version,
+        f.alignment,
+        f.metadata.len(),
+        f.tensors.len(),
+        f.data_offset,
+        data
+    );
+    let _ = writeln!(s, "\nmetadata:");
+    let key_w = f.metadata.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in &f.metadata {
+        let _ = writeln!(s, "  {k:<key_w$}  {:<6}  {}", v.type_name(), v.summary());
+    }
+    let _ = writeln!(s, "\ntensors:");
+    let rows: Vec<[String; 5]> = f
+        .tensors
+        .iter()
+        .map(|t| {
+            let shape = t
+                .shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(" × ");
+            [
+                t.name.clone(),
+                shape,
+                t.ty.name().to_owned(),
+                t.offset.to_string(),
+                t.n_bytes().to_string(),
+            ]
+        })
+        .collect();
+    let head = ["name", "shape", "type", "offset", "bytes"];
+    let mut w = head.map(|h| h.chars().count());
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |c: [&str; 5]| {
+        format!(
+            "  {:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}\n",
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3],
+            w4 = w[4]
+        )
+    };
+    s.push_str(&line(head));
+    for r in &rows {
+        s.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
+    }
+    Ok(s)
 }
 
 fn gc(cache: &Cache, locks: &[PathBuf], keep_days: f64, dry_run: bool) -> Result<String> {

@@ -21,6 +21,8 @@ pub fn registry() -> Registry {
     data::register_data(&mut reg);
     text::register_text(&mut reg);
     train::register_train(&mut reg);
+    pref::register_pref(&mut reg);
+    export::register_export(&mut reg);
     reg.set_uri_resolver(|uri| data::resolve_hf(uri).map_err(|e| e.to_string()));
     reg
 }

@@ -1092,17 +1092,69 @@ fn convert_declares_and_enforces_its_input_family() {
     let p: burnish_stages::data::ConvertParams = params(json!({"data": "x", "to": "kto"}));
     let accepts = &ConvertStage::inputs(&p)[0].accepts;
     assert!(accepts.admits(&ArtifactType::dataset(DatasetFamily::Preference)));
-    assert!(!accepts.admits(&ArtifactType::dataset(DatasetFamily::Chat)));
-    let chat = load_ok("chat.jsonl", "chat", Value::Null);
+    assert!(accepts.admits(&ArtifactType::dataset(DatasetFamily::Chat)));
+    assert!(!accepts.admits(&ArtifactType::dataset(DatasetFamily::Text)));
+    let text = load_ok("code.jsonl", "text", Value::Null);
     let (msg, code) = err_text(run::<ConvertStage>(
+        json!({"data": "x", "to": "kto"}),
+        1,
+        &[("data", text.artifact("main"))],
+        &[],
+        &["main"],
+    ));
+    assert_eq!(
+        msg,
+        "input `data` is a text dataset, expected preference or chat"
+    );
+    assert_eq!(code, "burnish::data::wrong_family");
+    // Chat records need a label to become KTO examples.
+    let chat = load_ok("chat.jsonl", "chat", Value::Null);
+    let (msg, _) = err_text(run::<ConvertStage>(
         json!({"data": "x", "to": "kto"}),
         1,
         &[("data", chat.artifact("main"))],
         &[],
         &["main"],
     ));
-    assert_eq!(msg, "input `data` is a chat dataset, expected preference");
-    assert_eq!(code, "burnish::data::wrong_family");
+    assert!(msg.contains("chat record 0 has no `label`"), "{msg}");
+}
+
+#[test]
+fn labelled_chat_transcripts_convert_to_kto() {
+    // The tool-use fixture: 40 transcripts, 30 desirable. The prompt is everything before the
+    // first assistant turn (system + user); the rest, tool results included, is the completion.
+    let tools = load_ok(
+        "claudesidian.jsonl",
+        "chat",
+        json!({"messages": "conversations"}),
+    );
+    let out = run::<ConvertStage>(
+        json!({"data": "x", "to": "kto"}),
+        1,
+        &[("data", tools.artifact("main"))],
+        &[],
+        &["main"],
+    )
+    .unwrap();
+    let rows = out.json("main");
+    assert_eq!(rows.len(), 40);
+    assert_eq!(
+        rows.iter().filter(|r| r["label"] == json!(true)).count(),
+        30
+    );
+    let first = &rows[0];
+    let roles = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["role"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(roles(&first["prompt"]), ["system", "user"]);
+    assert_eq!(
+        roles(&first["completion"]),
+        ["assistant", "user", "assistant", "user", "assistant"]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1189,10 +1241,16 @@ fn registry_holds_every_data_kind_with_a_schema() {
             "data.split",
             "dataset",
             "eval",
+            "export.gguf",
+            "export.hf",
+            "logprobs",
             "merge",
             "model",
             "tokenizer.train",
             "train.cpt",
+            "train.dpo",
+            "train.kto",
+            "train.orpo",
             "train.sft"
         ]
     );

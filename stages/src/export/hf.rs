@@ -1,0 +1,61 @@
+//! Hugging Face directories out: a Model as `config.json` + `model.safetensors` + tokenizer files
+//! (what `transformers.AutoModelForCausalLM.from_pretrained` reads), an Adapter as a PEFT
+//! directory (`adapter_config.json` + `adapter_model.safetensors`, PEFT's key names, the base
+//! model in `base/` as the trainers write it), or an Adapter merged into a Model.
+//!
+//! Everything is read back through the model loader first, so a directory that would not load
+//! in burnish is refused rather than copied.
+
+use std::path::Path;
+
+use burn::backend::flex::{Flex, FlexDevice};
+
+use super::ExportError;
+use crate::model::{self, lora};
+
+/// What [`export_hf`] wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HfKind {
+    /// A full model directory (from a Model, or an Adapter merged into its base).
+    Model,
+    /// A PEFT adapter directory with its base in `base/`.
+    Adapter,
+}
+
+/// What [`export_hf`] wrote, with its counts.
+#[derive(Clone, Copy, Debug)]
+pub struct HfSummary {
+    pub kind: HfKind,
+    /// Parameters of the (merged or base) model.
+    pub params: usize,
+    /// Adapter parameters (0 for a model).
+    pub adapter_params: usize,
+}
+
+/// Export the Model or Adapter artifact in `dir` into `out`: an adapter stays an adapter unless
+/// `merge`.
+pub fn export_hf(dir: &Path, merge: bool, out: &Path) -> Result<HfSummary, ExportError> {
+    let loaded = model::load::<Flex>(dir, &FlexDevice)?;
+    let adapter_params = lora::adapter_param_count(&loaded.model);
+    match (&loaded.adapter, merge) {
+        (Some(params), false) => {
+            std::fs::create_dir_all(out).map_err(|e| ExportError::io(out, e))?;
+            lora::write_adapter(&loaded.model, params, model::ADAPTER_BASE_DIR, out)?;
+            model::link_model_dir(&loaded.model_dir, &out.join(model::ADAPTER_BASE_DIR))?;
+            Ok(HfSummary {
+                kind: HfKind::Adapter,
+                params: loaded.model.num_params() - adapter_params,
+                adapter_params,
+            })
+        }
+        _ => {
+            let merged = lora::merge(loaded.model);
+            model::save_model_dir(&merged, &loaded.raw_config, &loaded.model_dir, out)?;
+            Ok(HfSummary {
+                kind: HfKind::Model,
+                params: merged.num_params(),
+                adapter_params,
+            })
+        }
+    }
+}

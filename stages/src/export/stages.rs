@@ -1,0 +1,266 @@
+//! The stage kinds: `export.gguf` (a GGUF file for llama.cpp and an Ollama Modelfile) and
+//! `export.hf` (a Hugging Face model or PEFT adapter directory).
+
+use std::collections::BTreeMap;
+
+use burn::backend::flex::{Flex, FlexDevice};
+use burnish_engine::stage::{
+    Accepts, ArtifactKind, ArtifactType, FieldProblem, Input, OutputDecl, RunContext, Sensitivity,
+    Stage, StageError, StageOutcome, StageRef,
+};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::hf::{HfKind, export_hf};
+use super::llama::{GgufOptions, Quant, to_gguf};
+use super::vocab::{self, PRE_TOKENIZERS};
+use super::{ExportError, ollama};
+use crate::model::{self, lora};
+use crate::text::{ChatTemplate, TemplateChoice, TextTokenizer};
+
+fn model_input(model: &StageRef) -> Vec<Input> {
+    vec![Input {
+        field: "model".into(),
+        reference: model.clone(),
+        accepts: Accepts::kinds(&[ArtifactKind::Model, ArtifactKind::Adapter]),
+    }]
+}
+
+/// A name safe in file names: ASCII letters, digits, `.`, `_`, `-`; runs of anything else become
+/// one `_` (a matrix cell `export[quant=q4_0]` → `export_quant_q4_0`).
+pub fn file_safe(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+            out.push(c);
+        } else if !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    let trimmed = out.trim_matches(|c| c == '_' || c == '.');
+    if trimmed.is_empty() {
+        "model".into()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// `<pipeline>-<stage>-<quant>.gguf`, each part made [`file_safe`].
+pub fn gguf_file_name(pipeline: &str, stage: &str, quant: Quant) -> String {
+    format!("{}-{}-{quant}.gguf", file_safe(pipeline), file_safe(stage))
+}
+
+// ---------------------------------------------------------------------------------------------
+// export.gguf
+
+/// Parameters of `export.gguf`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GgufParams {
+    /// A Model, or an Adapter (merged into its base first).
+    pub model: StageRef,
+    /// File type: `f32`, `f16`, `bf16`, `q8_0` (default), `q4_0`, `q4_k`, `q6_k` or `q4_k_m`
+    /// (llama.cpp's mix: Q4_K with Q6_K for the output and some attn_v/ffn_down layers).
+    #[serde(default)]
+    pub quant: Quant,
+    /// llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`, e.g. `gpt-2`, `llama-bpe`, `qwen2`,
+    /// `smollm`); default: recognised from tokenizer.json's pre-tokenizer.
+    #[serde(default)]
+    pub pre_tokenizer: Option<String>,
+    /// Chat template written into the file and the Modelfile: `auto` (the checkpoint's, else
+    /// chatml, as train.sft), `checkpoint`, `chatml`, `llama3` or `alpaca`.
+    #[serde(default)]
+    pub chat_template: TemplateChoice,
+}
+
+/// `export.gguf`: a GGUF file (`<pipeline>-<stage>-<quant>.gguf`) llama.cpp, Ollama and candle
+/// load, and an Ollama `Modelfile` beside it.
+pub struct GgufStage;
+
+impl Stage for GgufStage {
+    const KIND: &'static str = "export.gguf";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str =
+        "Export a model or adapter (merged) as a GGUF file for llama.cpp/Ollama, f32 to q4_k_m";
+    type Params = GgufParams;
+
+    fn inputs(p: &GgufParams) -> Vec<Input> {
+        model_input(&p.model)
+    }
+    fn outputs(_: &GgufParams, _: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        vec![OutputDecl::main(ArtifactType::of(ArtifactKind::File))]
+    }
+    fn check(p: &GgufParams) -> Vec<FieldProblem> {
+        let mut v = Vec::new();
+        if let Some(pre) = &p.pre_tokenizer
+            && !PRE_TOKENIZERS.contains(&pre.as_str())
+        {
+            let mut problem = FieldProblem::new(
+                "pre_tokenizer",
+                format!("`{pre}` is not a pre-tokenizer llama.cpp knows"),
+            );
+            problem = match burnish_engine::diag::suggest(pre, PRE_TOKENIZERS.iter().copied()) {
+                Some(s) => problem.help(format!("did you mean `{s}`?")),
+                None => problem.help("e.g. `gpt-2`, `llama-bpe`, `qwen2`, `smollm`, `default`"),
+            };
+            v.push(problem);
+        }
+        v
+    }
+    fn sensitivity(_: &GgufParams) -> Sensitivity {
+        // The file name holds the pipeline and stage names; the numbers depend on nothing else.
+        Sensitivity {
+            seed: false,
+            backend: false,
+            names: true,
+        }
+    }
+    fn run(p: &GgufParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let dir = cx.input("model")?.dir.clone();
+        let loaded = model::load::<Flex>(&dir, &FlexDevice).map_err(ExportError::from)?;
+        if loaded.adapter.is_some() {
+            cx.log("merging the adapter into its base");
+        }
+        let net = lora::merge(loaded.model);
+        let tok = TextTokenizer::from_dir(&loaded.model_dir).map_err(ExportError::from)?;
+        let template = ChatTemplate::resolve(p.chat_template, &tok).map_err(ExportError::from)?;
+        cx.log(format!("chat template: {}", template.name()));
+        let tok_path = loaded
+            .model_dir
+            .join(crate::text::tokenizer::TOKENIZER_FILE);
+        let tok_json: Value = std::fs::read(&tok_path)
+            .map_err(|e| ExportError::io(&tok_path, e))
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| ExportError::Tokenizer {
+                    path: tok_path.display().to_string(),
+                    message: e.to_string(),
+                    help: None,
+                })
+            })?;
+        let vocab = vocab::build(
+            &tok,
+            &tok_json,
+            &loaded.raw_config,
+            net.config.vocab_size,
+            p.pre_tokenizer.as_deref(),
+            Some(template.source().to_owned()),
+        )?;
+        for note in &vocab.notes {
+            cx.log(note);
+        }
+        if let Some(pre) = &vocab.pre {
+            cx.log(format!("tokenizer.ggml.pre = {pre}"));
+        }
+
+        let name = format!(
+            "{}-{}",
+            file_safe(cx.pipeline_name()),
+            file_safe(cx.stage_name())
+        );
+        let file = gguf_file_name(cx.pipeline_name(), cx.stage_name(), p.quant);
+        let export = to_gguf(
+            &net,
+            &vocab,
+            &GgufOptions {
+                quant: p.quant,
+                name,
+            },
+        )?;
+        for t in &export.tensors {
+            cx.log(format!(
+                "{:<28} {:>14} {:<5} {} bytes",
+                t.name,
+                format!("{:?}", t.shape),
+                t.ty.name(),
+                t.bytes
+            ));
+        }
+        let out = cx.output_dir(None)?.to_path_buf();
+        let path = out.join(&file);
+        export.writer.write(&path).map_err(ExportError::from)?;
+        let file_bytes = std::fs::metadata(&path)
+            .map_err(|e| ExportError::io(&path, e))?
+            .len();
+
+        let modelfile = ollama::modelfile(&file, Some(template.source()), vocab.token(vocab.eos));
+        let mf = out.join("Modelfile");
+        std::fs::write(&mf, modelfile).map_err(|e| ExportError::io(&mf, e))?;
+
+        let bpw = (export.bits_per_weight() * 1000.0).round() / 1000.0;
+        Ok(StageOutcome::default()
+            .metric("quant", p.quant.name())
+            .metric("arch", export.arch)
+            .metric("file", file)
+            .metric("file_bytes", file_bytes)
+            .metric("tensors", export.tensors.len())
+            .metric("params", net.num_params())
+            .metric("bits_per_weight", bpw))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// export.hf
+
+/// Parameters of `export.hf`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HfParams {
+    /// A Model or an Adapter.
+    pub model: StageRef,
+    /// With an Adapter: fold it into its base and write a full model (by default the adapter
+    /// stays a PEFT adapter directory).
+    #[serde(default)]
+    pub merge: bool,
+}
+
+/// `export.hf`: a Hugging Face model directory, or a PEFT adapter directory.
+pub struct HfStage;
+
+impl Stage for HfStage {
+    const KIND: &'static str = "export.hf";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str =
+        "Export a model (or a PEFT adapter, or an adapter merged) as a Hugging Face directory";
+    type Params = HfParams;
+
+    fn inputs(p: &HfParams) -> Vec<Input> {
+        model_input(&p.model)
+    }
+    fn outputs(p: &HfParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
+        let adapter_in = inputs
+            .get("model")
+            .is_some_and(|t| t.kind == ArtifactKind::Adapter);
+        let kind = if adapter_in && !p.merge {
+            ArtifactKind::Adapter
+        } else {
+            ArtifactKind::Model
+        };
+        vec![OutputDecl::main(ArtifactType::of(kind))]
+    }
+    fn sensitivity(_: &HfParams) -> Sensitivity {
+        Sensitivity {
+            seed: false,
+            backend: false,
+            names: false,
+        }
+    }
+    fn run(p: &HfParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
+        let dir = cx.input("model")?.dir.clone();
+        let out = cx.output_dir(None)?.to_path_buf();
+        let s = export_hf(&dir, p.merge, &out)?;
+        let mut outcome = StageOutcome::default()
+            .metric(
+                "format",
+                match s.kind {
+                    HfKind::Model => "model",
+                    HfKind::Adapter => "peft_adapter",
+                },
+            )
+            .metric("params", s.params);
+        if s.adapter_params > 0 {
+            outcome = outcome.metric("adapter_params", s.adapter_params);
+        }
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,197 @@
+//! Export through the binary: a pipeline with `export.gguf` (a matrix over quants) and
+//! `export.hf` on the fixture Llama, the file names and metrics in the lock file, names entering
+//! the fingerprint (renaming the pipeline re-exports, nothing else), and `burnish inspect` on the
+//! result and on a broken file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn burnish() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_burnish"));
+    c.env_remove("BURNISH_CACHE").env("NO_COLOR", "1");
+    c
+}
+
+fn run_ok(args: &[&str], cwd: &Path) -> Output {
+    let out = burnish().args(args).current_dir(cwd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "burnish {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn manifest(pipeline: &str) -> String {
+    format!(
+        "pipeline: {pipeline}
+backend: cpu
+stages:
+  base: {{kind: model, from: {}}}
+  gguf:
+    kind: export.gguf
+    model: base
+    matrix: {{quant: [q8_0, q4_k_m]}}
+  hf: {{kind: export.hf, model: base}}
+",
+        fixtures().join("models/tiny-llama").display()
+    )
+}
+
+fn find(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == name) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn plan_states(m: &Path, cwd: &Path) -> serde_json::Value {
+    let out = run_ok(&["plan", m.to_str().unwrap(), "--json"], cwd);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut states = serde_json::Map::new();
+    for s in v["stages"].as_array().unwrap() {
+        states.insert(s["stage"].as_str().unwrap().to_owned(), s["state"].clone());
+    }
+    serde_json::Value::Object(states)
+}
+
+#[test]
+fn pipeline_exports_gguf_per_quant_and_hf_and_inspect_reads_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("exp.yaml");
+    std::fs::write(&m, manifest("export-test")).unwrap();
+    run_ok(&["run", m.to_str().unwrap(), "-q"], tmp.path());
+
+    let lock: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("exp.lock")).unwrap())
+            .unwrap();
+    let cells: Vec<&String> = lock["stages"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("gguf"))
+        .collect();
+    assert_eq!(cells.len(), 2, "{cells:?}");
+    let mut files = Vec::new();
+    for cell in &cells {
+        let metrics = &lock["stages"][cell.as_str()]["metrics"];
+        let quant = metrics["quant"].as_str().unwrap().to_owned();
+        let file = metrics["file"].as_str().unwrap().to_owned();
+        assert!(
+            file.starts_with("export-test-gguf_quant_")
+                && file.ends_with(&format!("-{quant}.gguf")),
+            "{file}"
+        );
+        let found = find(&tmp.path().join(".burnish"), &file);
+        assert_eq!(found.len(), 1, "{file}: {found:?}");
+        let bytes = std::fs::metadata(&found[0]).unwrap().len();
+        assert_eq!(metrics["file_bytes"], bytes);
+        assert!(found[0].with_file_name("Modelfile").is_file());
+        files.push((quant, found[0].clone()));
+    }
+    assert_eq!(lock["stages"]["hf"]["metrics"]["format"], "model");
+    assert_eq!(
+        find(&tmp.path().join(".burnish"), "model.safetensors").len(),
+        2,
+        "base + hf"
+    );
+
+    // inspect: header, typed keys, the tensor table.
+    let (_, q4km) = files.iter().find(|(q, _)| q == "q4_k_m").unwrap();
+    let out = run_ok(&["inspect", q4km.to_str().unwrap()], tmp.path());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("GGUF v3, alignment 32, "), "{text}");
+    assert!(text.contains(", 21 tensors, "), "{text}");
+    for line in [
+        r#"general.architecture                  string  "llama""#,
+        "general.file_type                     u32     15",
+        "llama.attention.layer_norm_rms_epsilon  f32     1e-5",
+        r#"tokenizer.ggml.tokens                 array   [string × 512] "<|endoftext|>", "<|im_start|>", "<|im_end|>","#,
+        "tokenizer.ggml.token_type             array   [i32 × 512] 3, 3, 3, 1, 1, 1, …",
+    ] {
+        let want: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>().starts_with(&want)),
+            "no line like `{line}` in\n{text}"
+        );
+    }
+    let header = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("name "))
+        .unwrap();
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        ["name", "shape", "type", "offset", "bytes"]
+    );
+    // token_embd [512, 64] Q5_0 (Q4_K falls back on rows of 64): 512 × 2 blocks × 22 bytes.
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("token_embd.weight"))
+        .unwrap();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["token_embd.weight", "512", "×", "64", "Q5_0", "0", "22528"]
+    );
+    assert!(text.contains("blk.1.ffn_down.weight"), "{text}");
+
+    // A rerun is cached; renaming the pipeline changes the exports' file names, so only they
+    // run again.
+    let states = plan_states(&m, tmp.path());
+    assert!(
+        states.as_object().unwrap().values().all(|s| s == "cached"),
+        "{states}"
+    );
+    std::fs::write(&m, manifest("renamed")).unwrap();
+    let states = plan_states(&m, tmp.path());
+    assert_eq!(states["base"], "cached", "{states}");
+    assert_eq!(states["hf"], "cached", "{states}");
+    for (stage, state) in states.as_object().unwrap() {
+        if stage.starts_with("gguf") {
+            assert_ne!(state, "cached", "{stage}: {states}");
+        }
+    }
+}
+
+#[test]
+fn inspect_reports_a_broken_file_with_its_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.gguf");
+    std::fs::write(&p, b"GGUF\x03\x00\x00\x00\xff\xff").unwrap();
+    let out = burnish()
+        .args(["inspect", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("burnish::gguf::"), "{err}");
+    assert!(err.contains("bad.gguf"), "{err}");
+
+    let p = tmp.path().join("not.gguf");
+    std::fs::write(&p, b"PK\x03\x04 not a gguf file at all").unwrap();
+    let out = burnish()
+        .args(["inspect", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("burnish::gguf::magic"), "{err}");
+}
