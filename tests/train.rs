@@ -301,3 +301,33 @@ fn a_diverging_run_fails_with_the_step_number() {
     assert!(err.contains("burnish::train::non_finite"), "{err}");
     assert!(err.contains("at step 2"), "{err}");
 }
+
+#[test]
+fn qlora_sft_trains_over_an_nf4_base_and_lowers_held_out_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(fixtures().join("../pipelines/qlora-sft.yaml"))
+        .unwrap()
+        .replace("../fixtures", &fixtures().display().to_string())
+        .replace("backend: auto", "backend: cpu");
+    let m = tmp.path().join("train.yaml");
+    std::fs::write(&m, text).unwrap();
+    run_ok(&["run", m.to_str().unwrap(), "-q"], tmp.path());
+    let l = lock(tmp.path());
+    // The frozen base's 7 projections per layer in NF4: 4 bits + 8 bits per 64 values + one f32
+    // second-level scale per tensor here (fewer than 256 blocks each) + one f32 mean.
+    let bits = metric(&l, "sft", "base_bits_per_param");
+    assert!(
+        (4.12..4.2).contains(&bits),
+        "{bits} bits per base parameter"
+    );
+    // 2 layers × r=8 × [q 128 + k 96 + v 96 + o 128 + gate 240 + up 240 + down 240] = 18,688
+    assert_eq!(metric(&l, "sft", "trainable_params"), 18_688.0);
+    let (before, after) = (
+        metric(&l, "eval_base", "mean_nll"),
+        metric(&l, "eval", "mean_nll"),
+    );
+    assert!(
+        after < before * 0.8,
+        "QLoRA SFT: held-out loss {before:.4} → {after:.4}, wanted at least a 20% drop"
+    );
+}

@@ -267,3 +267,104 @@ fn sharded_checkpoints_load_through_their_index() {
         tensor_f32(single.model.forward(ids))
     );
 }
+
+#[test]
+fn nf4_round_trip_stays_within_half_a_level_of_its_block_scale() {
+    use burnish_stages::model::nf4::{BLOCK, NF4_CODES, Nf4Tensor};
+    // Seeded normal-ish values (sum of uniforms), 64 × 1024, with one block of zeros and one
+    // block holding a huge outlier.
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut uniform = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f32 / (1u64 << 53) as f32
+    };
+    let n = 64 * 1024;
+    let mut v: Vec<f32> = (0..n)
+        .map(|_| (0..4).map(|_| uniform()).sum::<f32>() - 2.0)
+        .collect();
+    for z in &mut v[BLOCK..2 * BLOCK] {
+        *z = 0.0;
+    }
+    v[5 * BLOCK + 3] = 80.0;
+    let q = Nf4Tensor::quantize(&v, &[64, 1024]);
+    let back = q.dequantize();
+    // Largest half-gap between neighbouring NF4 levels: (−0.696 − −1)/2 = 0.152.
+    let half_gap = NF4_CODES
+        .windows(2)
+        .map(|w| (w[1] - w[0]) / 2.0)
+        .fold(0.0f32, f32::max);
+    assert!((half_gap - 0.151_903_6).abs() < 1e-6);
+    for b in 0..n / BLOCK {
+        let block = &v[b * BLOCK..(b + 1) * BLOCK];
+        let amax = block.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+        // The block scale itself went through int8: its error adds at most |code| ≤ 1 times it.
+        let scale_err = (q.absmax(b) - amax).abs();
+        for (i, &orig) in block.iter().enumerate() {
+            let err = (back[b * BLOCK + i] - orig).abs();
+            assert!(
+                err <= half_gap * amax + scale_err + 1e-6,
+                "block {b} value {i}: {orig} → {} (amax {amax}, scale error {scale_err})",
+                back[b * BLOCK + i]
+            );
+        }
+    }
+    assert!(back[BLOCK..2 * BLOCK].iter().all(|&z| z.abs() < 0.02));
+    // 4 bits + 8 bits per 64 values + one f32 per 256 blocks + one f32 mean.
+    let bits = q.bits_per_value();
+    let expected = 4.0 + 8.0 / 64.0 + 32.0 / (64.0 * 256.0) + 32.0 / n as f64;
+    assert!((bits - expected).abs() < 1e-9, "{bits} bits per value");
+}
+
+#[test]
+fn qlora_forward_equals_the_forward_with_dequantized_weights() {
+    let dir = fixture("tiny-llama");
+    let base = model::load_model_dir::<B>(&dir, &FlexDevice).unwrap().model;
+    let (quantized, bits) = lora::quantize_base_nf4(base.clone());
+    // 64×64-ish projections: 4 + 8/64 bits, plus per-tensor overheads.
+    assert!((4.12..4.2).contains(&bits), "{bits}");
+    // The same model with each NF4 weight dequantized back into an ordinary f32 weight.
+    let mut plain = quantized.clone();
+    for layer in plain.model.layers.iter_mut() {
+        for lin in [
+            &mut layer.self_attn.q_proj,
+            &mut layer.self_attn.k_proj,
+            &mut layer.self_attn.v_proj,
+            &mut layer.self_attn.o_proj,
+            &mut layer.mlp.gate_proj,
+            &mut layer.mlp.up_proj,
+            &mut layer.mlp.down_proj,
+        ] {
+            let q = lin.nf4.take().unwrap();
+            lin.weight = burn::module::Param::from_tensor(Tensor::from_data(
+                TensorData::new(q.dequantize(), [q.shape[0], q.shape[1]]),
+                &FlexDevice,
+            ));
+        }
+    }
+    let ids = ids_tensor(&[5, 17, 42, 99, 300, 2, 7]);
+    let q = tensor_f32(quantized.forward(ids.clone()));
+    assert_eq!(q, tensor_f32(plain.forward(ids.clone())));
+    // And NF4 is an approximation: close to, but not equal to, the f32 base.
+    let f = tensor_f32(base.forward(ids));
+    let d = max_abs_diff(&q, &f);
+    let scale = f.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+    assert!(
+        d > 1e-4 && d < 0.2 * scale,
+        "NF4 vs f32 logits differ by {d} (largest logit {scale})"
+    );
+    // A QLoRA adapter trains on top: inject keeps the NF4 base and finds the right shapes.
+    let p = LoraParams {
+        rank: 4,
+        alpha: None,
+        dropout: 0.0,
+        targets: LoraTarget::ALL.to_vec(),
+    };
+    let with = lora::inject(quantized, &p, 1);
+    assert_eq!(
+        lora::adapter_param_count(&with),
+        lora::expected_adapter_params(&with, &p)
+    );
+    assert!(with.model.layers[0].mlp.down_proj.nf4.is_some());
+}

@@ -34,21 +34,46 @@ pub struct Lora<B: Backend> {
 /// A linear layer in Hugging Face layout, optionally with a bias and a LoRA adapter.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// `[out, in]`
+    /// `[out, in]` (a `[1, 1]` placeholder while the weight is held in `nf4`)
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub lora: Option<Lora<B>>,
+    /// A frozen weight stored as NF4 (QLoRA), dequantized in every forward pass.
+    #[module(skip)]
+    pub nf4: Option<std::sync::Arc<super::nf4::Nf4Tensor>>,
 }
 
 impl<B: Backend> Linear<B> {
+    /// `[out, in]` of the weight, however it is stored.
+    pub fn dims(&self) -> [usize; 2] {
+        match &self.nf4 {
+            Some(q) => [q.shape[0], q.shape[1]],
+            None => self.weight.val().dims(),
+        }
+    }
+
+    /// The weight as a tensor (dequantized from NF4 when it is stored so).
+    pub fn weight_tensor(&self) -> Tensor<B, 2> {
+        match &self.nf4 {
+            Some(q) => {
+                let device = self.weight.val().device();
+                Tensor::from_data(
+                    TensorData::new(q.dequantize(), [q.shape[0], q.shape[1]]),
+                    &device,
+                )
+            }
+            None => self.weight.val(),
+        }
+    }
+
     /// # Shapes
     /// - x: `[batch, seq, in]`
     /// - output: `[batch, seq, out]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d_in] = x.dims();
         let x2 = x.reshape([b * t, d_in]); // [b*t, in]
-        let mut y = x2.clone().matmul(self.weight.val().transpose()); // [b*t, out]
+        let mut y = x2.clone().matmul(self.weight_tensor().transpose()); // [b*t, out]
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze_dim(0);
         }
@@ -71,7 +96,7 @@ impl<B: Backend> Linear<B> {
 
     /// The effective weight `W + scale · B·A` (what a merge writes).
     pub fn merged_weight(&self) -> Tensor<B, 2> {
-        let w = self.weight.val();
+        let w = self.weight_tensor();
         match &self.lora {
             Some(l) => w + l.b.val().matmul(l.a.val()) * l.scale,
             None => w,

@@ -136,7 +136,7 @@ pub fn inject<B: Backend>(model: CausalLm<B>, params: &LoraParams, seed: u64) ->
     for layer in model.model.layers.iter_mut() {
         for t in &targets {
             let lin = t.linear_mut(layer);
-            let [out, inp] = lin.weight.val().dims();
+            let [out, inp] = lin.dims();
             let bound = 1.0 / (inp as f32).sqrt();
             let a: Vec<f32> = (0..params.rank * inp)
                 .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
@@ -282,7 +282,7 @@ pub fn load_adapter<B: Backend>(
                 t.name()
             );
             let lin = t.linear_mut(layer);
-            let [out, inp] = lin.weight.val().dims();
+            let [out, inp] = lin.dims();
             let a = files.param(
                 &format!("{stem}.lora_A.weight"),
                 [params.rank, inp],
@@ -313,14 +313,40 @@ pub fn merge<B: Backend>(model: CausalLm<B>) -> CausalLm<B> {
     for layer in model.model.layers.iter_mut() {
         for t in LoraTarget::ALL {
             let lin = t.linear_mut(layer);
-            if lin.lora.is_some() {
+            if lin.lora.is_some() || lin.nf4.is_some() {
                 let merged = lin.merged_weight().detach();
                 lin.weight = Param::from_tensor(merged);
                 lin.lora = None;
+                lin.nf4 = None;
             }
         }
     }
     model
+}
+
+/// Store every frozen projection weight of `model` (q/k/v/o, gate/up/down) as NF4 with
+/// double-quantized scales (QLoRA's base). Embeddings, the output head and norms stay f32.
+/// Returns the model and the base weights' storage in bits per parameter.
+pub fn quantize_base_nf4<B: Backend>(model: CausalLm<B>) -> (CausalLm<B>, f64) {
+    let mut model = model;
+    let (mut bytes, mut values) = (0usize, 0usize);
+    for layer in model.model.layers.iter_mut() {
+        for t in LoraTarget::ALL {
+            let lin = t.linear_mut(layer);
+            if lin.nf4.is_some() {
+                continue;
+            }
+            let w = lin.weight.val();
+            let dims = w.dims();
+            let device = w.device();
+            let q = super::nf4::Nf4Tensor::quantize(&weights::tensor_f32(w), &dims);
+            bytes += q.storage_bytes();
+            values += q.len();
+            lin.nf4 = Some(std::sync::Arc::new(q));
+            lin.weight = Param::from_tensor(Tensor::zeros([1, 1], &device)).set_require_grad(false);
+        }
+    }
+    (model, bytes as f64 * 8.0 / values.max(1) as f64)
 }
 
 /// The same model with every adapter removed (the base weights are shared, not copied): the

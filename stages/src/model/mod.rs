@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod llama;
 pub mod lora;
+pub mod nf4;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -169,6 +170,7 @@ impl<B: Backend> Builder<'_, '_, B> {
                 None
             },
             lora: None,
+            nf4: None,
         })
     }
 

@@ -81,6 +81,13 @@ macro_rules! trainer_params {
             /// Train LoRA adapters (base frozen) instead of every weight.
             #[serde(default)]
             pub lora: Option<$crate::model::LoraParams>,
+            /// QLoRA: LoRA adapters over a frozen base stored as NF4 (block 64, double-quantized
+            /// scales) and dequantized on the fly; the same as `lora:` with `quantize_base: nf4`.
+            #[serde(default)]
+            pub qlora: Option<$crate::model::LoraParams>,
+            /// `nf4`: store the frozen base as NF4 while training `lora:` adapters.
+            #[serde(default)]
+            pub quantize_base: Option<$crate::train::BaseQuant>,
             /// Optimizer steps (exclusive with `epochs`).
             #[serde(default)]
             pub steps: Option<usize>,
@@ -138,7 +145,10 @@ macro_rules! trainer_params {
                     model: self.model.clone(),
                     data: self.data.clone(),
                     eval_data: self.eval_data.clone(),
-                    lora: self.lora.clone(),
+                    lora: self.lora.clone().or_else(|| self.qlora.clone()),
+                    qlora_field: self.qlora.is_some(),
+                    lora_field: self.lora.is_some(),
+                    quantize_base: self.qlora.is_some() || self.quantize_base.is_some(),
                     steps: self.steps,
                     epochs: self.epochs,
                     batch_size: self.batch_size,
@@ -164,13 +174,28 @@ macro_rules! trainer_params {
 }
 pub(crate) use trainer_params;
 
+/// How a frozen base is stored while adapters train.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseQuant {
+    /// 4-bit NormalFloat, block 64, double-quantized scales (QLoRA).
+    Nf4,
+}
+
 /// The shared trainer parameters as plain data.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Common {
     pub model: StageRef,
     pub data: StageRef,
     pub eval_data: Option<StageRef>,
+    /// The adapter settings, from `lora:` or `qlora:`.
     pub lora: Option<LoraParams>,
+    pub lora_field: bool,
+    pub qlora_field: bool,
+    /// Store the frozen base as NF4.
+    pub quantize_base: bool,
     pub steps: Option<usize>,
     pub epochs: Option<f64>,
     pub batch_size: usize,
@@ -234,6 +259,21 @@ pub(crate) fn trainer_outputs(
 /// Range checks shared by every trainer.
 pub(crate) fn trainer_check(c: &Common) -> Vec<FieldProblem> {
     let mut p = Vec::new();
+    if c.lora_field && c.qlora_field {
+        p.push(
+            FieldProblem::new("qlora", "set either `lora` or `qlora`, not both")
+                .help("`qlora:` is `lora:` with the base stored as NF4"),
+        );
+    }
+    if c.quantize_base && !c.lora_field && !c.qlora_field {
+        p.push(
+            FieldProblem::new(
+                "quantize_base",
+                "`quantize_base` needs `lora:` adapters to train",
+            )
+            .help("a quantized base is frozen; add `lora: {rank: 16}` or use `qlora:`"),
+        );
+    }
     if c.steps.is_some() && c.epochs.is_some() {
         p.push(
             FieldProblem::new("epochs", "set either `steps` or `epochs`, not both")
@@ -320,31 +360,36 @@ pub(crate) fn trainer_check(c: &Common) -> Vec<FieldProblem> {
             "eval_every needs `eval_data`",
         ));
     }
+    let lf = if c.qlora_field && !c.lora_field {
+        "qlora"
+    } else {
+        "lora"
+    };
     if let Some(l) = &c.lora {
         if l.rank == 0 {
             p.push(FieldProblem::new(
-                "lora.rank",
-                "lora.rank must be at least 1, found 0",
+                format!("{lf}.rank"),
+                format!("{lf}.rank must be at least 1, found 0"),
             ));
         }
         if l.targets.is_empty() {
             p.push(
-                FieldProblem::new("lora.targets", "lora.targets is empty")
+                FieldProblem::new(format!("{lf}.targets"), format!("{lf}.targets is empty"))
                     .help("e.g. [q_proj, k_proj, v_proj, o_proj]"),
             );
         }
         if !(0.0..1.0).contains(&l.dropout) {
             p.push(FieldProblem::new(
-                "lora.dropout",
-                format!("lora.dropout must be in [0, 1), found {}", l.dropout),
+                format!("{lf}.dropout"),
+                format!("{lf}.dropout must be in [0, 1), found {}", l.dropout),
             ));
         }
         if let Some(a) = l.alpha
             && !(a.is_finite() && a > 0.0)
         {
             p.push(FieldProblem::new(
-                "lora.alpha",
-                format!("lora.alpha must be > 0, found {a}"),
+                format!("{lf}.alpha"),
+                format!("{lf}.alpha must be > 0, found {a}"),
             ));
         }
     }
@@ -459,8 +504,17 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
             (None, Some(mine)) => (lora::inject(loaded.model, mine, seed), Some(mine.clone())),
             (None, None) => (loaded.model, None),
         };
+        let (net, base_bits) = if c.quantize_base {
+            let (net, bits) = lora::quantize_base_nf4(net);
+            cx.log(format!(
+                "frozen base stored as NF4: {bits:.3} bits per parameter"
+            ));
+            (net, Some(bits))
+        } else {
+            (net, None)
+        };
         let trainable = net.num_params_where(|_| true) - frozen_count(&net);
-        let total_params = net.num_params();
+        let total_params = net.config.num_params() + lora::adapter_param_count(&net);
         let steps = match (c.steps, c.epochs) {
             (Some(s), _) => s,
             (None, e) => {
@@ -519,6 +573,9 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
             .metric("total_params", total_params)
             .metric("loss_first", round6(first))
             .metric("loss_last", round6(last));
+        if let Some(bits) = base_bits {
+            outcome = outcome.metric("base_bits_per_param", round6(bits));
+        }
         if let Some((e, metrics)) = result.final_eval {
             outcome = outcome.metric("eval_loss", round6(e));
             if objective.reports_perplexity() {
