@@ -167,7 +167,7 @@ mod finite_differences {
     use burnish_stages::pref::data::{encode_labeled, encode_pairs};
     use burnish_stages::pref::losses::DpoLoss;
     use burnish_stages::pref::objectives::{
-        DpoObjective, KtoObjective, OrpoObjective, fill_labeled, fill_pairs,
+        DpoObjective, KtoObjective, OrpoObjective, fill_reference,
     };
     use burnish_stages::text::{ChatTemplate, TemplateChoice, TextTokenizer};
     use burnish_stages::train::Objective;
@@ -279,7 +279,7 @@ mod finite_differences {
         .collect();
         let mut items = encode_pairs(&t, &c, &recs, 64).unwrap().items;
         let reference = lora::without_adapters(policy());
-        fill_pairs(&reference, &mut items, 4, 0);
+        fill_reference(&reference, &mut items, 4, 0);
         items
     }
 
@@ -326,7 +326,7 @@ mod finite_differences {
         .collect();
         let mut items = encode_labeled(&t, &c, &recs, 64).unwrap().items;
         let reference = lora::without_adapters(policy());
-        fill_labeled(&reference, &mut items, 4, 0);
+        fill_reference(&reference, &mut items, 4, 0);
         // The KL estimate z is detached: the gradient treats it as a constant, while a finite
         // difference would move it too. Raise the mismatched reference log-probs so the
         // estimate clamps to 0 (locally constant) and the two must agree.

@@ -82,6 +82,25 @@ pub(crate) fn load_input(cx: &RunContext, field: &str) -> Result<Dataset, StageE
     Ok(ds)
 }
 
+/// Read the Dataset artifact bound to an input field as typed records of one family; a dataset
+/// of another family is an error naming the field.
+pub(crate) fn input_records<T: records::FamilyRecord>(
+    cx: &RunContext,
+    field: &str,
+) -> Result<Vec<T>, StageError> {
+    let art = cx.input(field)?;
+    let info = records::read_info(&art.dir)?;
+    if info.family != T::FAMILY {
+        return Err(DataError::WrongFamily {
+            what: format!("input `{field}`"),
+            found: info.family,
+            expected: T::FAMILY.to_string(),
+        }
+        .into());
+    }
+    Ok(records::read_records::<T>(&art.dir)?)
+}
+
 /// Fail unless a loaded input has one of the families a stage accepts.
 pub(crate) fn require_family(
     field: &str,

@@ -139,53 +139,52 @@ impl Objective for DpoObjective {
         true
     }
     fn prepare<B: Backend>(&self, reference: &CausalLm<B>, items: &mut [PairItem], batch: usize) {
-        fill_pairs(reference, items, batch, self.pad);
+        fill_reference(reference, items, batch, self.pad);
     }
 }
 
-/// Reference log-probs for pairs that lack them.
-pub fn fill_pairs<B: Backend>(
+/// An item whose two sequences (chosen and rejected, or example and mismatched companion) get
+/// reference log-probs.
+pub trait NeedsReference {
+    fn sequences(&self) -> [&Example; 2];
+    fn reference_mut(&mut self) -> &mut Option<(LogProb, LogProb)>;
+}
+
+impl NeedsReference for PairItem {
+    fn sequences(&self) -> [&Example; 2] {
+        [&self.chosen, &self.rejected]
+    }
+    fn reference_mut(&mut self) -> &mut Option<(LogProb, LogProb)> {
+        &mut self.reference
+    }
+}
+
+impl NeedsReference for LabeledItem {
+    fn sequences(&self) -> [&Example; 2] {
+        [&self.example, &self.mismatched]
+    }
+    fn reference_mut(&mut self) -> &mut Option<(LogProb, LogProb)> {
+        &mut self.reference
+    }
+}
+
+/// Reference log-probs under `reference` for the items that lack them.
+pub fn fill_reference<B: Backend, T: NeedsReference>(
     reference: &CausalLm<B>,
-    items: &mut [PairItem],
+    items: &mut [T],
     batch: usize,
     pad: u32,
 ) {
     let missing: Vec<usize> = (0..items.len())
-        .filter(|&i| items[i].reference.is_none())
+        .filter(|&i| items[i].reference_mut().is_none())
         .collect();
     if missing.is_empty() {
         return;
     }
-    let seqs: Vec<&Example> = missing
-        .iter()
-        .flat_map(|&i| [&items[i].chosen, &items[i].rejected])
-        .collect();
+    let seqs: Vec<&Example> = missing.iter().flat_map(|&i| items[i].sequences()).collect();
     let lp = logprobs(reference, &seqs, batch, pad);
     for (k, &i) in missing.iter().enumerate() {
-        items[i].reference = Some((lp[2 * k], lp[2 * k + 1]));
-    }
-}
-
-/// Reference log-probs for labeled items that lack them.
-pub fn fill_labeled<B: Backend>(
-    reference: &CausalLm<B>,
-    items: &mut [LabeledItem],
-    batch: usize,
-    pad: u32,
-) {
-    let missing: Vec<usize> = (0..items.len())
-        .filter(|&i| items[i].reference.is_none())
-        .collect();
-    if missing.is_empty() {
-        return;
-    }
-    let seqs: Vec<&Example> = missing
-        .iter()
-        .flat_map(|&i| [&items[i].example, &items[i].mismatched])
-        .collect();
-    let lp = logprobs(reference, &seqs, batch, pad);
-    for (k, &i) in missing.iter().enumerate() {
-        items[i].reference = Some((lp[2 * k], lp[2 * k + 1]));
+        *items[i].reference_mut() = Some((lp[2 * k], lp[2 * k + 1]));
     }
 }
 
@@ -308,7 +307,7 @@ impl Objective for KtoObjective {
         items: &mut [LabeledItem],
         batch: usize,
     ) {
-        fill_labeled(reference, items, batch, self.pad);
+        fill_reference(reference, items, batch, self.pad);
     }
 }
 

@@ -15,10 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{EncodedItems, LabeledItem, LogProb, PairItem, encode_labeled, encode_pairs};
 use super::losses::{DpoLoss, kto_balance};
-use super::objectives::{DpoObjective, KtoObjective, OrpoObjective, fill_labeled, fill_pairs};
+use super::objectives::{DpoObjective, KtoObjective, OrpoObjective, fill_reference};
 use crate::backend::{BackendTask, dispatch};
-use crate::data::records::{LabeledRecord, PreferenceRecord, Record};
-use crate::data::{load_input, require_family};
+use crate::data::records::{LabeledRecord, PreferenceRecord};
+use crate::data::{input_records, load_input};
 use crate::model::{self, lora};
 use crate::text::{ChatTemplate, TemplateChoice, TextTokenizer};
 use crate::train::{
@@ -36,29 +36,11 @@ fn err(message: impl Into<String>) -> StageError {
 }
 
 fn preference_records(cx: &RunContext, field: &str) -> Result<Vec<PreferenceRecord>, StageError> {
-    let ds = load_input(cx, field)?;
-    require_family(field, &ds, &[DatasetFamily::Preference])?;
-    Ok(ds
-        .records
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Preference(p) => Some(p),
-            _ => None,
-        })
-        .collect())
+    input_records(cx, field)
 }
 
 fn labeled_records(cx: &RunContext, field: &str) -> Result<Vec<LabeledRecord>, StageError> {
-    let ds = load_input(cx, field)?;
-    require_family(field, &ds, &[DatasetFamily::Labeled])?;
-    Ok(ds
-        .records
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Labeled(l) => Some(l),
-            _ => None,
-        })
-        .collect())
+    input_records(cx, field)
 }
 
 fn model_tokenizer(cx: &RunContext) -> Result<TextTokenizer, StageError> {
@@ -275,11 +257,11 @@ impl BackendTask for Reference {
         let net = lora::without_adapters(loaded.model).valid();
         Ok(match self.items {
             Items::Pairs(mut v) => {
-                fill_pairs(&net, &mut v, self.batch, self.pad);
+                fill_reference(&net, &mut v, self.batch, self.pad);
                 Items::Pairs(v)
             }
             Items::Labeled(mut v) => {
-                fill_labeled(&net, &mut v, self.batch, self.pad);
+                fill_reference(&net, &mut v, self.batch, self.pad);
                 Items::Labeled(v)
             }
         })

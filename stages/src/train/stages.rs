@@ -18,35 +18,17 @@ use super::{
     trainer_outputs, trainer_params,
 };
 use crate::backend::{BackendTask, dispatch};
-use crate::data::records::{ChatRecord, Record, TextRecord};
-use crate::data::{load_input, require_family};
+use crate::data::records::{ChatRecord, TextRecord};
+use crate::data::{input_records, load_input};
 use crate::model::{self, Arch, ModelConfig, SizePreset, lora};
 use crate::text::{self, ChatTemplate, Encoded, TemplateChoice, TextTokenizer};
 
 fn texts(cx: &RunContext, field: &str) -> Result<Vec<TextRecord>, StageError> {
-    let ds = load_input(cx, field)?;
-    require_family(field, &ds, &[DatasetFamily::Text])?;
-    Ok(ds
-        .records
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Text(t) => Some(t),
-            _ => None,
-        })
-        .collect())
+    input_records(cx, field)
 }
 
 fn chats(cx: &RunContext, field: &str) -> Result<Vec<ChatRecord>, StageError> {
-    let ds = load_input(cx, field)?;
-    require_family(field, &ds, &[DatasetFamily::Chat])?;
-    Ok(ds
-        .records
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Chat(c) => Some(c),
-            _ => None,
-        })
-        .collect())
+    input_records(cx, field)
 }
 
 fn model_tokenizer(cx: &RunContext) -> Result<TextTokenizer, StageError> {
