@@ -331,3 +331,20 @@ fn qlora_sft_trains_over_an_nf4_base_and_lowers_held_out_loss() {
         "QLoRA SFT: held-out loss {before:.4} → {after:.4}, wanted at least a 20% drop"
     );
 }
+
+#[test]
+fn bf16_compute_sft_lowers_held_out_loss() {
+    let (before, after, l) = sft_gain(
+        "    lora: {rank: 8, alpha: 16, targets: [q_proj, v_proj]}
+    dtype: bf16
+    epochs: 6
+    lr: 3.0e-3
+    warmup_steps: 4
+",
+    );
+    assert_eq!(l["stages"]["sft"]["metrics"]["dtype"], "bf16");
+    assert!(
+        after < before * 0.8,
+        "bf16 LoRA SFT: held-out loss {before:.4} → {after:.4}, wanted at least a 20% drop"
+    );
+}

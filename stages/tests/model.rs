@@ -368,3 +368,58 @@ fn qlora_forward_equals_the_forward_with_dequantized_weights() {
     );
     assert!(with.model.layers[0].mlp.down_proj.nf4.is_some());
 }
+
+#[test]
+fn bf16_compute_stays_close_to_f32_and_trains() {
+    use burn::backend::Autodiff;
+    use burnish_engine::stage::RunContext;
+    use burnish_stages::train::looper::{self, LoopSpec};
+    use burnish_stages::train::{AdamW, Schedule};
+    let dir = fixture("tiny-llama");
+    let f32_model = model::load_model_dir::<B>(&dir, &FlexDevice).unwrap().model;
+    let bf16_model = f32_model.clone().set_bf16(true);
+    let ids = ids_tensor(&[5, 17, 42, 99, 300, 2, 7, 8, 9, 10]);
+    let a = tensor_f32(f32_model.forward(ids.clone()));
+    let b = tensor_f32(bf16_model.forward(ids));
+    let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let d = max_abs_diff(&a, &b);
+    // bf16 keeps 8 mantissa bits: products carry ~2⁻⁸ relative error, accumulated in f32.
+    assert!(d > 0.0, "bf16 must actually change the arithmetic");
+    assert!(
+        d < 0.05 * scale,
+        "bf16 vs f32 logits: {d} (largest {scale})"
+    );
+
+    // Training in bf16 compute (f32 master weights) lowers the loss on its batch.
+    let net = model::load_model_dir::<Autodiff<B>>(&dir, &FlexDevice)
+        .unwrap()
+        .model
+        .set_bf16(true);
+    let ex = Example {
+        ids: vec![1, 320, 198, 77, 201, 54, 315, 477, 2],
+        targets: vec![false, true, true, true, true, true, true, true, true],
+    };
+    let spec = LoopSpec {
+        steps: 3,
+        batch_size: 1,
+        grad_accum: 1,
+        lr: 1e-3,
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        adamw: AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+        max_grad_norm: None,
+        checkpoint_every: 0,
+        eval_every: None,
+        seed: 1,
+        pad_id: 0,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cx = RunContext::standalone("bf16", tmp.path(), 1);
+    let r = looper::train(net, std::slice::from_ref(&ex), None, &spec, &mut cx).unwrap();
+    assert!(r.log[2].loss < r.log[0].loss, "{:?}", r.log);
+}

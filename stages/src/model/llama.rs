@@ -42,6 +42,22 @@ pub struct Linear<B: Backend> {
     /// A frozen weight stored as NF4 (QLoRA), dequantized in every forward pass.
     #[module(skip)]
     pub nf4: Option<std::sync::Arc<super::nf4::Nf4Tensor>>,
+    /// Multiply in bf16 (inputs and weight cast down, the product cast back to f32); the
+    /// parameters, and so the optimizer's updates, stay f32.
+    #[module(skip)]
+    pub bf16: bool,
+}
+
+/// `a · bᵀ`, in bf16 when asked (the result back in f32).
+fn matmul_t<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, bf16: bool) -> Tensor<B, 2> {
+    use burn::tensor::FloatDType;
+    if bf16 {
+        a.cast(FloatDType::BF16)
+            .matmul(b.cast(FloatDType::BF16).transpose())
+            .cast(FloatDType::F32)
+    } else {
+        a.matmul(b.transpose())
+    }
 }
 
 impl<B: Backend> Linear<B> {
@@ -73,7 +89,7 @@ impl<B: Backend> Linear<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d_in] = x.dims();
         let x2 = x.reshape([b * t, d_in]); // [b*t, in]
-        let mut y = x2.clone().matmul(self.weight_tensor().transpose()); // [b*t, out]
+        let mut y = matmul_t(x2.clone(), self.weight_tensor(), self.bf16); // [b*t, out]
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze_dim(0);
         }
@@ -85,9 +101,8 @@ impl<B: Backend> Linear<B> {
             } else {
                 x2
             };
-            let delta = xa
-                .matmul(lora.a.val().transpose()) // [b*t, r]
-                .matmul(lora.b.val().transpose()); // [b*t, out]
+            let xa = matmul_t(xa, lora.a.val(), self.bf16); // [b*t, r]
+            let delta = matmul_t(xa, lora.b.val(), self.bf16); // [b*t, out]
             y = y + delta * lora.scale;
         }
         let out = y.dims()[1];
@@ -295,6 +310,9 @@ pub struct CausalLm<B: Backend> {
     pub lm_head: Option<Embedding<B>>,
     #[module(skip)]
     pub config: ModelConfig,
+    /// Compute the projections and the output head in bf16 ([`CausalLm::set_bf16`]).
+    #[module(skip)]
+    pub bf16: bool,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -310,7 +328,7 @@ impl<B: Backend> CausalLm<B> {
             Some(head) => head.weight.val(),
             None => self.model.embed_tokens.weight.val(),
         };
-        let logits = hidden.reshape([b * t, h]).matmul(head.transpose()); // [b*t, vocab]
+        let logits = matmul_t(hidden.reshape([b * t, h]), head, self.bf16); // [b*t, vocab]
         logits.reshape([b, t, self.config.vocab_size])
     }
 
@@ -350,6 +368,26 @@ impl<B: Backend> CausalLm<B> {
         let next = ids.narrow(1, 1, t - 1).unsqueeze_dim::<3>(2); // [b, t-1, 1]
         let picked = logp.gather(2, next).reshape([b, t - 1]); // [b, t-1]
         (picked.neg(), targets.narrow(1, 1, t - 1))
+    }
+
+    /// Mixed precision: every matrix product in bf16, parameters, norms, softmax and the loss
+    /// in f32.
+    pub fn set_bf16(mut self, on: bool) -> Self {
+        self.bf16 = on;
+        for layer in self.model.layers.iter_mut() {
+            for lin in [
+                &mut layer.self_attn.q_proj,
+                &mut layer.self_attn.k_proj,
+                &mut layer.self_attn.v_proj,
+                &mut layer.self_attn.o_proj,
+                &mut layer.mlp.gate_proj,
+                &mut layer.mlp.up_proj,
+                &mut layer.mlp.down_proj,
+            ] {
+                lin.bf16 = on;
+            }
+        }
+        self
     }
 
     /// Parameters in the model (tied embeddings counted once, adapters included).

@@ -171,6 +171,7 @@ impl<B: Backend> Builder<'_, '_, B> {
             },
             lora: None,
             nf4: None,
+            bf16: false,
         })
     }
 
@@ -239,6 +240,7 @@ fn build<B: Backend>(
         },
         lm_head,
         config: cfg.clone(),
+        bf16: false,
     })
 }
 

@@ -88,6 +88,10 @@ macro_rules! trainer_params {
             /// `nf4`: store the frozen base as NF4 while training `lora:` adapters.
             #[serde(default)]
             pub quantize_base: Option<$crate::train::BaseQuant>,
+            /// Compute precision: `auto` (bf16 on cuda, f32 elsewhere), `f32`, or `bf16` (matrix
+            /// products in bf16; weights, optimizer state, norms and the loss stay f32).
+            #[serde(default)]
+            pub dtype: $crate::train::ComputeDType,
             /// Optimizer steps (exclusive with `epochs`).
             #[serde(default)]
             pub steps: Option<usize>,
@@ -149,6 +153,7 @@ macro_rules! trainer_params {
                     qlora_field: self.qlora.is_some(),
                     lora_field: self.lora.is_some(),
                     quantize_base: self.qlora.is_some() || self.quantize_base.is_some(),
+                    dtype: self.dtype,
                     steps: self.steps,
                     epochs: self.epochs,
                     batch_size: self.batch_size,
@@ -184,6 +189,38 @@ pub enum BaseQuant {
     Nf4,
 }
 
+/// Compute precision of a trainer.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputeDType {
+    /// bf16 on backends with fast bf16 matrix units (cuda), f32 elsewhere.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl ComputeDType {
+    /// Whether to compute in bf16 on `backend` (the resolved backend name).
+    pub fn bf16_on(self, backend: &str) -> bool {
+        match self {
+            ComputeDType::Auto => backend == "cuda",
+            ComputeDType::F32 => false,
+            ComputeDType::Bf16 => true,
+        }
+    }
+}
+
 /// The shared trainer parameters as plain data.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Common {
@@ -196,6 +233,7 @@ pub struct Common {
     pub qlora_field: bool,
     /// Store the frozen base as NF4.
     pub quantize_base: bool,
+    pub dtype: ComputeDType,
     pub steps: Option<usize>,
     pub epochs: Option<f64>,
     pub batch_size: usize,
@@ -513,6 +551,12 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
         } else {
             (net, None)
         };
+        let bf16 = c.dtype.bf16_on(cx.backend());
+        let net = net.set_bf16(bf16);
+        cx.log(format!(
+            "compute dtype: {}",
+            if bf16 { "bf16" } else { "f32" }
+        ));
         let trainable = net.num_params_where(|_| true) - frozen_count(&net);
         let total_params = net.config.num_params() + lora::adapter_param_count(&net);
         let steps = match (c.steps, c.epochs) {
@@ -573,6 +617,7 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
             .metric("total_params", total_params)
             .metric("loss_first", round6(first))
             .metric("loss_last", round6(last));
+        outcome = outcome.metric("dtype", if bf16 { "bf16" } else { "f32" });
         if let Some(bits) = base_bits {
             outcome = outcome.metric("base_bits_per_param", round6(bits));
         }
