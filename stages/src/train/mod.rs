@@ -524,7 +524,8 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
             cx.log("reference log-probs computed in this stage (give `reference:` to cache them)");
         }
         // Decide what trains: an upstream adapter keeps training when `lora:` is absent or
-        // equal to its own; full fine-tuning of an adapter's model trains the merged weights.
+        // equal to its own (a different `lora:` is an error: merge the adapter first); a Model
+        // upstream gets fresh adapters with `lora:`, or trains every weight without it.
         let (net, lora_params) = match (&loaded.adapter, &c.lora) {
             (Some(up), None) => (loaded.model, Some(up.clone())),
             (Some(up), Some(mine)) if same_adapter(up, mine) => (loaded.model, Some(up.clone())),
