@@ -3,29 +3,11 @@
 //! the fingerprint (renaming the pipeline re-exports, nothing else), and `burnish inspect` on the
 //! result and on a broken file.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn burnish() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_burnish"));
-    c.env_remove("BURNISH_CACHE").env("NO_COLOR", "1");
-    c
-}
+use std::path::Path;
 
-fn run_ok(args: &[&str], cwd: &Path) -> Output {
-    let out = burnish().args(args).current_dir(cwd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "burnish {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
+use common::{burnish, find, fixtures, run_ok};
 
 fn manifest(pipeline: &str) -> String {
     format!(
@@ -41,26 +23,6 @@ stages:
 ",
         fixtures().join("models/tiny-llama").display()
     )
-}
-
-fn find(dir: &Path, name: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.file_name().is_some_and(|n| n == name) {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn plan_states(m: &Path, cwd: &Path) -> serde_json::Value {

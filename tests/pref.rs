@@ -2,50 +2,9 @@
 //! KTO raises the held-out reward margin of desirable over undesirable completions, ORPO runs,
 //! and the reference log-probs are a cached step that a `beta` change does not recompute.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn burnish() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_burnish"));
-    c.env_remove("BURNISH_CACHE").env("NO_COLOR", "1");
-    c
-}
-
-fn run(args: &[&str], cwd: &Path) -> Output {
-    burnish().args(args).current_dir(cwd).output().unwrap()
-}
-
-fn run_ok(args: &[&str], cwd: &Path) -> Output {
-    let out = run(args, cwd);
-    assert!(
-        out.status.success(),
-        "burnish {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-fn write_manifest(dir: &Path, text: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let p = dir.join("pref.yaml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn lock(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("pref.lock")).unwrap()).unwrap()
-}
-
-fn metric(lock: &serde_json::Value, stage: &str, name: &str) -> f64 {
-    lock["stages"][stage]["metrics"][name]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no metric {stage}.{name} in {lock:#}"))
-}
+use common::{fixtures, lock, metric, run, run_ok, write_manifest};
 
 /// The fixture model, preference and KTO data split into train/eval, and `body` stages.
 fn manifest(body: &str) -> String {
@@ -194,5 +153,5 @@ fn orpo_trains_without_a_reference_and_kto_refuses_batches_of_one() {
         err.contains("train.kto needs batch_size of at least 2, found 1"),
         "{err}"
     );
-    assert!(err.contains("pref.yaml:"), "{err}");
+    assert!(err.contains("pipeline.yaml:"), "{err}");
 }

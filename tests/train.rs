@@ -2,30 +2,12 @@
 //! a SIGKILLed `train.sft` resumes from its checkpoint and ends with the same bits as an
 //! uninterrupted run; SFT, full and LoRA, lowers held-out loss by a clear margin.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn burnish() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_burnish"));
-    c.env_remove("BURNISH_CACHE").env("NO_COLOR", "1");
-    c
-}
-
-fn run_ok(args: &[&str], cwd: &Path) -> Output {
-    let out = burnish().args(args).current_dir(cwd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "burnish {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
+use common::{burnish, find, fixtures, lock, metric, run_ok, write_manifest};
 
 /// A manifest training the fixture Llama on alpaca with the given `sft` body lines.
 fn manifest(sft: &str) -> String {
@@ -51,43 +33,6 @@ stages:
         f.join("models/tiny-llama").display(),
         f.join("data/alpaca.jsonl").display(),
     )
-}
-
-fn write_manifest(dir: &Path, text: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let p = dir.join("train.yaml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn lock(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("train.lock")).unwrap()).unwrap()
-}
-
-fn metric(lock: &serde_json::Value, stage: &str, name: &str) -> f64 {
-    lock["stages"][stage]["metrics"][name]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no metric {stage}.{name} in {lock:#}"))
-}
-
-fn find(dir: &Path, name: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.file_name().is_some_and(|n| n == name) {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 const RESUMABLE: &str = "    lora: {rank: 4, alpha: 8, dropout: 0.1}
@@ -309,7 +254,7 @@ fn qlora_sft_trains_over_an_nf4_base_and_lowers_held_out_loss() {
         .unwrap()
         .replace("../fixtures", &fixtures().display().to_string())
         .replace("backend: auto", "backend: cpu");
-    let m = tmp.path().join("train.yaml");
+    let m = tmp.path().join("pipeline.yaml");
     std::fs::write(&m, text).unwrap();
     run_ok(&["run", m.to_str().unwrap(), "-q"], tmp.path());
     let l = lock(tmp.path());

@@ -146,11 +146,16 @@ impl Objective for DpoObjective {
 /// An item whose two sequences (chosen and rejected, or example and mismatched companion) get
 /// reference log-probs.
 pub trait NeedsReference {
+    /// The record this item came from (what a `logprobs` artifact is keyed by).
+    fn index(&self) -> usize;
     fn sequences(&self) -> [&Example; 2];
     fn reference_mut(&mut self) -> &mut Option<(LogProb, LogProb)>;
 }
 
 impl NeedsReference for PairItem {
+    fn index(&self) -> usize {
+        self.index
+    }
     fn sequences(&self) -> [&Example; 2] {
         [&self.chosen, &self.rejected]
     }
@@ -160,6 +165,9 @@ impl NeedsReference for PairItem {
 }
 
 impl NeedsReference for LabeledItem {
+    fn index(&self) -> usize {
+        self.index
+    }
     fn sequences(&self) -> [&Example; 2] {
         [&self.example, &self.mismatched]
     }

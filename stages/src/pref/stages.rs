@@ -15,12 +15,14 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{EncodedItems, LabeledItem, LogProb, PairItem, encode_labeled, encode_pairs};
 use super::losses::{DpoLoss, kto_balance};
-use super::objectives::{DpoObjective, KtoObjective, OrpoObjective, fill_reference};
+use super::objectives::{
+    DpoObjective, KtoObjective, NeedsReference, OrpoObjective, fill_reference,
+};
 use crate::backend::{BackendTask, dispatch};
-use crate::data::records::{LabeledRecord, PreferenceRecord};
+use crate::data::records::{FamilyRecord, LabeledRecord, PreferenceRecord};
 use crate::data::{input_records, load_input};
 use crate::model::{self, lora};
-use crate::text::{ChatTemplate, TemplateChoice, TextTokenizer};
+use crate::text::{ChatTemplate, TemplateChoice, TextError, TextTokenizer};
 use crate::train::{
     Fit, TrainError, TrainerParams, fit, pad_id, tokenizer_dir, trainer_check, trainer_inputs,
     trainer_outputs, trainer_params,
@@ -33,14 +35,6 @@ fn err(message: impl Into<String>) -> StageError {
     Box::new(TrainError::Input {
         message: message.into(),
     })
-}
-
-fn preference_records(cx: &RunContext, field: &str) -> Result<Vec<PreferenceRecord>, StageError> {
-    input_records(cx, field)
-}
-
-fn labeled_records(cx: &RunContext, field: &str) -> Result<Vec<LabeledRecord>, StageError> {
-    input_records(cx, field)
 }
 
 fn model_tokenizer(cx: &RunContext) -> Result<TextTokenizer, StageError> {
@@ -159,8 +153,12 @@ impl Stage for LogProbsStage {
         let pad = pad_id(&tok);
         let lines: Vec<LogProbsLine> = match family {
             DatasetFamily::Preference => {
-                let mut enc =
-                    encode_pairs(&tok, &template, &preference_records(cx, "data")?, p.seq_len)?;
+                let mut enc = encode_pairs(
+                    &tok,
+                    &template,
+                    &input_records::<PreferenceRecord>(cx, "data")?,
+                    p.seq_len,
+                )?;
                 let task = Reference {
                     dir: model_art.dir.clone(),
                     batch: p.batch_size,
@@ -183,8 +181,12 @@ impl Stage for LogProbsStage {
                 }
             }
             _ => {
-                let mut enc =
-                    encode_labeled(&tok, &template, &labeled_records(cx, "data")?, p.seq_len)?;
+                let mut enc = encode_labeled(
+                    &tok,
+                    &template,
+                    &input_records::<LabeledRecord>(cx, "data")?,
+                    p.seq_len,
+                )?;
                 let task = Reference {
                     dir: model_art.dir.clone(),
                     batch: p.batch_size,
@@ -329,6 +331,39 @@ fn read_reference(
     Ok(out)
 }
 
+/// Attach the `reference` input's log-probs to the items, when the stage has one.
+fn attach_reference<T: NeedsReference>(
+    cx: &RunContext,
+    reference: &Option<StageRef>,
+    template: &ChatTemplate,
+    seq_len: usize,
+    items: &mut [T],
+) -> Result<(), StageError> {
+    if reference.is_some() {
+        let refs = read_reference(cx, template, seq_len)?;
+        for item in items.iter_mut() {
+            *item.reference_mut() = refs.get(&item.index()).copied();
+        }
+    }
+    Ok(())
+}
+
+/// `data` and, when given, `eval_data`, read as `R` records and encoded by `encode`.
+type Pair<T> = (EncodedItems<T>, Option<EncodedItems<T>>);
+
+fn encode_inputs<R: FamilyRecord, T>(
+    cx: &RunContext,
+    eval_data: &Option<StageRef>,
+    encode: impl Fn(&[R]) -> Result<EncodedItems<T>, TextError>,
+) -> Result<Pair<T>, StageError> {
+    let train = encode(&input_records::<R>(cx, "data")?)?;
+    let eval = match eval_data {
+        Some(_) => Some(encode(&input_records::<R>(cx, "eval_data")?)?),
+        None => None,
+    };
+    Ok((train, eval))
+}
+
 fn reference_input(p: &Option<StageRef>) -> Option<Input> {
     p.as_ref().map(|r| Input {
         field: "reference".into(),
@@ -426,23 +461,10 @@ impl Stage for DpoStage {
         let c = p.common();
         let tok = model_tokenizer(cx)?;
         let template = ChatTemplate::resolve(p.chat_template, &tok)?;
-        let train = encode_pairs(&tok, &template, &preference_records(cx, "data")?, c.seq_len)?;
-        let eval = match &c.eval_data {
-            Some(_) => Some(encode_pairs(
-                &tok,
-                &template,
-                &preference_records(cx, "eval_data")?,
-                c.seq_len,
-            )?),
-            None => None,
-        };
-        let mut train = train;
-        if p.reference.is_some() {
-            let refs = read_reference(cx, &template, c.seq_len)?;
-            for item in train.items.iter_mut() {
-                item.reference = refs.get(&item.index).copied();
-            }
-        }
+        let (mut train, eval) = encode_inputs(cx, &c.eval_data, |r: &[PreferenceRecord]| {
+            encode_pairs(&tok, &template, r, c.seq_len)
+        })?;
+        attach_reference(cx, &p.reference, &template, c.seq_len, &mut train.items)?;
         let objective = DpoObjective {
             beta: p.beta,
             loss: p.loss,
@@ -557,22 +579,10 @@ impl Stage for KtoStage {
         let c = p.common();
         let tok = model_tokenizer(cx)?;
         let template = ChatTemplate::resolve(p.chat_template, &tok)?;
-        let mut train = encode_labeled(&tok, &template, &labeled_records(cx, "data")?, c.seq_len)?;
-        let eval = match &c.eval_data {
-            Some(_) => Some(encode_labeled(
-                &tok,
-                &template,
-                &labeled_records(cx, "eval_data")?,
-                c.seq_len,
-            )?),
-            None => None,
-        };
-        if p.reference.is_some() {
-            let refs = read_reference(cx, &template, c.seq_len)?;
-            for item in train.items.iter_mut() {
-                item.reference = refs.get(&item.index).copied();
-            }
-        }
+        let (mut train, eval) = encode_inputs(cx, &c.eval_data, |r: &[LabeledRecord]| {
+            encode_labeled(&tok, &template, r, c.seq_len)
+        })?;
+        attach_reference(cx, &p.reference, &template, c.seq_len, &mut train.items)?;
         let n_d = train.items.iter().filter(|i| i.desirable).count();
         let n_u = train.items.len() - n_d;
         let (wd, wu) = match p.balance {
@@ -637,16 +647,9 @@ impl Stage for OrpoStage {
         let c = p.common();
         let tok = model_tokenizer(cx)?;
         let template = ChatTemplate::resolve(p.chat_template, &tok)?;
-        let train = encode_pairs(&tok, &template, &preference_records(cx, "data")?, c.seq_len)?;
-        let eval = match &c.eval_data {
-            Some(_) => Some(encode_pairs(
-                &tok,
-                &template,
-                &preference_records(cx, "eval_data")?,
-                c.seq_len,
-            )?),
-            None => None,
-        };
+        let (train, eval) = encode_inputs(cx, &c.eval_data, |r: &[PreferenceRecord]| {
+            encode_pairs(&tok, &template, r, c.seq_len)
+        })?;
         let objective = OrpoObjective {
             beta: p.beta,
             pad: pad_id(&tok),
