@@ -6,6 +6,9 @@
 //! record and never re-hashes artifacts (`burnish verify` does); the `verify` timing is printed
 //! beside it to show what re-hashing would cost.
 
+#[path = "../src/alloc.rs"]
+mod alloc; // the `burnish` binary's allocator and its settings
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -29,6 +32,7 @@ fn burnish(dir: &Path, args: &[&str]) -> Duration {
 }
 
 fn main() {
+    alloc::keep_freed_memory();
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path();
     let mut manifest = String::from("pipeline: bench\nstages:\n  s0: {kind: test.blob, mb: 10}\n");

@@ -8,6 +8,9 @@
 //! Fixture-shaped Llama (hidden 64, 2 layers, vocab 512), LoRA r=8 on q/k/v/o, B = 8, 128
 //! tokens per sequence, f32 on flex. Prints one JSON line.
 
+#[path = "../src/alloc.rs"]
+mod alloc; // the `burnish` binary's allocator and its settings
+
 use std::time::Instant;
 
 use burn::backend::flex::FlexDevice;
@@ -23,6 +26,7 @@ use burnish_stages::train::{LanguageModeling, Objective};
 type B = Autodiff<Flex>;
 
 fn main() {
+    alloc::keep_freed_memory();
     let cfg = ModelConfig {
         arch: Arch::Llama,
         vocab_size: 512,

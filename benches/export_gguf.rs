@@ -12,6 +12,9 @@
 //! many threads as burnish used): `BURNISH_BENCH_KEEP=DIR` keeps each file as
 //! `DIR/bench-<quant>.gguf`, then `time llama-quantize DIR/bench-f32.gguf out.gguf Q4_K_M 2`.
 
+#[path = "../src/alloc.rs"]
+mod alloc; // the `burnish` binary's allocator and its settings
+
 use std::time::Instant;
 
 use burn::backend::Flex;
@@ -22,6 +25,7 @@ use burnish_stages::export::vocab::{GgufVocab, VocabKind};
 use burnish_stages::model::{self, Arch, ModelConfig};
 
 fn main() {
+    alloc::keep_freed_memory();
     let filter = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))

@@ -3,6 +3,7 @@
 //!
 //!     cargo bench --bench train_tokens                 # both presets
 //!     cargo bench --bench train_tokens -- fixture      # one preset
+//!     BURNISH_BENCH_STEPS=200 cargo bench --bench train_tokens -- fixture   # more timed steps
 //!     python benches/torch_train_tokens.py --preset fixture --threads 2
 //!     python benches/torch_train_tokens.py --preset 17m --threads 2 --steps 5
 //!
@@ -10,6 +11,9 @@
 //! loss, backward, global gradient norm, AdamW update (lr 1e-4, weight decay 0.01), f32.
 //! Token batches are random and built before timing. Prints one JSON line per preset with the
 //! median step time and tokens/s = batch × seq / median step seconds.
+
+#[path = "../src/alloc.rs"]
+mod alloc; // the `burnish` binary's allocator and its settings
 
 use std::time::Instant;
 
@@ -62,6 +66,7 @@ const PRESETS: [Preset; 2] = [
 ];
 
 fn main() {
+    alloc::keep_freed_memory();
     let only: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -116,7 +121,11 @@ fn run(p: &Preset) {
         (ids, targets)
     };
     let warmup = 2;
-    let batches: Vec<_> = (0..warmup + p.steps).map(|_| batch()).collect();
+    let steps = std::env::var("BURNISH_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(p.steps);
+    let batches: Vec<_> = (0..warmup + steps).map(|_| batch()).collect();
     let mut times = Vec::new();
     for (i, (ids, targets)) in batches.into_iter().enumerate() {
         let t0 = Instant::now();
@@ -143,7 +152,7 @@ fn run(p: &Preset) {
             "params": params,
             "batch": p.batch,
             "seq": p.seq,
-            "steps": p.steps,
+            "steps": steps,
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "step_ms_median": (median * 1e4).round() / 10.0,
             "step_ms_min": (times[0] * 1e4).round() / 10.0,

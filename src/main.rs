@@ -16,6 +16,7 @@ use burnish_engine::{compare, schema};
 use clap::{Parser, Subcommand, ValueEnum};
 use miette::{IntoDiagnostic, Result, miette};
 
+mod alloc;
 mod testing;
 
 #[derive(Parser)]
@@ -165,6 +166,7 @@ fn registry() -> Registry {
 }
 
 fn main() -> ExitCode {
+    alloc::keep_freed_memory();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,
