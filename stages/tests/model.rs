@@ -423,3 +423,85 @@ fn bf16_compute_stays_close_to_f32_and_trains() {
     let r = looper::train(net, std::slice::from_ref(&ex), None, &spec, &mut cx).unwrap();
     assert!(r.log[2].loss < r.log[0].loss, "{:?}", r.log);
 }
+
+/// Seeded values in `[-scale, scale)`.
+fn seeded(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+#[test]
+fn fused_softmax_and_cross_entropy_match_the_composed_ops_and_their_gradients() {
+    use burn::backend::Autodiff;
+    use burn::tensor::activation::{log_softmax, softmax};
+    use burnish_stages::model::fused;
+    type A = Autodiff<Flex>;
+    let dev = FlexDevice;
+    // The custom ops are really taken on the training backend, and only there.
+    assert!(fused::has_fused_ops::<A>());
+    assert!(!fused::has_fused_ops::<Flex>());
+
+    let (n, v) = (7, 13);
+    let data = TensorData::new(seeded(n * v, 1, 6.0), [n, v]);
+    let weights = Tensor::<A, 2>::from_data(TensorData::new(seeded(n * v, 2, 1.0), [n, v]), &dev);
+    let targets: Vec<i64> = (0..n as i64).map(|i| (i * 5 + 3) % v as i64).collect();
+    let t = Tensor::<A, 1, Int>::from_data(TensorData::new(targets, [n]), &dev);
+    let row_w = Tensor::<A, 1>::from_data(TensorData::new(seeded(n, 3, 1.0), [n]), &dev);
+
+    let run = |fused_ops: bool| {
+        let x = Tensor::<A, 2>::from_data(data.clone(), &dev).require_grad();
+        let (p, nll) = if fused_ops {
+            (
+                fused::softmax_last(x.clone()),
+                fused::cross_entropy(x.clone(), t.clone()),
+            )
+        } else {
+            let nll = log_softmax(x.clone(), 1)
+                .gather(1, t.clone().reshape([n, 1]))
+                .reshape([n])
+                .neg();
+            (softmax(x.clone(), 1), nll)
+        };
+        // A loss that weighs every output differently, so every gradient entry matters.
+        let loss = (p.clone() * weights.clone()).sum() + (nll.clone() * row_w.clone()).sum();
+        let g = loss.backward();
+        let grad = x.grad(&g).expect("x is tracked").into_data();
+        (
+            p.into_data().to_vec::<f32>().unwrap(),
+            nll.into_data().to_vec::<f32>().unwrap(),
+            grad.to_vec::<f32>().unwrap(),
+        )
+    };
+    let (p_f, nll_f, g_f) = run(true);
+    let (p_c, nll_c, g_c) = run(false);
+    assert!(
+        max_abs_diff(&p_f, &p_c) < 1e-6,
+        "softmax {:e}",
+        max_abs_diff(&p_f, &p_c)
+    );
+    assert!(
+        max_abs_diff(&nll_f, &nll_c) < 1e-5,
+        "nll {:e}",
+        max_abs_diff(&nll_f, &nll_c)
+    );
+    assert!(
+        max_abs_diff(&g_f, &g_c) < 1e-5,
+        "grad {:e}",
+        max_abs_diff(&g_f, &g_c)
+    );
+    // The gradient is not trivially small: rows of a 13-way softmax with logits in ±6.
+    assert!(g_c.iter().map(|g| g.abs()).fold(0.0, f32::max) > 0.1);
+    // Hand check of one row: nll = logsumexp(x) − x[target].
+    let x = data.to_vec::<f32>().unwrap();
+    let row = &x[..v];
+    let m = row.iter().cloned().fold(f32::MIN, f32::max);
+    let lse = m + row.iter().map(|r| (r - m).exp()).sum::<f32>().ln();
+    assert!((nll_f[0] - (lse - row[3])).abs() < 1e-5);
+}

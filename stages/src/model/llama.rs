@@ -12,9 +12,11 @@
 //! - grouped-query attention: query head `h` reads key/value head `h / (heads / kv_heads)`.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::activation::silu;
+
+use super::fused;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
 
@@ -138,52 +140,117 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
-/// Rotary position tables for one sequence length.
+/// Rotary position tables for one sequence length, laid out for the projections' own
+/// `[batch, seq, heads·head_dim]` layout.
+///
+/// HF's rotation is `x·cos + rotate_half(x)·sin` with `rotate_half(x) = [-x₂, x₁]`. The tables
+/// are repeated over heads and flattened to one row `[1, seq·heads·head_dim]`, and the sign of
+/// `rotate_half` is folded into `sin` (`sin_signed = [-sin₁, sin₂]`), so each product is a
+/// contiguous tensor times one shared row, the broadcast the CPU backend vectorizes. The query
+/// tables also carry attention's `1/√head_dim`, which saves a pass over the `[t, t]` scores.
 pub struct Rope<B: Backend> {
-    /// `[seq, head_dim]`
-    cos: Tensor<B, 2>,
-    /// `[seq, head_dim]`
-    sin: Tensor<B, 2>,
+    /// `[1, seq·heads·head_dim]`, pre-scaled by `1/√head_dim`
+    q_cos: Tensor<B, 2>,
+    q_sin: Tensor<B, 2>,
+    /// `[1, seq·kv_heads·head_dim]`
+    k_cos: Tensor<B, 2>,
+    k_sin: Tensor<B, 2>,
+    head_dim: usize,
 }
 
 impl<B: Backend> Rope<B> {
     pub fn new(cfg: &ModelConfig, seq: usize, device: &B::Device) -> Self {
-        let half = cfg.head_dim / 2;
-        let mut cos = Vec::with_capacity(seq * cfg.head_dim);
-        let mut sin = Vec::with_capacity(seq * cfg.head_dim);
+        let hd = cfg.head_dim;
+        let half = hd / 2;
         // transformers computes inv_freq in f32; so do we, then the angles in f64.
         let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32))
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
             .collect();
-        for p in 0..seq {
-            for _ in 0..2 {
+        // One position's `[head_dim]` row of cos and of signed sin.
+        let row = |p: usize| -> (Vec<f32>, Vec<f32>) {
+            let mut cos = Vec::with_capacity(hd);
+            let mut sin = Vec::with_capacity(hd);
+            for sign in [-1.0f32, 1.0] {
                 for f in &inv {
                     let angle = (p as f32 * f) as f64;
                     cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
+                    sin.push(sign * angle.sin() as f32);
                 }
             }
-        }
-        let shape = [seq, cfg.head_dim];
+            (cos, sin)
+        };
+        let rows: Vec<_> = (0..seq).map(row).collect();
+        let table = |heads: usize, scale: f32| {
+            let n = seq * heads * hd;
+            let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for (c, s) in &rows {
+                for _ in 0..heads {
+                    cos.extend(c.iter().map(|v| v * scale));
+                    sin.extend(s.iter().map(|v| v * scale));
+                }
+            }
+            (
+                Tensor::from_data(TensorData::new(cos, [1, n]), device),
+                Tensor::from_data(TensorData::new(sin, [1, n]), device),
+            )
+        };
+        let (q_cos, q_sin) = table(cfg.num_heads, 1.0 / (hd as f32).sqrt());
+        let (k_cos, k_sin) = table(cfg.num_kv_heads, 1.0);
         Rope {
-            cos: Tensor::from_data(TensorData::new(cos, shape), device),
-            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            q_cos,
+            q_sin,
+            k_cos,
+            k_sin,
+            head_dim: hd,
         }
     }
 
+    /// Queries, rotated and scaled by `1/√head_dim`.
+    ///
     /// # Shapes
-    /// - x: `[batch, heads, seq, head_dim]` → same
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, t, d] = x.dims();
-        let half = d / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // rotate_half
-        let cos = self.cos.clone().narrow(0, 0, t).unsqueeze::<4>();
-        let sin = self.sin.clone().narrow(0, 0, t).unsqueeze::<4>();
-        let _ = (b, h);
-        x * cos + rotated * sin
+    /// - x: `[batch, seq, heads·head_dim]` → same
+    pub fn queries(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.rotate(x, &self.q_cos, &self.q_sin)
     }
+
+    /// Keys, rotated.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, kv_heads·head_dim]` → same
+    pub fn keys(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.rotate(x, &self.k_cos, &self.k_sin)
+    }
+
+    fn rotate(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+        let [b, t, w] = x.dims();
+        let (hd, half) = (self.head_dim, self.head_dim / 2);
+        let n = t * w;
+        let heads = x.clone().reshape([b * t * (w / hd), hd]); // [b·t·h, hd]
+        let swapped = Tensor::cat(
+            vec![
+                heads.clone().narrow(1, half, half),
+                heads.narrow(1, 0, half),
+            ],
+            1,
+        ) // [x₂, x₁]
+        .reshape([b, n]);
+        let cos = cos.clone().narrow(1, 0, n);
+        let sin = sin.clone().narrow(1, 0, n);
+        (x.reshape([b, n]) * cos + swapped * sin).reshape([b, t, w])
+    }
+}
+
+/// Additive causal mask `[1, seq·seq]`: 0 on and below the diagonal, −∞ above it. Added to
+/// the scores flattened to `[batch·heads, seq·seq]` (one shared row, like the rotary tables),
+/// it gives exactly what a masked fill gives: `s + 0 = s` and `s + (−∞) = −∞`.
+pub fn causal_bias<B: Backend>(seq: usize, device: &B::Device) -> Tensor<B, 2> {
+    let mut bias = vec![0.0f32; seq * seq];
+    for i in 0..seq {
+        for v in &mut bias[i * seq + i + 1..(i + 1) * seq] {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_data(TensorData::new(bias, [1, seq * seq]), device)
 }
 
 #[derive(Module, Debug)]
@@ -203,22 +270,16 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → same
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &Rope<B>,
-        mask: &Tensor<B, 2, Bool>,
-    ) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, causal: &Tensor<B, 2>) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
+        // Rotary embedding on the projections' contiguous layout, before the heads move.
+        let q = rope
+            .queries(self.q_proj.forward(x.clone())) // [b, t, nh*hd], scaled by 1/√hd
             .reshape([b, t, nh, hd])
             .swap_dims(1, 2); // [b, nh, t, hd]
-        let k = self
-            .k_proj
-            .forward(x.clone())
+        let k = rope
+            .keys(self.k_proj.forward(x.clone()))
             .reshape([b, t, nkv, hd])
             .swap_dims(1, 2); // [b, nkv, t, hd]
         let v = self
@@ -226,8 +287,6 @@ impl<B: Backend> Attention<B> {
             .forward(x)
             .reshape([b, t, nkv, hd])
             .swap_dims(1, 2); // [b, nkv, t, hd]
-        let q = rope.apply(q);
-        let k = rope.apply(k);
         let (k, v) = if nh == nkv {
             (k, v)
         } else {
@@ -239,12 +298,9 @@ impl<B: Backend> Attention<B> {
             };
             (grow(k), grow(v))
         };
-        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt(); // [b, nh, t, t]
-        let scores = scores.mask_fill(
-            mask.clone().unsqueeze::<4>().expand([b, nh, t, t]),
-            f32::NEG_INFINITY,
-        );
-        let probs = softmax(scores, 3);
+        let scores = q.matmul(k.swap_dims(2, 3)).reshape([b * nh, t * t]); // [b*nh, t*t]
+        let scores = (scores + causal.clone()).reshape([b, nh, t, t]);
+        let probs = fused::softmax_last(scores);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]); // [b, t, nh*hd]
         self.o_proj.forward(out)
     }
@@ -274,16 +330,11 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &Rope<B>,
-        mask: &Tensor<B, 2, Bool>,
-    ) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, causal: &Tensor<B, 2>) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask);
+                .forward(self.input_layernorm.forward(x), rope, causal);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -322,7 +373,15 @@ impl<B: Backend> CausalLm<B> {
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let hidden = self.hidden(ids);
+        self.head(self.hidden(ids))
+    }
+
+    /// The language-model head on final hidden states.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, h] = hidden.dims();
         let head = match &self.lm_head {
             Some(head) => head.weight.val(),
@@ -341,10 +400,10 @@ impl<B: Backend> CausalLm<B> {
         let device = ids.device();
         let [_, t] = ids.dims();
         let rope = Rope::new(&self.config, t, &device);
-        let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device); // true above the diagonal
+        let causal = causal_bias::<B>(t, &device); // [1, t*t]
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), ids); // [b, t, hidden]
         for layer in &self.model.layers {
-            x = layer.forward(x, &rope, &mask);
+            x = layer.forward(x, &rope, &causal);
         }
         self.model.norm.forward(x)
     }
@@ -363,11 +422,15 @@ impl<B: Backend> CausalLm<B> {
         targets: Tensor<B, 2>,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let [b, t] = ids.dims();
-        let logits = self.forward(ids.clone()).narrow(1, 0, t - 1); // [b, t-1, vocab]
-        let logp = log_softmax(logits, 2);
-        let next = ids.narrow(1, 1, t - 1).unsqueeze_dim::<3>(2); // [b, t-1, 1]
-        let picked = logp.gather(2, next).reshape([b, t - 1]); // [b, t-1]
-        (picked.neg(), targets.narrow(1, 1, t - 1))
+        // The last position predicts nothing: drop it before the head, not after (the hidden
+        // states are `vocab / hidden` times smaller than the logits).
+        let hidden = self.hidden(ids.clone()).narrow(1, 0, t - 1); // [b, t-1, hidden]
+        let logits = self.head(hidden); // [b, t-1, vocab]
+        let n = b * (t - 1);
+        let logits = logits.reshape([n, self.config.vocab_size]); // [b*(t-1), vocab]
+        let next = ids.narrow(1, 1, t - 1).reshape([n]); // [b*(t-1)]
+        let nll = fused::cross_entropy(logits, next).reshape([b, t - 1]); // [b, t-1]
+        (nll, targets.narrow(1, 1, t - 1))
     }
 
     /// Mixed precision: every matrix product in bf16, parameters, norms, softmax and the loss

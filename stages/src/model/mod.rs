@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod llama;
 pub mod lora;
 pub mod nf4;
