@@ -438,9 +438,9 @@ fn seeded(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 #[test]
-fn fused_softmax_and_cross_entropy_match_the_composed_ops_and_their_gradients() {
+fn fused_softmax_silu_and_cross_entropy_match_the_composed_ops_and_their_gradients() {
     use burn::backend::Autodiff;
-    use burn::tensor::activation::{log_softmax, softmax};
+    use burn::tensor::activation::{log_softmax, silu, softmax};
     use burnish_stages::model::fused;
     type A = Autodiff<Flex>;
     let dev = FlexDevice;
@@ -457,30 +457,39 @@ fn fused_softmax_and_cross_entropy_match_the_composed_ops_and_their_gradients() 
 
     let run = |fused_ops: bool| {
         let x = Tensor::<A, 2>::from_data(data.clone(), &dev).require_grad();
-        let (p, nll) = if fused_ops {
+        let (p, nll, act) = if fused_ops {
             (
                 fused::softmax_last(x.clone()),
                 fused::cross_entropy(x.clone(), t.clone()),
+                fused::silu(x.clone()),
             )
         } else {
             let nll = log_softmax(x.clone(), 1)
                 .gather(1, t.clone().reshape([n, 1]))
                 .reshape([n])
                 .neg();
-            (softmax(x.clone(), 1), nll)
+            (softmax(x.clone(), 1), nll, silu(x.clone()))
         };
         // A loss that weighs every output differently, so every gradient entry matters.
-        let loss = (p.clone() * weights.clone()).sum() + (nll.clone() * row_w.clone()).sum();
+        let loss = (p.clone() * weights.clone()).sum()
+            + (nll.clone() * row_w.clone()).sum()
+            + (act.clone() * weights.clone().flip([1])).sum();
         let g = loss.backward();
         let grad = x.grad(&g).expect("x is tracked").into_data();
         (
             p.into_data().to_vec::<f32>().unwrap(),
             nll.into_data().to_vec::<f32>().unwrap(),
             grad.to_vec::<f32>().unwrap(),
+            act.into_data().to_vec::<f32>().unwrap(),
         )
     };
-    let (p_f, nll_f, g_f) = run(true);
-    let (p_c, nll_c, g_c) = run(false);
+    let (p_f, nll_f, g_f, a_f) = run(true);
+    let (p_c, nll_c, g_c, a_c) = run(false);
+    assert!(
+        max_abs_diff(&a_f, &a_c) < 1e-5,
+        "silu {:e}",
+        max_abs_diff(&a_f, &a_c)
+    );
     assert!(
         max_abs_diff(&p_f, &p_c) < 1e-6,
         "softmax {:e}",

@@ -9,6 +9,8 @@
 //!   `∂x = y ⊙ (∂y − Σ(∂y ⊙ y))` from the saved output.
 //! - [`cross_entropy`]: `nll = logsumexp(x) − x[target]` per row, saving the softmax for the
 //!   backward `∂x = softmax(x) · ∂nll − onehot(target) · ∂nll`.
+//! - [`silu`]: `y = x·σ(x)`, saving `σ(x)` so the backward `∂x = ∂y · σ · (1 + x − y)` needs
+//!   no second pass of exponentials.
 //!
 //! Both are the same mathematics as the composed versions (tests compare them); only the order
 //! of float operations differs. The custom ops exist for the autodiff backends this crate runs
@@ -90,6 +92,17 @@ pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D>
     on_autodiff!(x, ad_softmax[, D], composed::<B, D>)
 }
 
+/// SiLU (swish), `x·σ(x)`.
+///
+/// # Shapes
+/// - x: any → same
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    fn composed<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+        activation::silu(x)
+    }
+    on_autodiff!(x, ad_silu[, D], composed::<B, D>)
+}
+
 /// Per-row negative log-likelihood of `targets` under `softmax(logits)`.
 ///
 /// # Shapes
@@ -140,6 +153,56 @@ fn ad_softmax<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<A
             prep.finish(out.clone(), out)
         }
         OpsKind::UnTracked(prep) => prep.finish(y(x.primitive)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+fn ad_silu<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<Autodiff<I>, D> {
+    #[derive(Debug)]
+    struct Silu<const D: usize>;
+
+    impl<I: Backend, const D: usize> Backward<I, 1> for Silu<D> {
+        /// The input `x`, `σ(x)` and the output `y`.
+        type State = (
+            I::FloatTensorPrimitive,
+            I::FloatTensorPrimitive,
+            I::FloatTensorPrimitive,
+        );
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (x, s, y) = ops.state;
+            let (x, s, y) = (inner::<I, D>(x), inner::<I, D>(s), inner::<I, D>(y));
+            unary::<I, _>(ops.parents, ops.node, grads, |grad| {
+                // d/dx x·σ(x) = σ + x·σ·(1 − σ) = σ·(1 + x − y)
+                let g = inner::<I, D>(grad);
+                (g * s * ((x - y) + 1.0)).into_primitive().tensor()
+            });
+        }
+    }
+
+    let x = x.into_primitive().tensor();
+    let out = match Silu::<D>
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let xi = inner::<I, D>(x.primitive);
+            let s = activation::sigmoid(xi.clone());
+            let y = xi.clone() * s.clone();
+            let y = y.into_primitive().tensor();
+            let state = (
+                xi.into_primitive().tensor(),
+                s.into_primitive().tensor(),
+                y.clone(),
+            );
+            prep.finish(state, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(
+            activation::silu(inner::<I, D>(x.primitive))
+                .into_primitive()
+                .tensor(),
+        ),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }

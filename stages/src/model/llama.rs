@@ -11,10 +11,8 @@
 //!   `inv_freq = θ^(-2i/d)` from the checkpoint's `rope_theta`;
 //! - grouped-query attention: query head `h` reads key/value head `h / (heads / kv_heads)`.
 
-use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
-
 use super::fused;
+use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -316,7 +314,7 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let g = silu(self.gate_proj.forward(x.clone()));
+        let g = fused::silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(g * self.up_proj.forward(x))
     }
 }
