@@ -238,17 +238,20 @@ impl<B: Backend> Rope<B> {
     }
 }
 
-/// Additive causal mask `[1, seq·seq]`: 0 on and below the diagonal, −∞ above it. Added to
-/// the scores flattened to `[batch·heads, seq·seq]` (one shared row, like the rotary tables),
-/// it gives exactly what a masked fill gives: `s + 0 = s` and `s + (−∞) = −∞`.
-pub fn causal_bias<B: Backend>(seq: usize, device: &B::Device) -> Tensor<B, 2> {
+/// Additive causal mask `[1, groups·seq·seq]`: 0 on and below the diagonal, −∞ above it,
+/// repeated for the `groups` query heads that share a key/value head. Added to the scores
+/// flattened to `[batch·kv_heads, groups·seq·seq]` (one shared row, like the rotary tables), it
+/// gives exactly what a masked fill gives: `s + 0 = s` and `s + (−∞) = −∞`.
+pub fn causal_bias<B: Backend>(seq: usize, groups: usize, device: &B::Device) -> Tensor<B, 2> {
     let mut bias = vec![0.0f32; seq * seq];
     for i in 0..seq {
         for v in &mut bias[i * seq + i + 1..(i + 1) * seq] {
             *v = f32::NEG_INFINITY;
         }
     }
-    Tensor::from_data(TensorData::new(bias, [1, seq * seq]), device)
+    let bias = bias.repeat(groups);
+    let n = bias.len();
+    Tensor::from_data(TensorData::new(bias, [1, n]), device)
 }
 
 #[derive(Module, Debug)]
@@ -271,11 +274,18 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, causal: &Tensor<B, 2>) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let rep = nh / nkv; // query heads per key/value head
         // Rotary embedding on the projections' contiguous layout, before the heads move.
-        let q = rope
-            .queries(self.q_proj.forward(x.clone())) // [b, t, nh*hd], scaled by 1/√hd
-            .reshape([b, t, nh, hd])
-            .swap_dims(1, 2); // [b, nh, t, hd]
+        let q = rope.queries(self.q_proj.forward(x.clone())); // [b, t, nh*hd], scaled by 1/√hd
+        // Query head `g·rep + r` reads key/value head `g`: group the queries as
+        // `[b, nkv, rep·t, hd]` rather than copying keys and values `rep` times.
+        let q = if rep == 1 {
+            q.reshape([b, t, nh, hd]).swap_dims(1, 2) // [b, nh, t, hd]
+        } else {
+            q.reshape([b, t, nkv, rep, hd])
+                .permute([0, 2, 3, 1, 4]) // [b, nkv, rep, t, hd]
+                .reshape([b, nkv, rep * t, hd])
+        };
         let k = rope
             .keys(self.k_proj.forward(x.clone()))
             .reshape([b, t, nkv, hd])
@@ -285,21 +295,14 @@ impl<B: Backend> Attention<B> {
             .forward(x)
             .reshape([b, t, nkv, hd])
             .swap_dims(1, 2); // [b, nkv, t, hd]
-        let (k, v) = if nh == nkv {
-            (k, v)
-        } else {
-            let rep = nh / nkv;
-            let grow = |x: Tensor<B, 4>| {
-                x.unsqueeze_dim::<5>(2) // [b, nkv, 1, t, hd]
-                    .expand([b, nkv, rep, t, hd])
-                    .reshape([b, nh, t, hd])
-            };
-            (grow(k), grow(v))
-        };
-        let scores = q.matmul(k.swap_dims(2, 3)).reshape([b * nh, t * t]); // [b*nh, t*t]
-        let scores = (scores + causal.clone()).reshape([b, nh, t, t]);
+        let scores = q.matmul(k.swap_dims(2, 3)).reshape([b * nkv, rep * t * t]);
+        let scores = (scores + causal.clone()).reshape([b, nkv, rep * t, t]);
         let probs = fused::softmax_last(scores);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]); // [b, t, nh*hd]
+        let out = probs
+            .matmul(v) // [b, nkv, rep*t, hd]
+            .reshape([b, nkv, rep, t, hd])
+            .permute([0, 3, 1, 2, 4]) // [b, t, nkv, rep, hd]
+            .reshape([b, t, nh * hd]);
         self.o_proj.forward(out)
     }
 }
@@ -398,7 +401,8 @@ impl<B: Backend> CausalLm<B> {
         let device = ids.device();
         let [_, t] = ids.dims();
         let rope = Rope::new(&self.config, t, &device);
-        let causal = causal_bias::<B>(t, &device); // [1, t*t]
+        let groups = self.config.num_heads / self.config.num_kv_heads;
+        let causal = causal_bias::<B>(t, groups, &device); // [1, groups*t*t]
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), ids); // [b, t, hidden]
         for layer in &self.model.layers {
             x = layer.forward(x, &rope, &causal);
