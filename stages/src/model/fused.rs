@@ -29,7 +29,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 
 /// `t` as a `U` when `T` and `U` are the same type.
-fn same<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+pub(crate) fn same<T: 'static, U: 'static>(t: T) -> Result<U, T> {
     let mut slot = Some(t);
     match (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
         Some(u) => Ok(u.take().expect("slot was just filled")),
@@ -61,7 +61,7 @@ macro_rules! on_autodiff {
 }
 
 /// The result of a backend-specific function, as the caller's type (the same type).
-fn back<T: 'static, U: 'static>(t: T) -> U {
+pub(crate) fn back<T: 'static, U: 'static>(t: T) -> U {
     match same::<T, U>(t) {
         Ok(u) => u,
         Err(_) => unreachable!("the dispatch matched the backend type"),

@@ -5,9 +5,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use burn::backend::Flex;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -157,28 +158,122 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
             Some(mv) => mv,
             None => (p.zeros_like(), p.zeros_like()),
         };
-        let AdamW {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.hp;
-        let m = m * beta1 + g.clone() * (1.0 - beta1);
-        let v = v * beta2 + g.powi_scalar(2) * (1.0 - beta2);
-        let bc1 = 1.0 - beta1.powi(self.t);
-        let bc2 = 1.0 - beta2.powi(self.t);
-        // PyTorch's AdamW: decay first, then the Adam step with bias-corrected moments.
-        let p = if weight_decay > 0.0 {
-            p * (1.0 - self.lr * weight_decay)
-        } else {
-            p
-        };
-        let denom = (v.clone() / bc2).sqrt() + eps;
-        let p = p - (m.clone() / bc1) / denom * self.lr;
+        let (p, m, v) = adamw_update(p, g, m, v, self.hp, self.lr, self.t);
         self.state.moments.insert(name, (m, v));
         let p = Tensor::<B, D>::from_inner(p.reshape(shape)).require_grad();
         Param::from_mapped_value(id, p, mapper)
     }
+}
+
+/// One AdamW update of a flattened parameter `p` with gradient `g` and moments `m`, `v` at
+/// optimizer step `t` (1-based); returns the new `(p, m, v)`.
+///
+/// On flex (f32) this is one pass over the four buffers, updating `p`, `m` and `v` in place; on
+/// other backends, burn's element-wise ops. Both round each operation the same way, so the two
+/// give the same bits: the scalar coefficients are the f32 values burn's scalar ops use.
+fn adamw_update<B: Backend>(
+    p: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
+    hp: AdamW,
+    lr: f64,
+    t: i32,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    use crate::model::fused::{back, same};
+    let k = Coeffs::new(hp, lr, t);
+    match same::<_, [Tensor<Flex, 1>; 4]>([p, g, m, v]) {
+        Ok([p, g, m, v]) if p.dtype() == DType::F32 && g.dtype() == DType::F32 => {
+            back(adamw_flex(p, g, m, v, &k))
+        }
+        Ok([p, g, m, v]) => back(adamw_composed(p, g, m, v, &k)),
+        Err([p, g, m, v]) => adamw_composed(p, g, m, v, &k),
+    }
+}
+
+/// The scalars of one AdamW update.
+struct Coeffs {
+    beta1: f64,
+    beta2: f64,
+    /// `1 − lr·weight_decay`, when there is weight decay.
+    decay: Option<f64>,
+    /// Bias corrections `1 − β₁ᵗ` and `1 − β₂ᵗ`.
+    bc1: f64,
+    bc2: f64,
+    eps: f64,
+    lr: f64,
+}
+
+impl Coeffs {
+    fn new(hp: AdamW, lr: f64, t: i32) -> Self {
+        Coeffs {
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            decay: (hp.weight_decay > 0.0).then_some(1.0 - lr * hp.weight_decay),
+            bc1: 1.0 - hp.beta1.powi(t),
+            bc2: 1.0 - hp.beta2.powi(t),
+            eps: hp.eps,
+            lr,
+        }
+    }
+}
+
+/// PyTorch's AdamW: decay first, then the Adam step with bias-corrected moments.
+fn adamw_composed<B: Backend>(
+    p: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
+    k: &Coeffs,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let m = m * k.beta1 + g.clone() * (1.0 - k.beta1);
+    let v = v * k.beta2 + g.powi_scalar(2) * (1.0 - k.beta2);
+    let p = match k.decay {
+        Some(d) => p * d,
+        None => p,
+    };
+    let denom = (v.clone() / k.bc2).sqrt() + k.eps;
+    let p = p - (m.clone() / k.bc1) / denom * k.lr;
+    (p, m, v)
+}
+
+/// [`adamw_composed`] as one loop over flex's f32 buffers, in the same order of operations.
+fn adamw_flex(
+    p: Tensor<Flex, 1>,
+    g: Tensor<Flex, 1>,
+    m: Tensor<Flex, 1>,
+    v: Tensor<Flex, 1>,
+    k: &Coeffs,
+) -> (Tensor<Flex, 1>, Tensor<Flex, 1>, Tensor<Flex, 1>) {
+    // Contiguous buffers of exactly n elements; `storage_mut` copies a shared one first.
+    let prim = |t: Tensor<Flex, 1>| t.into_primitive().tensor().to_contiguous();
+    let (mut p, g, mut m, mut v) = (prim(p), prim(g), prim(m), prim(v));
+    // burn's scalar ops round their f64 operand to f32 the same way.
+    let f = |x: f64| x as f32;
+    let (b1, c1) = (f(k.beta1), f(1.0 - k.beta1));
+    let (b2, c2) = (f(k.beta2), f(1.0 - k.beta2));
+    let decay = k.decay.map(f);
+    let (bc1, bc2, eps, lr) = (f(k.bc1), f(k.bc2), f(k.eps), f(k.lr));
+    {
+        let gs = g.storage::<f32>();
+        let ms = m.storage_mut::<f32>();
+        let vs = v.storage_mut::<f32>();
+        let ps = p.storage_mut::<f32>();
+        for (((p, &g), m), v) in ps.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
+            let mi = *m * b1 + g * c1;
+            let vi = *v * b2 + (g * g) * c2;
+            let pi = match decay {
+                Some(d) => *p * d,
+                None => *p,
+            };
+            let denom = (vi / bc2).sqrt() + eps;
+            *p = pi - (mi / bc1) / denom * lr;
+            *m = mi;
+            *v = vi;
+        }
+    }
+    let t = |x| Tensor::from_primitive(TensorPrimitive::Float(x));
+    (t(p), t(m), t(v))
 }
 
 /// One AdamW step on every parameter that has a gradient in `grads`, with the gradients scaled
@@ -203,4 +298,63 @@ pub fn step<B: AutodiffBackend, M: AutodiffModule<B>>(
     };
     mapper.t = mapper.state.step as i32;
     module.map(&mut mapper)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    fn seeded(n: usize, seed: u64, lo: f32, hi: f32) -> Tensor<Flex, 1> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                lo + (hi - lo) * ((x >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(v, [n]), &Default::default())
+    }
+
+    fn bits(t: &Tensor<Flex, 1>) -> Vec<u32> {
+        let v: Vec<f32> = t.to_data().to_vec().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn adamw_on_flex_buffers_gives_the_bits_of_the_composed_ops() {
+        let n = 1031;
+        let p = seeded(n, 1, -1.0, 1.0);
+        let g = seeded(n, 2, -0.1, 0.1);
+        let m = seeded(n, 3, -0.01, 0.01);
+        let v = seeded(n, 4, 0.0, 1e-4);
+        let before = [bits(&p), bits(&g), bits(&m), bits(&v)];
+        for (weight_decay, lr, t) in [(0.01, 3e-4, 1), (0.0, 1e-3, 7), (0.1, 2e-5, 500)] {
+            let hp = AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay,
+            };
+            let k = Coeffs::new(hp, lr, t);
+            let fused = adamw_flex(p.clone(), g.clone(), m.clone(), v.clone(), &k);
+            let composed = adamw_composed(p.clone(), g.clone(), m.clone(), v.clone(), &k);
+            for (what, a, b) in [
+                ("p", &fused.0, &composed.0),
+                ("m", &fused.1, &composed.1),
+                ("v", &fused.2, &composed.2),
+            ] {
+                let (a, b) = (bits(a), bits(b));
+                if let Some(i) = (0..n).find(|&i| a[i] != b[i]) {
+                    let (x, y) = (f32::from_bits(a[i]), f32::from_bits(b[i]));
+                    panic!("{what}[{i}] at t={t}: fused {x:e}, composed {y:e}");
+                }
+            }
+            assert_ne!(bits(&fused.0), before[0], "the step moved nothing");
+        }
+        // Shared inputs are copied before they are written.
+        assert_eq!([bits(&p), bits(&g), bits(&m), bits(&v)], before);
+    }
 }
