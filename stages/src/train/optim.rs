@@ -183,7 +183,8 @@ fn adamw_update<B: Backend>(
     use crate::model::fused::{back, same};
     let k = Coeffs::new(hp, lr, t);
     match same::<_, [Tensor<Flex, 1>; 4]>([p, g, m, v]) {
-        Ok([p, g, m, v]) if p.dtype() == DType::F32 && g.dtype() == DType::F32 => {
+        Ok(a) if a.iter().all(|t| t.dtype() == DType::F32) => {
+            let [p, g, m, v] = a;
             back(adamw_flex(p, g, m, v, &k))
         }
         Ok([p, g, m, v]) => back(adamw_composed(p, g, m, v, &k)),
