@@ -448,7 +448,8 @@ fn fused_softmax_silu_and_cross_entropy_match_the_composed_ops_and_their_gradien
     assert!(fused::has_fused_ops::<A>());
     assert!(!fused::has_fused_ops::<Flex>());
 
-    let (n, v) = (7, 13);
+    // Rows longer than the loops' 16 lanes, with a remainder.
+    let (n, v) = (7, 37);
     let data = TensorData::new(seeded(n * v, 1, 6.0), [n, v]);
     let weights = Tensor::<A, 2>::from_data(TensorData::new(seeded(n * v, 2, 1.0), [n, v]), &dev);
     let targets: Vec<i64> = (0..n as i64).map(|i| (i * 5 + 3) % v as i64).collect();
@@ -505,7 +506,7 @@ fn fused_softmax_silu_and_cross_entropy_match_the_composed_ops_and_their_gradien
         "grad {:e}",
         max_abs_diff(&g_f, &g_c)
     );
-    // The gradient is not trivially small: rows of a 13-way softmax with logits in ±6.
+    // The gradient is not trivially small: rows of a 37-way softmax with logits in ±6.
     assert!(g_c.iter().map(|g| g.abs()).fold(0.0, f32::max) > 0.1);
     // Hand check of one row: nll = logsumexp(x) − x[target].
     let x = data.to_vec::<f32>().unwrap();
@@ -513,4 +514,123 @@ fn fused_softmax_silu_and_cross_entropy_match_the_composed_ops_and_their_gradien
     let m = row.iter().cloned().fold(f32::MIN, f32::max);
     let lse = m + row.iter().map(|r| (r - m).exp()).sum::<f32>().ln();
     assert!((nll_f[0] - (lse - row[3])).abs() < 1e-5);
+}
+
+#[test]
+fn fused_rope_and_permute_match_the_composed_ops_and_their_gradients() {
+    use burn::backend::Autodiff;
+    use burnish_stages::model::fused;
+    type A = Autodiff<Flex>;
+    let dev = FlexDevice;
+    let (b, t, heads, hd) = (2, 5, 3, 8);
+    let w = heads * hd;
+    let data = TensorData::new(seeded(b * t * w, 4, 2.0), [b, t, w]);
+    // Tables longer than needed, as the model's are (max positions).
+    let table = |seed| {
+        Tensor::<A, 2>::from_data(TensorData::new(seeded(7 * w, seed, 1.0), [1, 7 * w]), &dev)
+    };
+    let (cos, sin) = (table(5), table(6));
+    let weights = Tensor::<A, 4>::from_data(
+        TensorData::new(seeded(b * t * w, 7, 1.0), [b, heads, hd, t]),
+        &dev,
+    );
+
+    let run = |fused_ops: bool| {
+        let x = Tensor::<A, 3>::from_data(data.clone(), &dev).require_grad();
+        let (y, p) = if fused_ops {
+            let y = fused::rope(x.clone(), &cos, &sin, hd);
+            let p = fused::permute(y.clone().reshape([b, t, heads, hd]), [0, 2, 3, 1]);
+            (y, p)
+        } else {
+            // y = x ⊙ cos + [x₂, x₁] ⊙ sin per head, written out.
+            let n = t * w;
+            let heads_x = x.clone().reshape([b * t * heads, hd]);
+            let swapped = Tensor::cat(
+                vec![
+                    heads_x.clone().narrow(1, hd / 2, hd / 2),
+                    heads_x.narrow(1, 0, hd / 2),
+                ],
+                1,
+            )
+            .reshape([b, n]);
+            let y = (x.clone().reshape([b, n]) * cos.clone().narrow(1, 0, n)
+                + swapped * sin.clone().narrow(1, 0, n))
+            .reshape([b, t, w]);
+            let p = y.clone().reshape([b, t, heads, hd]).permute([0, 2, 3, 1]);
+            (y, p)
+        };
+        let loss = (p.clone() * weights.clone()).sum() + (y.clone() * y.clone()).sum();
+        let g = loss.backward();
+        let grad = x.grad(&g).expect("x is tracked").into_data();
+        (
+            y.into_data().to_vec::<f32>().unwrap(),
+            p.into_data().to_vec::<f32>().unwrap(),
+            grad.to_vec::<f32>().unwrap(),
+        )
+    };
+    let (y_f, p_f, g_f) = run(true);
+    let (y_c, p_c, g_c) = run(false);
+    // The same products and sums in the same order: equal to the bit.
+    assert_eq!(y_f, y_c);
+    assert_eq!(p_f, p_c);
+    assert!(
+        max_abs_diff(&g_f, &g_c) < 1e-5,
+        "grad {:e}",
+        max_abs_diff(&g_f, &g_c)
+    );
+    assert!(g_c.iter().map(|g| g.abs()).fold(0.0, f32::max) > 0.1);
+}
+
+#[test]
+fn fused_rms_norm_matches_the_composed_ops_and_both_gradients() {
+    use burn::backend::Autodiff;
+    use burnish_stages::model::fused;
+    type A = Autodiff<Flex>;
+    let dev = FlexDevice;
+    // 37 features: the loops' 16 lanes twice and a remainder.
+    let (b, t, d) = (2, 3, 37);
+    let data = TensorData::new(seeded(b * t * d, 8, 3.0), [b, t, d]);
+    let w_data = TensorData::new(seeded(d, 9, 2.0), [d]);
+    let weights =
+        Tensor::<A, 3>::from_data(TensorData::new(seeded(b * t * d, 10, 1.0), [b, t, d]), &dev);
+    let eps = 1e-5;
+    let run = |fused_ops: bool| {
+        let x = Tensor::<A, 3>::from_data(data.clone(), &dev).require_grad();
+        let w = Tensor::<A, 1>::from_data(w_data.clone(), &dev).require_grad();
+        let y = if fused_ops {
+            fused::rms_norm(x.clone(), w.clone(), eps)
+        } else {
+            let var = x.clone().powi_scalar(2).mean_dim(2);
+            x.clone() * (var + eps).sqrt().recip() * w.clone().unsqueeze::<3>()
+        };
+        let g = (y.clone() * weights.clone()).sum().backward();
+        let v = |t: Tensor<Autodiff<Flex>, 3>| t.into_data().to_vec::<f32>().unwrap();
+        (
+            v(y),
+            x.grad(&g)
+                .expect("x is tracked")
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+            w.grad(&g)
+                .expect("w is tracked")
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+        )
+    };
+    let (y_f, gx_f, gw_f) = run(true);
+    let (y_c, gx_c, gw_c) = run(false);
+    for (what, f, c) in [
+        ("y", &y_f, &y_c),
+        ("∂x", &gx_f, &gx_c),
+        ("∂w", &gw_f, &gw_c),
+    ] {
+        let diff = max_abs_diff(f, c);
+        assert!(diff < 2e-5, "{what} {diff:e}");
+        assert!(
+            c.iter().map(|v| v.abs()).fold(0.0, f32::max) > 0.1,
+            "{what} is not trivial"
+        );
+    }
 }

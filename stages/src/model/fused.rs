@@ -1,18 +1,30 @@
-//! Softmax and next-token cross-entropy with hand-written backward passes.
+//! Softmax, SiLU, next-token cross-entropy, RMSNorm, rotary embedding and permutations as single
+//! autodiff ops with hand-written backward passes.
 //!
 //! burn's autodiff backend builds `softmax` and `log_softmax` out of their elementary ops
 //! (max, subtract, exp, sum, divide or log), records every one of them, and differentiates
 //! each in turn, recomputing the exponentials. On the CPU backend those full-size passes cost
 //! more than the matrix products of a small model. Here each is one tracked op:
 //!
-//! - [`softmax_last`]: forward by the backend's own softmax (a fused kernel on flex), backward
-//!   `∂x = y ⊙ (∂y − Σ(∂y ⊙ y))` from the saved output.
+//! - [`softmax_last`]: backward `∂x = y ⊙ (∂y − Σ(∂y ⊙ y))` from the saved output.
 //! - [`cross_entropy`]: `nll = logsumexp(x) − x[target]` per row, saving the softmax for the
 //!   backward `∂x = softmax(x) · ∂nll − onehot(target) · ∂nll`.
 //! - [`silu`]: `y = x·σ(x)`, saving `σ(x)` so the backward `∂x = ∂y · σ · (1 + x − y)` needs
 //!   no second pass of exponentials.
+//! - [`permute`]: a permutation laid out contiguously, whose backward is the inverse
+//!   permutation, also contiguous. burn's own `permute` is a strided view; the reshape after it
+//!   (and the reshape of its gradient) then copies through flex's element-at-a-time walk.
+//! - [`rms_norm`]: saves the per-row `1/√(mean(x²) + eps)`; gradients for the input and the
+//!   weight.
+//! - [`rope`]: the rotation is linear, so its backward is the transposed rotation of the
+//!   gradient, one pass instead of the narrow/cat/slice ops of the composed form.
 //!
-//! Both are the same mathematics as the composed versions (tests compare them); only the order
+//! On flex with f32 the forward and backward passes are the multi-threaded loops of
+//! [`kernels`] (softmax, SiLU, cross-entropy and permute on every autodiff backend; RMSNorm and
+//! rope are recorded as single ops only on flex, and composed from burn's ops elsewhere); on
+//! wgpu and CUDA, burn's ops.
+//!
+//! All are the same mathematics as the composed versions (tests compare them); only the order
 //! of float operations differs. The custom ops exist for the autodiff backends this crate runs
 //! training on (`Autodiff<Flex>`, `Autodiff<Wgpu>`, `Autodiff<Cuda>`, picked by type at run
 //! time); any other backend gets the composed version.
@@ -23,10 +35,13 @@ use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary, unary};
+use burn::backend::flex::FlexTensor;
 use burn::tensor::activation;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
+
+use super::kernels;
 
 /// `t` as a `U` when `T` and `U` are the same type.
 pub(crate) fn same<T: 'static, U: 'static>(t: T) -> Result<U, T> {
@@ -72,6 +87,33 @@ fn inner<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D>
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
+/// `p` as flex's tensor when the inner backend is flex and `p` holds f32: the case the loops in
+/// [`kernels`] take.
+fn flex<I: Backend>(p: &I::FloatTensorPrimitive) -> Option<&FlexTensor> {
+    (p as &dyn Any)
+        .downcast_ref::<FlexTensor>()
+        .filter(|t| kernels::is_f32(t))
+}
+
+/// `p` by value as flex's f32 tensor, or back unchanged.
+fn flex_owned<I: Backend>(
+    p: I::FloatTensorPrimitive,
+) -> Result<FlexTensor, I::FloatTensorPrimitive> {
+    match same::<_, FlexTensor>(p) {
+        Ok(t) if kernels::is_f32(&t) => Ok(t),
+        Ok(t) => Err(back(t)),
+        Err(p) => Err(p),
+    }
+}
+
+/// Token ids as `i64`s, for the flex loops.
+fn ids<I: Backend>(t: &I::IntTensorPrimitive) -> Vec<i64> {
+    Tensor::<I, 1, Int>::from_primitive(t.clone())
+        .into_data()
+        .iter::<i64>()
+        .collect()
+}
+
 /// Whether `B` gets the hand-written ops (an autodiff backend this crate trains on).
 pub fn has_fused_ops<B: Backend>() -> bool {
     fn yes<I: Backend>(_: Tensor<Autodiff<I>, 1>) -> bool {
@@ -103,6 +145,181 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     on_autodiff!(x, ad_silu[, D], composed::<B, D>)
 }
 
+/// `x` with its dimensions permuted by `axes` (`out.dims()[i] = x.dims()[axes[i]]`), laid out
+/// contiguously on flex so that later reshapes and the gradient's reshapes need no strided copy.
+/// Elsewhere, burn's `permute`.
+///
+/// # Shapes
+/// - x: `[d₀, …]` → `[d_axes[0], …]`
+pub fn permute<B: Backend, const D: usize>(x: Tensor<B, D>, axes: [usize; D]) -> Tensor<B, D> {
+    fn composed<B: Backend, const D: usize>((x, axes): (Tensor<B, D>, [usize; D])) -> Tensor<B, D> {
+        match same::<_, Tensor<burn::backend::Flex, D>>(x) {
+            Ok(x) => match flex_owned::<burn::backend::Flex>(x.into_primitive().tensor()) {
+                Ok(t) => back(inner::<burn::backend::Flex, D>(kernels::permute(&t, &axes))),
+                Err(p) => back(inner::<burn::backend::Flex, D>(p).permute(axes)),
+            },
+            Err(x) => x.permute(axes),
+        }
+    }
+    on_autodiff!((x, axes), ad_permute[, D], composed::<B, D>)
+}
+
+/// Rotary position embedding with HF's split-half rotation: per head of `head_dim` values,
+/// `x ⊙ cos + [x₂, x₁] ⊙ sin`, the tables flattened per position and head (`rotate_half`'s sign
+/// is in `sin`).
+///
+/// # Shapes
+/// - x: `[batch, seq, w]` (w = heads·head_dim); cos, sin: `[1, ≥ seq·w]` → `[batch, seq, w]`
+pub fn rope<B: Backend>(
+    x: Tensor<B, 3>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+    head_dim: usize,
+) -> Tensor<B, 3> {
+    on_autodiff!((x, cos.clone(), sin.clone(), head_dim), ad_rope[], rope_composed::<B>)
+}
+
+/// The input, the cos and sin tables and the head size.
+type RopeArgs<B> = (Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 2>, usize);
+
+fn rope_composed<B: Backend>((x, cos, sin, hd): RopeArgs<B>) -> Tensor<B, 3> {
+    let [b, t, w] = x.dims();
+    let half = hd / 2;
+    let n = t * w;
+    let heads = x.clone().reshape([b * t * (w / hd), hd]); // [b·t·h, hd]
+    let swapped = Tensor::cat(
+        vec![
+            heads.clone().narrow(1, half, half),
+            heads.narrow(1, 0, half),
+        ],
+        1,
+    ) // [x₂, x₁]
+    .reshape([b, n]);
+    let cos = cos.narrow(1, 0, n);
+    let sin = sin.narrow(1, 0, n);
+    (x.reshape([b, n]) * cos + swapped * sin).reshape([b, t, w])
+}
+
+fn ad_rope<I: Backend>((x, cos, sin, hd): RopeArgs<Autodiff<I>>) -> Tensor<Autodiff<I>, 3> {
+    #[derive(Debug)]
+    struct Rope;
+
+    impl<I: Backend> Backward<I, 1> for Rope {
+        /// The cos and sin tables and the head size.
+        type State = (I::FloatTensorPrimitive, I::FloatTensorPrimitive, usize);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (cos, sin, hd) = ops.state;
+            unary::<I, _>(ops.parents, ops.node, grads, |grad| {
+                match (flex::<I>(&grad), flex::<I>(&cos), flex::<I>(&sin)) {
+                    (Some(g), Some(c), Some(s)) => back(kernels::rope(g, c, s, hd, true)),
+                    _ => unreachable!("the rope op is recorded only for flex f32 tensors"),
+                }
+            });
+        }
+    }
+
+    let tables = (
+        cos.clone().into_primitive().tensor().primitive,
+        sin.clone().into_primitive().tensor().primitive,
+    );
+    let xp = x.clone().into_primitive().tensor();
+    let (Some(xf), Some(c), Some(s)) = (
+        flex::<I>(&xp.primitive),
+        flex::<I>(&tables.0),
+        flex::<I>(&tables.1),
+    ) else {
+        return rope_composed((x, cos, sin, hd));
+    };
+    let y: I::FloatTensorPrimitive = back(kernels::rope(xf, c, s, hd, false));
+    let out = match Rope
+        .prepare::<NoCheckpointing>([xp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((tables.0, tables.1, hd), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// RMSNorm over the last dimension: `x / √(mean(x²) + eps) ⊙ weight`.
+///
+/// # Shapes
+/// - x: `[batch, seq, d]`, weight: `[d]` → `[batch, seq, d]`
+pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    on_autodiff!((x, weight, eps), ad_rms_norm[], rms_norm_composed::<B>)
+}
+
+fn rms_norm_composed<B: Backend>(
+    (x, weight, eps): (Tensor<B, 3>, Tensor<B, 1>, f64),
+) -> Tensor<B, 3> {
+    let var = x.clone().powi_scalar(2).mean_dim(2); // [b, t, 1]
+    let x = x * (var + eps).sqrt().recip();
+    x * weight.unsqueeze::<3>()
+}
+
+fn ad_rms_norm<I: Backend>(
+    (x, weight, eps): (Tensor<Autodiff<I>, 3>, Tensor<Autodiff<I>, 1>, f64),
+) -> Tensor<Autodiff<I>, 3> {
+    #[derive(Debug)]
+    struct RmsNorm;
+
+    impl<I: Backend> Backward<I, 2> for RmsNorm {
+        /// The input, the weight and the per-row `1/√(mean(x²) + eps)`.
+        type State = (
+            I::FloatTensorPrimitive,
+            I::FloatTensorPrimitive,
+            I::FloatTensorPrimitive,
+        );
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (x, w, r) = ops.state;
+            let flex_all = |g: &I::FloatTensorPrimitive| match (
+                flex::<I>(g),
+                flex::<I>(&x),
+                flex::<I>(&w),
+                flex::<I>(&r),
+            ) {
+                (Some(g), Some(x), Some(w), Some(r)) => {
+                    (g.clone(), x.clone(), w.clone(), r.clone())
+                }
+                _ => unreachable!("the rms_norm op is recorded only for flex f32 tensors"),
+            };
+            binary::<I, _, _>(
+                ops.parents,
+                ops.node,
+                grads,
+                |grad| {
+                    let (g, x, w, r) = flex_all(&grad);
+                    back(kernels::rms_norm_backward_x(&g, &x, &w, &r))
+                },
+                |grad| {
+                    let (g, x, _, r) = flex_all(&grad);
+                    back(kernels::rms_norm_backward_w(&g, &x, &r))
+                },
+            );
+        }
+    }
+
+    let xp = x.clone().into_primitive().tensor();
+    let wp = weight.clone().into_primitive().tensor();
+    let (Some(xf), Some(wf)) = (flex::<I>(&xp.primitive), flex::<I>(&wp.primitive)) else {
+        return rms_norm_composed((x, weight, eps));
+    };
+    let (y, r) = kernels::rms_norm(xf, wf, eps as f32);
+    let y: I::FloatTensorPrimitive = back(y);
+    let out = match RmsNorm
+        .prepare::<NoCheckpointing>([xp.node.clone(), wp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((xp.primitive, wp.primitive, back(r)), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
 /// Per-row negative log-likelihood of `targets` under `softmax(logits)`.
 ///
 /// # Shapes
@@ -128,9 +345,14 @@ fn ad_softmax<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<A
         type State = I::FloatTensorPrimitive;
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let y = inner::<I, D>(ops.state);
+            let y = ops.state;
             unary::<I, _>(ops.parents, ops.node, grads, |grad| {
-                let g = inner::<I, D>(grad);
+                let grad = match (flex::<I>(&y), flex_owned::<I>(grad)) {
+                    (Some(y), Ok(g)) => return back(kernels::softmax_backward(y, g)),
+                    (_, Ok(g)) => back(g),
+                    (_, Err(g)) => g,
+                };
+                let (g, y) = (inner::<I, D>(grad), inner::<I, D>(y));
                 let dot = (g.clone() * y.clone()).sum_dim(D - 1); // [..., 1]
                 (y * (g - dot)).into_primitive().tensor()
             });
@@ -138,10 +360,11 @@ fn ad_softmax<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<A
     }
 
     let x = x.into_primitive().tensor();
-    let y = |p| {
-        activation::softmax(inner::<I, D>(p), D - 1)
+    let y = |p: I::FloatTensorPrimitive| match flex::<I>(&p) {
+        Some(x) => back(kernels::softmax(x)),
+        None => activation::softmax(inner::<I, D>(p), D - 1)
             .into_primitive()
-            .tensor()
+            .tensor(),
     };
     let out = match Softmax::<D>
         .prepare::<NoCheckpointing>([x.node.clone()])
@@ -171,9 +394,16 @@ fn ad_silu<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<Auto
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
             let (x, s, y) = ops.state;
-            let (x, s, y) = (inner::<I, D>(x), inner::<I, D>(s), inner::<I, D>(y));
             unary::<I, _>(ops.parents, ops.node, grads, |grad| {
                 // d/dx x·σ(x) = σ + x·σ·(1 − σ) = σ·(1 + x − y)
+                let grad = match (flex::<I>(&x), flex::<I>(&s), flex::<I>(&y)) {
+                    (Some(xf), Some(sf), Some(yf)) => match flex_owned::<I>(grad) {
+                        Ok(g) => return back(kernels::silu_backward(xf, sf, yf, g)),
+                        Err(g) => g,
+                    },
+                    _ => grad,
+                };
+                let (x, s, y) = (inner::<I, D>(x), inner::<I, D>(s), inner::<I, D>(y));
                 let g = inner::<I, D>(grad);
                 (g * s * ((x - y) + 1.0)).into_primitive().tensor()
             });
@@ -187,6 +417,13 @@ fn ad_silu<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<Auto
         .stateful()
     {
         OpsKind::Tracked(prep) => {
+            if let Some(xf) = flex::<I>(&x.primitive) {
+                let (y, s) = kernels::silu(xf);
+                let y: I::FloatTensorPrimitive = back(y);
+                return Tensor::from_primitive(TensorPrimitive::Float(
+                    prep.finish((x.primitive, back(s), y.clone()), y),
+                ));
+            }
             let xi = inner::<I, D>(x.primitive);
             let s = activation::sigmoid(xi.clone());
             let y = xi.clone() * s.clone();
@@ -198,11 +435,56 @@ fn ad_silu<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<Auto
             );
             prep.finish(state, y)
         }
-        OpsKind::UnTracked(prep) => prep.finish(
-            activation::silu(inner::<I, D>(x.primitive))
+        OpsKind::UnTracked(prep) => prep.finish(match flex::<I>(&x.primitive) {
+            Some(xf) => back(kernels::silu(xf).0),
+            None => activation::silu(inner::<I, D>(x.primitive))
                 .into_primitive()
                 .tensor(),
-        ),
+        }),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+fn ad_permute<I: Backend, const D: usize>(
+    (x, axes): (Tensor<Autodiff<I>, D>, [usize; D]),
+) -> Tensor<Autodiff<I>, D> {
+    #[derive(Debug)]
+    struct Permute<const D: usize>;
+
+    fn run<I: Backend, const D: usize>(
+        p: I::FloatTensorPrimitive,
+        axes: [usize; D],
+    ) -> I::FloatTensorPrimitive {
+        match flex::<I>(&p) {
+            Some(t) => back(kernels::permute(t, &axes)),
+            None => inner::<I, D>(p).permute(axes).into_primitive().tensor(),
+        }
+    }
+
+    impl<I: Backend, const D: usize> Backward<I, 1> for Permute<D> {
+        /// The inverse permutation.
+        type State = [usize; D];
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let inverse = ops.state;
+            unary::<I, _>(ops.parents, ops.node, grads, |grad| {
+                run::<I, D>(grad, inverse)
+            });
+        }
+    }
+
+    let mut inverse = [0; D];
+    for (i, &a) in axes.iter().enumerate() {
+        inverse[a] = i;
+    }
+    let x = x.into_primitive().tensor();
+    let out = match Permute::<D>
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(inverse, run::<I, D>(x.primitive, axes)),
+        OpsKind::UnTracked(prep) => prep.finish(run::<I, D>(x.primitive, axes)),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
@@ -219,9 +501,16 @@ fn ad_cross_entropy<I: Backend>(
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
             let (p, t) = ops.state;
-            let p = inner::<I, 2>(p);
-            let t = Tensor::<I, 1, Int>::from_primitive(t);
             unary::<I, _>(ops.parents, ops.node, grads, |grad| {
+                let p = match (flex_owned::<I>(p), flex::<I>(&grad)) {
+                    (Ok(pf), Some(g)) => {
+                        return back(kernels::cross_entropy_backward(pf, &ids::<I>(&t), g));
+                    }
+                    (Ok(pf), None) => back(pf),
+                    (Err(p), _) => p,
+                };
+                let p = inner::<I, 2>(p);
+                let t = Tensor::<I, 1, Int>::from_primitive(t);
                 let g = inner::<I, 1>(grad); // [n]
                 let n = g.dims()[0];
                 let g = g.reshape([n, 1]);
@@ -242,6 +531,10 @@ fn ad_cross_entropy<I: Backend>(
     let t = targets.into_primitive();
     // nll = log Σ exp(x − m) + m − x[target], and softmax = exp(x − m) / Σ exp(x − m).
     let forward = |x: I::FloatTensorPrimitive, t: I::IntTensorPrimitive| {
+        if let Some(xf) = flex::<I>(&x) {
+            let (nll, p) = kernels::cross_entropy(xf, &ids::<I>(&t));
+            return (back(nll), back(p));
+        }
         let x = inner::<I, 2>(x);
         let t = Tensor::<I, 1, Int>::from_primitive(t);
         let n = t.dims()[0];
@@ -250,7 +543,10 @@ fn ad_cross_entropy<I: Backend>(
         let s = e.clone().sum_dim(1); // [n, 1]
         let picked = x.gather(1, t.reshape([n, 1])); // [n, 1]
         let nll = (s.clone().log() + m - picked).reshape([n]);
-        (nll, e, s)
+        (
+            nll.into_primitive().tensor(),
+            (e / s).into_primitive().tensor(),
+        )
     };
     let out = match CrossEntropy
         .prepare::<NoCheckpointing>([x.node.clone()])
@@ -258,13 +554,10 @@ fn ad_cross_entropy<I: Backend>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (nll, e, s) = forward(x.primitive, t.clone());
-            let p = (e / s).into_primitive().tensor();
-            prep.finish((p, t), nll.into_primitive().tensor())
+            let (nll, p) = forward(x.primitive, t.clone());
+            prep.finish((p, t), nll)
         }
-        OpsKind::UnTracked(prep) => {
-            prep.finish(forward(x.primitive, t).0.into_primitive().tensor())
-        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, t).0),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }

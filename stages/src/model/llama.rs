@@ -132,9 +132,7 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let var = x.clone().powi_scalar(2).mean_dim(2); // [b, t, 1]
-        let x = x * (var + self.eps).sqrt().recip();
-        x * self.weight.val().unsqueeze::<3>()
+        fused::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -220,21 +218,7 @@ impl<B: Backend> Rope<B> {
     }
 
     fn rotate(&self, x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
-        let [b, t, w] = x.dims();
-        let (hd, half) = (self.head_dim, self.head_dim / 2);
-        let n = t * w;
-        let heads = x.clone().reshape([b * t * (w / hd), hd]); // [b·t·h, hd]
-        let swapped = Tensor::cat(
-            vec![
-                heads.clone().narrow(1, half, half),
-                heads.narrow(1, 0, half),
-            ],
-            1,
-        ) // [x₂, x₁]
-        .reshape([b, n]);
-        let cos = cos.clone().narrow(1, 0, n);
-        let sin = sin.clone().narrow(1, 0, n);
-        (x.reshape([b, n]) * cos + swapped * sin).reshape([b, t, w])
+        fused::rope(x, cos, sin, self.head_dim)
     }
 }
 
@@ -279,29 +263,24 @@ impl<B: Backend> Attention<B> {
         let q = rope.queries(self.q_proj.forward(x.clone())); // [b, t, nh*hd], scaled by 1/√hd
         // Query head `g·rep + r` reads key/value head `g`: group the queries as
         // `[b, nkv, rep·t, hd]` rather than copying keys and values `rep` times.
-        let q = if rep == 1 {
-            q.reshape([b, t, nh, hd]).swap_dims(1, 2) // [b, nh, t, hd]
-        } else {
-            q.reshape([b, t, nkv, rep, hd])
-                .permute([0, 2, 3, 1, 4]) // [b, nkv, rep, t, hd]
-                .reshape([b, nkv, rep * t, hd])
-        };
-        let k = rope
-            .keys(self.k_proj.forward(x.clone()))
-            .reshape([b, t, nkv, hd])
-            .swap_dims(1, 2); // [b, nkv, t, hd]
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, t, nkv, hd])
-            .swap_dims(1, 2); // [b, nkv, t, hd]
-        let scores = q.matmul(k.swap_dims(2, 3)).reshape([b * nkv, rep * t * t]);
+        let q = fused::permute(q.reshape([b, t, nh, hd]), [0, 2, 1, 3]) // [b, nh, t, hd]
+            .reshape([b, nkv, rep * t, hd]);
+        let k_t = fused::permute(
+            rope.keys(self.k_proj.forward(x.clone()))
+                .reshape([b, t, nkv, hd]),
+            [0, 2, 3, 1],
+        ); // [b, nkv, hd, t]
+        let v = fused::permute(
+            self.v_proj.forward(x).reshape([b, t, nkv, hd]),
+            [0, 2, 1, 3],
+        ); // [b, nkv, t, hd]
+        let scores = q.matmul(k_t).reshape([b * nkv, rep * t * t]);
         let scores = (scores + causal.clone()).reshape([b, nkv, rep * t, t]);
         let probs = fused::softmax_last(scores);
         let out = probs
             .matmul(v) // [b, nkv, rep*t, hd]
-            .reshape([b, nkv, rep, t, hd])
-            .permute([0, 3, 1, 2, 4]) // [b, t, nkv, rep, hd]
+            .reshape([b, nh, t, hd]);
+        let out = fused::permute(out, [0, 2, 1, 3]) // [b, t, nh, hd]
             .reshape([b, t, nh * hd]);
         self.o_proj.forward(out)
     }

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod fused;
+mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod nf4;

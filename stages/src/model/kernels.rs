@@ -1,0 +1,613 @@
+//! f32 loops over flex's buffers for the fused ops in [`super::fused`].
+//!
+//! flex runs each element-wise op as its own pass on the calling thread, with the scalar libm
+//! `expf`, and copies permuted layouts of rank > 2 one index at a time. On the ~17M benchmark
+//! those passes cost more than the matrix products. The loops here:
+//!
+//! - split rows (or chunks) over rayon's pool, the one flex's matrix products already use;
+//! - compute `exp` with [`exp`], a polynomial that the compiler vectorizes, built once for
+//!   AVX-512, once for AVX2 and once for the x86-64 baseline, picked at run time;
+//! - copy permuted layouts one contiguous run at a time.
+//!
+//! Determinism: each output element is computed by the same sequence of f32 operations whatever
+//! the thread split or vector width (no fused multiply-add; sums are accumulated in a fixed order
+//! of 16 lanes), so flex training stays bit-reproducible for a given seed on any x86-64 CPU.
+
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{DType, Shape, TensorData};
+use rayon::prelude::*;
+
+/// Elements per rayon task for element-wise loops.
+const CHUNK: usize = 1 << 14;
+
+/// Runs `f` compiled for the widest of AVX-512, AVX2 or the baseline that this CPU has.
+///
+/// `f` must be `#[inline(always)]` code all the way down for the wider build to take effect.
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn v4<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2")]
+        fn v3<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { v4(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { v3(f) };
+        }
+    }
+    f()
+}
+
+/// `eˣ` in f32 to within 2 ulp (Cephes' `expf` polynomial), without branches so that loops
+/// over it vectorize. Below −87.336 (where eˣ leaves f32's normal range) it gives 0, above
+/// 88.37 +∞ (libm overflows only at 88.72); `exp(−∞) = 0`, `exp(+∞) = +∞`, NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
+    const LO: f32 = -87.336;
+    const HI: f32 = 88.37;
+    let xc = x.clamp(LO, HI);
+    let n = (xc * LOG2E + ROUND) - ROUND; // round(x / ln 2), in [−126, 127]
+    let r = (xc - n * LN2_HI) - n * LN2_LO; // |r| ≤ ln2 / 2
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let e = (p * (r * r) + r) + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23); // 2ⁿ
+    let y = e * scale;
+    let y = if x < LO { 0.0 } else { y };
+    let y = if x > HI { f32::INFINITY } else { y };
+    if x.is_nan() { x } else { y }
+}
+
+/// Sum in a fixed order: 16 running lanes, then the lanes in order.
+#[inline(always)]
+fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += x;
+    }
+    acc.iter().fold(0.0, |s, &a| s + a)
+}
+
+/// Maximum with the same fixed order as [`sum`] (NaN-propagating).
+#[inline(always)]
+fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    let pick = |a: f32, x: f32| if x > a || x.is_nan() { x } else { a };
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = pick(*a, x);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = pick(*a, x);
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |m, &a| pick(m, a))
+}
+
+/// `dst = softmax(src)` over one row (`dst.len() == src.len()`); returns the row's maximum and
+/// the sum of `exp(x − max)`.
+#[inline(always)]
+fn softmax_row(src: &[f32], dst: &mut [f32]) -> (f32, f32) {
+    let m = max(src);
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = exp(x - m);
+    }
+    let s = sum(dst);
+    for d in dst.iter_mut() {
+        *d /= s;
+    }
+    (m, s)
+}
+
+/// A contiguous f32 copy of `t` (a clone when it already is one). Permuted layouts are copied one
+/// run of the last dimension at a time, in parallel over rows.
+///
+/// # Shapes
+/// - t: any → same, contiguous
+pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
+    let layout = t.layout();
+    let n = layout.num_elements();
+    if layout.contiguous_offsets() == Some((0, n)) && t.bytes().len() == n * 4 {
+        return t.clone();
+    }
+    let shape = layout.shape().clone();
+    let dims: Vec<usize> = shape.iter().copied().collect();
+    let strides = layout.strides().to_vec();
+    let start = layout.start_offset() as isize;
+    let src = t.storage::<f32>();
+    let rank = dims.len();
+    let last = if rank == 0 { 1 } else { dims[rank - 1] };
+    let last_stride = if rank == 0 { 1 } else { strides[rank - 1] };
+    let mut out = vec![0.0f32; n];
+    if n == 0 {
+        return from_vec(out, shape);
+    }
+    // Source offset of row `r` (the index over every dimension but the last).
+    let row_start = |mut r: usize| -> isize {
+        let mut off = start;
+        for d in (0..rank.saturating_sub(1)).rev() {
+            off += (r % dims[d]) as isize * strides[d];
+            r /= dims[d];
+        }
+        off
+    };
+    let rows_per_task = (CHUNK / last).max(1);
+    out.par_chunks_mut(rows_per_task * last)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (i, row) in chunk.chunks_mut(last).enumerate() {
+                let off = row_start(task * rows_per_task + i);
+                if last_stride == 1 {
+                    let off = off as usize;
+                    row.copy_from_slice(&src[off..off + last]);
+                } else {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = src[(off + j as isize * last_stride) as usize];
+                    }
+                }
+            }
+        });
+    from_vec(out, shape)
+}
+
+/// A contiguous f32 flex tensor of `shape` holding `data`.
+pub(crate) fn from_vec(data: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// The contiguous f32 elements of `t`.
+fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) if s.len() == t.layout().num_elements() => std::borrow::Cow::Borrowed(s),
+        _ => std::borrow::Cow::Owned(contiguous(t).storage::<f32>().to_vec()),
+    }
+}
+
+/// `t` as a contiguous tensor that this call owns, for in-place updates.
+fn owned(t: FlexTensor) -> FlexTensor {
+    let n = t.layout().num_elements();
+    if t.is_unique() && t.layout().contiguous_offsets() == Some((0, n)) && t.bytes().len() == n * 4
+    {
+        t
+    } else {
+        contiguous(&t)
+    }
+}
+
+/// Row-wise softmax over the last dimension.
+///
+/// # Shapes
+/// - x: `[..., n]` → same
+pub(crate) fn softmax(x: &FlexTensor) -> FlexTensor {
+    let shape = x.layout().shape().clone();
+    let n = shape[shape.num_dims() - 1];
+    let xs = values(x);
+    let mut out = vec![0.0f32; xs.len()];
+    let rows = (CHUNK / n.max(1)).max(1) * n.max(1);
+    out.par_chunks_mut(rows)
+        .zip(xs.par_chunks(rows))
+        .for_each(|(dst, src)| {
+            simd(|| {
+                for (d, s) in dst.chunks_mut(n).zip(src.chunks(n)) {
+                    softmax_row(s, d);
+                }
+            })
+        });
+    from_vec(out, shape)
+}
+
+/// Softmax backward from the saved output: `∂x = y ⊙ (∂y − Σ(∂y ⊙ y))` per row, written over
+/// the gradient's buffer when it is not shared.
+///
+/// # Shapes
+/// - y, grad: `[..., n]` → same
+pub(crate) fn softmax_backward(y: &FlexTensor, grad: FlexTensor) -> FlexTensor {
+    let shape = y.layout().shape().clone();
+    let n = shape[shape.num_dims() - 1].max(1);
+    let ys = values(y);
+    let mut g = owned(grad);
+    let rows = (CHUNK / n).max(1) * n;
+    g.storage_mut::<f32>()
+        .par_chunks_mut(rows)
+        .zip(ys.par_chunks(rows))
+        .for_each(|(gs, ys)| {
+            simd(|| {
+                for (g, y) in gs.chunks_mut(n).zip(ys.chunks(n)) {
+                    let mut acc = [0.0f32; 16];
+                    let mut gc = g.chunks_exact(16);
+                    let mut yc = y.chunks_exact(16);
+                    for (a, b) in (&mut gc).zip(&mut yc) {
+                        for ((s, &g), &y) in acc.iter_mut().zip(a).zip(b) {
+                            *s += g * y;
+                        }
+                    }
+                    for ((s, &g), &y) in acc.iter_mut().zip(gc.remainder()).zip(yc.remainder()) {
+                        *s += g * y;
+                    }
+                    let dot = acc.iter().fold(0.0, |s, &a| s + a);
+                    for (g, &y) in g.iter_mut().zip(y) {
+                        *g = y * (*g - dot);
+                    }
+                }
+            })
+        });
+    g
+}
+
+/// SiLU forward: `(y, σ(x))` with `σ(x) = 1 / (1 + e⁻ˣ)` and `y = x·σ(x)`.
+///
+/// # Shapes
+/// - x: any → same, same
+pub(crate) fn silu(x: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let shape = x.layout().shape().clone();
+    let xs = values(x);
+    let mut y = vec![0.0f32; xs.len()];
+    let mut s = vec![0.0f32; xs.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(s.par_chunks_mut(CHUNK))
+        .zip(xs.par_chunks(CHUNK))
+        .for_each(|((y, s), x)| {
+            simd(|| {
+                for ((y, s), &x) in y.iter_mut().zip(s.iter_mut()).zip(x) {
+                    let sig = 1.0 / (1.0 + exp(-x));
+                    *s = sig;
+                    *y = x * sig;
+                }
+            })
+        });
+    (from_vec(y, shape.clone()), from_vec(s, shape))
+}
+
+/// SiLU backward: `∂x = ∂y · σ · (1 + x − y)`, written over the gradient's buffer.
+///
+/// # Shapes
+/// - x, s, y, grad: same shape → same
+pub(crate) fn silu_backward(
+    x: &FlexTensor,
+    s: &FlexTensor,
+    y: &FlexTensor,
+    grad: FlexTensor,
+) -> FlexTensor {
+    let (xs, ss, ys) = (values(x), values(s), values(y));
+    let mut g = owned(grad);
+    g.storage_mut::<f32>()
+        .par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK))
+        .zip(ss.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
+        .for_each(|((g, x), (s, y))| {
+            simd(|| {
+                for (((g, &x), &s), &y) in g.iter_mut().zip(x).zip(s).zip(y) {
+                    *g = *g * s * ((x - y) + 1.0);
+                }
+            })
+        });
+    g
+}
+
+/// Next-token cross-entropy forward: per row `nll = ln Σ exp(x − m) + m − x[target]`, and the
+/// softmax that the backward needs.
+///
+/// # Shapes
+/// - logits: `[n, vocab]`, targets: `n` ids
+/// - output: nll `[n]`, softmax `[n, vocab]`
+pub(crate) fn cross_entropy(logits: &FlexTensor, targets: &[i64]) -> (FlexTensor, FlexTensor) {
+    let shape = logits.layout().shape().clone();
+    let (n, v) = (shape[0], shape[1].max(1));
+    let xs = values(logits);
+    let mut p = vec![0.0f32; xs.len()];
+    let mut nll = vec![0.0f32; n];
+    let rows = (CHUNK / v).max(1);
+    p.par_chunks_mut(rows * v)
+        .zip(xs.par_chunks(rows * v))
+        .zip(nll.par_chunks_mut(rows).zip(targets.par_chunks(rows)))
+        .for_each(|((p, x), (nll, t))| {
+            simd(|| {
+                for (((p, x), nll), &t) in p.chunks_mut(v).zip(x.chunks(v)).zip(nll).zip(t) {
+                    let (m, s) = softmax_row(x, p);
+                    let picked = x.get(t as usize).copied().unwrap_or(f32::NAN);
+                    *nll = (s.ln() + m) - picked;
+                }
+            })
+        });
+    (from_vec(nll, [n].into()), from_vec(p, shape))
+}
+
+/// Cross-entropy backward: `∂x = softmax · ∂nll − onehot(target) · ∂nll`, written over the
+/// saved softmax.
+///
+/// # Shapes
+/// - p: `[n, vocab]`, targets: `n` ids, grad: `[n]` → `[n, vocab]`
+pub(crate) fn cross_entropy_backward(
+    p: FlexTensor,
+    targets: &[i64],
+    grad: &FlexTensor,
+) -> FlexTensor {
+    let v = p.layout().shape()[1].max(1);
+    let gs = values(grad);
+    let mut p = owned(p);
+    let rows = (CHUNK / v).max(1);
+    p.storage_mut::<f32>()
+        .par_chunks_mut(rows * v)
+        .zip(gs.par_chunks(rows).zip(targets.par_chunks(rows)))
+        .for_each(|(p, (g, t))| {
+            simd(|| {
+                for ((p, &g), &t) in p.chunks_mut(v).zip(g).zip(t) {
+                    for x in p.iter_mut() {
+                        *x *= g;
+                    }
+                    if let Some(x) = p.get_mut(t as usize) {
+                        *x += -g;
+                    }
+                }
+            })
+        });
+    p
+}
+
+/// Whether `t` is a flex f32 tensor these loops take.
+pub(crate) fn is_f32(t: &FlexTensor) -> bool {
+    t.dtype() == DType::F32
+}
+
+/// `t` with its dimensions permuted by `axes` and laid out contiguously.
+pub(crate) fn permute(t: &FlexTensor, axes: &[usize]) -> FlexTensor {
+    contiguous(&t.permute(axes))
+}
+
+/// Rotary embedding of `x` with HF's split-half convention, `y = x ⊙ cos + [x₂, x₁] ⊙ sin` per
+/// head, or with `backward` its transpose `∂x = ∂y ⊙ cos + [(∂y ⊙ sin)₂, (∂y ⊙ sin)₁]`. The tables
+/// hold one row per position and head (`[1, ≥ t·w]`, the sign of `rotate_half` in `sin`).
+///
+/// # Shapes
+/// - x: `[b, t, w]` with `w` a multiple of `head_dim`; cos, sin: `[1, ≥ t·w]` → `[b, t, w]`
+pub(crate) fn rope(
+    x: &FlexTensor,
+    cos: &FlexTensor,
+    sin: &FlexTensor,
+    head_dim: usize,
+    backward: bool,
+) -> FlexTensor {
+    let shape = x.layout().shape().clone();
+    let n = shape[1] * shape[2];
+    let (xs, cs, ss) = (values(x), values(cos), values(sin));
+    let (cs, ss) = (&cs[..n], &ss[..n]);
+    let (hd, half) = (head_dim, head_dim / 2);
+    let mut out = vec![0.0f32; xs.len()];
+    let per = (CHUNK / hd).max(1) * hd;
+    out.par_chunks_mut(per)
+        .zip(xs.par_chunks(per))
+        .enumerate()
+        .for_each(|(k, (o, x))| {
+            simd(|| {
+                for (h, (o, x)) in o.chunks_mut(hd).zip(x.chunks(hd)).enumerate() {
+                    let at = (k * per + h * hd) % n;
+                    let (c1, c2) = cs[at..at + hd].split_at(half);
+                    let (s1, s2) = ss[at..at + hd].split_at(half);
+                    let (x1, x2) = x.split_at(half);
+                    let (o1, o2) = o.split_at_mut(half);
+                    let (sa, sb) = if backward { (s2, s1) } else { (s1, s2) };
+                    for j in 0..half {
+                        o1[j] = x1[j] * c1[j] + x2[j] * sa[j];
+                        o2[j] = x2[j] * c2[j] + x1[j] * sb[j];
+                    }
+                }
+            })
+        });
+    from_vec(out, shape)
+}
+
+/// RMSNorm forward: per row `r = 1/√(mean(x²) + eps)` and `y = (x · r) ⊙ w`.
+///
+/// # Shapes
+/// - x: `[..., d]`, w: `[d]` → y: `[..., d]`, r: `[rows]`
+pub(crate) fn rms_norm(x: &FlexTensor, w: &FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
+    let shape = x.layout().shape().clone();
+    let d = shape[shape.num_dims() - 1].max(1);
+    let (xs, ws) = (values(x), values(w));
+    let rows = xs.len() / d;
+    let mut y = vec![0.0f32; xs.len()];
+    let mut r = vec![0.0f32; rows];
+    let per = (CHUNK / d).max(1);
+    y.par_chunks_mut(per * d)
+        .zip(xs.par_chunks(per * d))
+        .zip(r.par_chunks_mut(per))
+        .for_each(|((y, x), r)| {
+            simd(|| {
+                for ((y, x), r) in y.chunks_mut(d).zip(x.chunks(d)).zip(r) {
+                    let mut acc = [0.0f32; 16];
+                    let mut c = x.chunks_exact(16);
+                    for c in &mut c {
+                        for (a, &v) in acc.iter_mut().zip(c) {
+                            *a += v * v;
+                        }
+                    }
+                    for (a, &v) in acc.iter_mut().zip(c.remainder()) {
+                        *a += v * v;
+                    }
+                    let ss = acc.iter().fold(0.0, |s, &a| s + a);
+                    *r = 1.0 / (ss / d as f32 + eps).sqrt();
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(ws.iter()) {
+                        *y = (x * *r) * w;
+                    }
+                }
+            })
+        });
+    (from_vec(y, shape), from_vec(r, [rows].into()))
+}
+
+/// RMSNorm backward for the input: with `u = ∂y ⊙ w`,
+/// `∂x = r · u − x · r³ · Σ(u ⊙ x) / d` per row.
+///
+/// # Shapes
+/// - grad, x: `[..., d]`, w: `[d]`, r: `[rows]` → `[..., d]`
+pub(crate) fn rms_norm_backward_x(
+    grad: &FlexTensor,
+    x: &FlexTensor,
+    w: &FlexTensor,
+    r: &FlexTensor,
+) -> FlexTensor {
+    let shape = x.layout().shape().clone();
+    let d = shape[shape.num_dims() - 1].max(1);
+    let (gs, xs, ws, rs) = (values(grad), values(x), values(w), values(r));
+    let mut dx = vec![0.0f32; xs.len()];
+    let per = (CHUNK / d).max(1);
+    dx.par_chunks_mut(per * d)
+        .zip(xs.par_chunks(per * d).zip(gs.par_chunks(per * d)))
+        .zip(rs.par_chunks(per))
+        .for_each(|((dx, (x, g)), r)| {
+            simd(|| {
+                for (((dx, x), g), &r) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)).zip(r)
+                {
+                    let mut acc = [0.0f32; 16];
+                    let (mut xc, mut gc, mut wc) =
+                        (x.chunks_exact(16), g.chunks_exact(16), ws.chunks_exact(16));
+                    for ((xa, ga), wa) in (&mut xc).zip(&mut gc).zip(&mut wc) {
+                        for (((a, &x), &g), &w) in acc.iter_mut().zip(xa).zip(ga).zip(wa) {
+                            *a += (g * w) * x;
+                        }
+                    }
+                    let rem = xc
+                        .remainder()
+                        .iter()
+                        .zip(gc.remainder())
+                        .zip(wc.remainder());
+                    for (a, ((&x, &g), &w)) in acc.iter_mut().zip(rem) {
+                        *a += (g * w) * x;
+                    }
+                    let dot = acc.iter().fold(0.0, |s, &a| s + a);
+                    let k = r * r * r * dot / d as f32;
+                    for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(ws.iter()) {
+                        *dx = r * (g * w) - x * k;
+                    }
+                }
+            })
+        });
+    from_vec(dx, shape)
+}
+
+/// RMSNorm backward for the weight: `∂w = Σ_rows ∂y ⊙ x · r`. Rows are summed in fixed blocks
+/// and the blocks in order, so the result does not depend on the thread split.
+///
+/// # Shapes
+/// - grad, x: `[..., d]`, r: `[rows]` → `[d]`
+pub(crate) fn rms_norm_backward_w(grad: &FlexTensor, x: &FlexTensor, r: &FlexTensor) -> FlexTensor {
+    let shape = x.layout().shape().clone();
+    let d = shape[shape.num_dims() - 1].max(1);
+    let (gs, xs, rs) = (values(grad), values(x), values(r));
+    let per = (CHUNK / d).max(1);
+    let partials: Vec<Vec<f32>> = xs
+        .par_chunks(per * d)
+        .zip(gs.par_chunks(per * d))
+        .zip(rs.par_chunks(per))
+        .map(|((x, g), r)| {
+            simd(|| {
+                let mut acc = vec![0.0f32; d];
+                for ((x, g), &r) in x.chunks(d).zip(g.chunks(d)).zip(r) {
+                    for ((a, &x), &g) in acc.iter_mut().zip(x).zip(g) {
+                        *a += g * (x * r);
+                    }
+                }
+                acc
+            })
+        })
+        .collect();
+    let mut dw = vec![0.0f32; d];
+    for p in &partials {
+        for (a, &v) in dw.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+    from_vec(dw, [d].into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 997th positive f32 below 104, with its negative, plus the edges.
+    fn samples() -> Vec<f32> {
+        let top = 104.0f32.to_bits();
+        let mut xs: Vec<f32> = (0..top / 997)
+            .map(|i| f32::from_bits(i * 997))
+            .flat_map(|x| [x, -x])
+            .collect();
+        xs.extend([0.0, -0.0, 88.0, 88.5, -87.33, -87.4, 1e-30, -1e-30]);
+        xs
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_f64_exp_and_keeps_the_special_values() {
+        let mut worst = 0.0f64;
+        let mut at = 0.0;
+        for x in samples() {
+            let got = exp(x);
+            if x < -87.336 {
+                assert_eq!(got, 0.0, "exp({x})");
+            } else if x > 88.37 {
+                assert_eq!(got, f32::INFINITY, "exp({x})");
+            } else {
+                let want = (x as f64).exp() as f32;
+                let ulp = want.to_bits().abs_diff(got.to_bits()) as f64;
+                if ulp > worst {
+                    (worst, at) = (ulp, x);
+                }
+            }
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp at {at}");
+        assert!(worst >= 1.0, "the polynomial is not libm's exp");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(-200.0), 0.0);
+        assert_eq!(exp(100.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn contiguous_copies_any_permutation_and_offset() {
+        // A [2, 3, 4, 5] tensor, permuted, then narrowed: every element lands where the strides say.
+        let data: Vec<f32> = (0..120).map(|i| i as f32).collect();
+        let t = from_vec(data, [2, 3, 4, 5].into());
+        for axes in [[0, 2, 1, 3], [0, 2, 3, 1], [3, 1, 0, 2]] {
+            let p = t.permute(&axes).narrow(1, 1, 2);
+            let c = contiguous(&p);
+            let dims: Vec<usize> = p.layout().shape().iter().copied().collect();
+            let got = c.storage::<f32>();
+            let mut k = 0;
+            for i in 0..dims[0] {
+                for j in 0..dims[1] {
+                    for l in 0..dims[2] {
+                        for m in 0..dims[3] {
+                            let want = p.layout().index(&[i, j, l, m]);
+                            assert_eq!(got[k], want as f32, "{axes:?} at {i},{j},{l},{m}");
+                            k += 1;
+                        }
+                    }
+                }
+            }
+            assert_eq!(k, got.len());
+        }
+    }
+}
