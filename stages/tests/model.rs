@@ -634,3 +634,55 @@ fn fused_rms_norm_matches_the_composed_ops_and_both_gradients() {
         );
     }
 }
+
+#[test]
+fn fused_swiglu_matches_silu_times_up_and_both_gradients() {
+    use burn::backend::Autodiff;
+    use burn::tensor::activation::silu;
+    use burnish_stages::model::fused;
+    type A = Autodiff<Flex>;
+    let dev = FlexDevice;
+    let (b, t, d) = (2, 3, 37);
+    let a_data = TensorData::new(seeded(b * t * d, 11, 6.0), [b, t, d]);
+    let b_data = TensorData::new(seeded(b * t * d, 12, 2.0), [b, t, d]);
+    let weights =
+        Tensor::<A, 3>::from_data(TensorData::new(seeded(b * t * d, 13, 1.0), [b, t, d]), &dev);
+    let run = |fused_ops: bool| {
+        let a = Tensor::<A, 3>::from_data(a_data.clone(), &dev).require_grad();
+        let up = Tensor::<A, 3>::from_data(b_data.clone(), &dev).require_grad();
+        let y = if fused_ops {
+            fused::swiglu(a.clone(), up.clone())
+        } else {
+            silu(a.clone()) * up.clone()
+        };
+        let g = (y.clone() * weights.clone()).sum().backward();
+        let v = |t: Tensor<A, 3>| t.into_data().to_vec::<f32>().unwrap();
+        (
+            v(y),
+            a.grad(&g)
+                .expect("a is tracked")
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+            up.grad(&g)
+                .expect("b is tracked")
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+        )
+    };
+    let (y_f, ga_f, gb_f) = run(true);
+    let (y_c, ga_c, gb_c) = run(false);
+    for (what, f, c) in [
+        ("y", &y_f, &y_c),
+        ("∂a", &ga_f, &ga_c),
+        ("∂b", &gb_f, &gb_c),
+    ] {
+        let diff = max_abs_diff(f, c);
+        assert!(diff < 1e-5, "{what} {diff:e}");
+        assert!(
+            c.iter().map(|v| v.abs()).fold(0.0, f32::max) > 0.1,
+            "{what} is not trivial"
+        );
+    }
+}

@@ -14,14 +14,16 @@
 //! - [`permute`]: a permutation laid out contiguously, whose backward is the inverse
 //!   permutation, also contiguous. burn's own `permute` is a strided view; the reshape after it
 //!   (and the reshape of its gradient) then copies through flex's element-at-a-time walk.
+//! - [`swiglu`]: `silu(a) ⊙ b` in one pass, the backward for both inputs from the saved
+//!   `σ(a)` and `silu(a)`.
 //! - [`rms_norm`]: saves the per-row `1/√(mean(x²) + eps)`; gradients for the input and the
 //!   weight.
 //! - [`rope`]: the rotation is linear, so its backward is the transposed rotation of the
 //!   gradient, one pass instead of the narrow/cat/slice ops of the composed form.
 //!
 //! On flex with f32 the forward and backward passes are the multi-threaded loops of
-//! [`kernels`] (softmax, SiLU, cross-entropy and permute on every autodiff backend; RMSNorm and
-//! rope are recorded as single ops only on flex, and composed from burn's ops elsewhere); on
+//! [`kernels`] (softmax, SiLU, cross-entropy and permute on every autodiff backend; RMSNorm,
+//! rope and SwiGLU are recorded as single ops only on flex, and composed from burn's ops elsewhere); on
 //! wgpu and CUDA, burn's ops.
 //!
 //! All are the same mathematics as the composed versions (tests compare them); only the order
@@ -143,6 +145,68 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
         activation::silu(x)
     }
     on_autodiff!(x, ad_silu[, D], composed::<B, D>)
+}
+
+/// SwiGLU's product `silu(a) ⊙ b` as one op (the gate and up projections of the MLP).
+///
+/// # Shapes
+/// - a, b: `[..]` same shape → same
+pub fn swiglu<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    on_autodiff!((a, b), ad_swiglu[, D], swiglu_composed::<B, D>)
+}
+
+fn swiglu_composed<B: Backend, const D: usize>(
+    (a, b): (Tensor<B, D>, Tensor<B, D>),
+) -> Tensor<B, D> {
+    silu(a) * b
+}
+
+fn ad_swiglu<I: Backend, const D: usize>(
+    (a, b): (Tensor<Autodiff<I>, D>, Tensor<Autodiff<I>, D>),
+) -> Tensor<Autodiff<I>, D> {
+    #[derive(Debug)]
+    struct SwiGlu<const D: usize>;
+
+    impl<I: Backend, const D: usize> Backward<I, 2> for SwiGlu<D> {
+        /// `a`, `b`, `σ(a)` and `silu(a)`.
+        type State = [I::FloatTensorPrimitive; 4];
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let state = ops.state;
+            let get = |p: &I::FloatTensorPrimitive| match flex::<I>(p) {
+                Some(t) => t.clone(),
+                None => unreachable!("the swiglu op is recorded only for flex f32 tensors"),
+            };
+            let [a, b, s, h] = [0, 1, 2, 3].map(|i| get(&state[i]));
+            binary::<I, _, _>(
+                ops.parents,
+                ops.node,
+                grads,
+                |grad| back(kernels::swiglu_backward_gate(&get(&grad), &a, &b, &s, &h)),
+                |grad| back(kernels::mul(&get(&grad), &h)),
+            );
+        }
+    }
+
+    let ap = a.clone().into_primitive().tensor();
+    let bp = b.clone().into_primitive().tensor();
+    let (Some(af), Some(bf)) = (flex::<I>(&ap.primitive), flex::<I>(&bp.primitive)) else {
+        return swiglu_composed((a, b));
+    };
+    if af.layout().shape() != bf.layout().shape() {
+        return swiglu_composed((a, b));
+    }
+    let (y, s, h) = kernels::swiglu(af, bf);
+    let y: I::FloatTensorPrimitive = back(y);
+    let out = match SwiGlu::<D>
+        .prepare::<NoCheckpointing>([ap.node.clone(), bp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish([ap.primitive, bp.primitive, back(s), back(h)], y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 /// `x` with its dimensions permuted by `axes` (`out.dims()[i] = x.dims()[axes[i]]`), laid out

@@ -306,6 +306,84 @@ pub(crate) fn silu_backward(
     g
 }
 
+/// SwiGLU forward `y = silu(a) ⊙ b`; returns `(y, σ(a), silu(a))`, the last two for the
+/// backward.
+///
+/// # Shapes
+/// - a, b: same shape → three of that shape
+pub(crate) fn swiglu(a: &FlexTensor, b: &FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let shape = a.layout().shape().clone();
+    let (az, bz) = (values(a), values(b));
+    let n = az.len();
+    let (mut y, mut s, mut h) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+    y.par_chunks_mut(CHUNK)
+        .zip(s.par_chunks_mut(CHUNK).zip(h.par_chunks_mut(CHUNK)))
+        .zip(az.par_chunks(CHUNK).zip(bz.par_chunks(CHUNK)))
+        .for_each(|((y, (s, h)), (a, b))| {
+            simd(|| {
+                for ((((y, s), h), &a), &b) in y.iter_mut().zip(s).zip(h).zip(a).zip(b) {
+                    let sig = 1.0 / (1.0 + exp(-a));
+                    *s = sig;
+                    *h = a * sig;
+                    *y = *h * b;
+                }
+            })
+        });
+    (
+        from_vec(y, shape.clone()),
+        from_vec(s, shape.clone()),
+        from_vec(h, shape),
+    )
+}
+
+/// SwiGLU backward for the gate: `∂a = ∂y ⊙ b ⊙ σ ⊙ (1 + a − silu(a))`.
+///
+/// # Shapes
+/// - grad, a, b, s, h: same shape → same
+pub(crate) fn swiglu_backward_gate(
+    grad: &FlexTensor,
+    a: &FlexTensor,
+    b: &FlexTensor,
+    s: &FlexTensor,
+    h: &FlexTensor,
+) -> FlexTensor {
+    let shape = a.layout().shape().clone();
+    let (gz, az, bz, sz, hz) = (values(grad), values(a), values(b), values(s), values(h));
+    let mut out = vec![0.0f32; az.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(gz.par_chunks(CHUNK).zip(az.par_chunks(CHUNK)))
+        .zip(
+            bz.par_chunks(CHUNK)
+                .zip(sz.par_chunks(CHUNK).zip(hz.par_chunks(CHUNK))),
+        )
+        .for_each(|((o, (g, a)), (b, (s, h)))| {
+            simd(|| {
+                let ins = g.iter().zip(a).zip(b).zip(s).zip(h);
+                for (o, ((((&g, &a), &b), &s), &h)) in o.iter_mut().zip(ins) {
+                    *o = (g * b) * s * ((a - h) + 1.0);
+                }
+            })
+        });
+    from_vec(out, shape)
+}
+
+/// Element-wise product of two same-shaped tensors.
+pub(crate) fn mul(x: &FlexTensor, y: &FlexTensor) -> FlexTensor {
+    let shape = x.layout().shape().clone();
+    let (xz, yz) = (values(x), values(y));
+    let mut out = vec![0.0f32; xz.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(xz.par_chunks(CHUNK).zip(yz.par_chunks(CHUNK)))
+        .for_each(|(o, (x, y))| {
+            simd(|| {
+                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                    *o = x * y;
+                }
+            })
+        });
+    from_vec(out, shape)
+}
+
 /// Next-token cross-entropy forward: per row `nll = ln Σ exp(x − m) + m − x[target]`, and the
 /// softmax that the backward needs.
 ///

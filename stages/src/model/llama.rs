@@ -296,8 +296,9 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let g = fused::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(fused::swiglu(gate, self.up_proj.forward(x)))
     }
 }
 

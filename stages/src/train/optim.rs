@@ -9,6 +9,7 @@ use burn::backend::Flex;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorPrimitive};
+use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -260,18 +261,26 @@ fn adamw_flex(
         let ms = m.storage_mut::<f32>();
         let vs = v.storage_mut::<f32>();
         let ps = p.storage_mut::<f32>();
-        for (((p, &g), m), v) in ps.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
-            let mi = *m * b1 + g * c1;
-            let vi = *v * b2 + (g * g) * c2;
-            let pi = match decay {
-                Some(d) => *p * d,
-                None => *p,
-            };
-            let denom = (vi / bc2).sqrt() + eps;
-            *p = pi - (mi / bc1) / denom * lr;
-            *m = mi;
-            *v = vi;
-        }
+        // Element-wise, so the split over threads cannot change a bit.
+        const CHUNK: usize = 1 << 15;
+        ps.par_chunks_mut(CHUNK)
+            .zip(gs.par_chunks(CHUNK))
+            .zip(ms.par_chunks_mut(CHUNK).zip(vs.par_chunks_mut(CHUNK)))
+            .for_each(|((ps, gs), (ms, vs))| {
+                for (((p, &g), m), v) in ps.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut())
+                {
+                    let mi = *m * b1 + g * c1;
+                    let vi = *v * b2 + (g * g) * c2;
+                    let pi = match decay {
+                        Some(d) => *p * d,
+                        None => *p,
+                    };
+                    let denom = (vi / bc2).sqrt() + eps;
+                    *p = pi - (mi / bc1) / denom * lr;
+                    *m = mi;
+                    *v = vi;
+                }
+            });
     }
     let t = |x| Tensor::from_primitive(TensorPrimitive::Float(x));
     (t(p), t(m), t(v))
@@ -326,7 +335,8 @@ mod tests {
 
     #[test]
     fn adamw_on_flex_buffers_gives_the_bits_of_the_composed_ops() {
-        let n = 1031;
+        // More than two of the loop's chunks, so the split over threads is in play.
+        let n = 70_001;
         let p = seeded(n, 1, -1.0, 1.0);
         let g = seeded(n, 2, -0.1, 0.1);
         let m = seeded(n, 3, -0.01, 0.01);
