@@ -686,3 +686,48 @@ fn fused_swiglu_matches_silu_times_up_and_both_gradients() {
         );
     }
 }
+
+#[test]
+fn causal_softmax_equals_bias_plus_softmax_to_the_bit() {
+    use burn::backend::Autodiff;
+    use burnish_stages::model::{fused, llama::causal_bias};
+    type A = Autodiff<Flex>;
+    let dev = FlexDevice;
+    // Two query heads per key/value head and rows longer than the loops' 16 lanes.
+    let (b, kv, groups, t) = (2, 3, 2, 21);
+    let shape = [b, kv, groups * t, t];
+    let n = b * kv * groups * t * t;
+    let data = TensorData::new(seeded(n, 14, 5.0), shape);
+    let weights = Tensor::<A, 4>::from_data(TensorData::new(seeded(n, 15, 1.0), shape), &dev);
+    let causal = causal_bias::<A>(t, groups, &dev);
+    let run = |fused_ops: bool| {
+        let x = Tensor::<A, 4>::from_data(data.clone(), &dev).require_grad();
+        let p = if fused_ops {
+            fused::causal_softmax(x.clone(), &causal)
+        } else {
+            let s = (x.clone().reshape([b * kv, groups * t * t]) + causal.clone()).reshape(shape);
+            fused::softmax_last(s)
+        };
+        let g = (p.clone() * weights.clone()).sum().backward();
+        (
+            p.into_data().to_vec::<f32>().unwrap(),
+            x.grad(&g)
+                .expect("x is tracked")
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+        )
+    };
+    let (p_f, g_f) = run(true);
+    let (p_c, g_c) = run(false);
+    assert_eq!(p_f, p_c);
+    assert!(
+        max_abs_diff(&g_f, &g_c) < 1e-6,
+        "grad {:e}",
+        max_abs_diff(&g_f, &g_c)
+    );
+    // Position 4 of the second query group of the first head sees exactly 5 keys.
+    let row = &p_f[(t + 4) * t..(t + 5) * t];
+    assert!(row[..5].iter().all(|&p| p > 0.0) && row[5..].iter().all(|&p| p == 0.0));
+    assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+}

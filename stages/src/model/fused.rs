@@ -6,7 +6,8 @@
 //! each in turn, recomputing the exponentials. On the CPU backend those full-size passes cost
 //! more than the matrix products of a small model. Here each is one tracked op:
 //!
-//! - [`softmax_last`]: backward `∂x = y ⊙ (∂y − Σ(∂y ⊙ y))` from the saved output.
+//! - [`softmax_last`]: backward `∂x = y ⊙ (∂y − Σ(∂y ⊙ y))` from the saved output;
+//!   [`causal_softmax`] is the same op with attention's causal mask applied in the loop.
 //! - [`cross_entropy`]: `nll = logsumexp(x) − x[target]` per row, saving the softmax for the
 //!   backward `∂x = softmax(x) · ∂nll − onehot(target) · ∂nll`.
 //! - [`silu`]: `y = x·σ(x)`, saving `σ(x)` so the backward `∂x = ∂y · σ · (1 + x − y)` needs
@@ -134,6 +135,30 @@ pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D>
         activation::softmax(x, D - 1)
     }
     on_autodiff!(x, ad_softmax[, D], composed::<B, D>)
+}
+
+/// Attention's softmax under the causal mask: `softmax_last(scores + causal)` with the bias
+/// row of [`super::llama::causal_bias`] (`[1, groups·t·t]`). On flex the masked entries are
+/// skipped instead of added and exponentiated; the result is the same.
+///
+/// # Shapes
+/// - scores: `[batch, kv_heads, groups·t, t]`, causal: `[1, groups·t·t]` → same as scores
+pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, causal: &Tensor<B, 2>) -> Tensor<B, 4> {
+    fn composed<B: Backend>((scores, causal): (Tensor<B, 4>, Tensor<B, 2>)) -> Tensor<B, 4> {
+        let [b, g, r, t] = scores.dims();
+        let scores = (scores.reshape([b * g, r * t]) + causal).reshape([b, g, r, t]);
+        softmax_last(scores)
+    }
+    fn ad<I: Backend>(
+        (scores, causal): (Tensor<Autodiff<I>, 4>, Tensor<Autodiff<I>, 2>),
+    ) -> Tensor<Autodiff<I>, 4> {
+        let on_flex = flex::<I>(&scores.clone().into_primitive().tensor().primitive).is_some();
+        match on_flex {
+            true => ad_softmax_with(scores, true),
+            false => composed((scores, causal)),
+        }
+    }
+    on_autodiff!((scores, causal.clone()), ad[], composed::<B>)
 }
 
 /// SiLU (swish), `x·σ(x)`.
@@ -401,6 +426,15 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int
 }
 
 fn ad_softmax<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<Autodiff<I>, D> {
+    ad_softmax_with(x, false)
+}
+
+/// Softmax as one op; with `causal` (flex only) row `r` keeps its first `r mod n + 1` entries
+/// and the rest are 0, as after adding the causal bias.
+fn ad_softmax_with<I: Backend, const D: usize>(
+    x: Tensor<Autodiff<I>, D>,
+    causal: bool,
+) -> Tensor<Autodiff<I>, D> {
     #[derive(Debug)]
     struct Softmax<const D: usize>;
 
@@ -425,7 +459,7 @@ fn ad_softmax<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<A
 
     let x = x.into_primitive().tensor();
     let y = |p: I::FloatTensorPrimitive| match flex::<I>(&p) {
-        Some(x) => back(kernels::softmax(x)),
+        Some(x) => back(kernels::softmax(x, causal)),
         None => activation::softmax(inner::<I, D>(p), D - 1)
             .into_primitive()
             .tensor(),

@@ -196,22 +196,27 @@ fn owned(t: FlexTensor) -> FlexTensor {
     }
 }
 
-/// Row-wise softmax over the last dimension.
+/// Row-wise softmax over the last dimension. With `causal`, row `r` of each `[n, n]` block
+/// (query position `r mod n`) keeps only its first `r mod n + 1` entries and the rest are 0:
+/// the bits of adding the causal bias (`x + 0`, `x + −∞`) and taking the full softmax, as the
+/// skipped entries would only add `exp(−∞) = 0` to the same lanes.
 ///
 /// # Shapes
 /// - x: `[..., n]` → same
-pub(crate) fn softmax(x: &FlexTensor) -> FlexTensor {
+pub(crate) fn softmax(x: &FlexTensor, causal: bool) -> FlexTensor {
     let shape = x.layout().shape().clone();
-    let n = shape[shape.num_dims() - 1];
+    let n = shape[shape.num_dims() - 1].max(1);
     let xs = values(x);
     let mut out = vec![0.0f32; xs.len()];
-    let rows = (CHUNK / n.max(1)).max(1) * n.max(1);
-    out.par_chunks_mut(rows)
-        .zip(xs.par_chunks(rows))
-        .for_each(|(dst, src)| {
+    let per = (CHUNK / n).max(1);
+    out.par_chunks_mut(per * n)
+        .zip(xs.par_chunks(per * n))
+        .enumerate()
+        .for_each(|(k, (dst, src))| {
             simd(|| {
-                for (d, s) in dst.chunks_mut(n).zip(src.chunks(n)) {
-                    softmax_row(s, d);
+                for (i, (d, s)) in dst.chunks_mut(n).zip(src.chunks(n)).enumerate() {
+                    let keep = if causal { (k * per + i) % n + 1 } else { n };
+                    softmax_row(&s[..keep], &mut d[..keep]);
                 }
             })
         });

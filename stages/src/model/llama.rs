@@ -274,9 +274,8 @@ impl<B: Backend> Attention<B> {
             self.v_proj.forward(x).reshape([b, t, nkv, hd]),
             [0, 2, 1, 3],
         ); // [b, nkv, t, hd]
-        let scores = q.matmul(k_t).reshape([b * nkv, rep * t * t]);
-        let scores = (scores + causal.clone()).reshape([b, nkv, rep * t, t]);
-        let probs = fused::softmax_last(scores);
+        let scores = q.matmul(k_t); // [b, nkv, rep*t, t]
+        let probs = fused::causal_softmax(scores, causal);
         let out = probs
             .matmul(v) // [b, nkv, rep*t, hd]
             .reshape([b, nh, t, hd]);
