@@ -20,31 +20,56 @@ use rayon::prelude::*;
 /// Elements per rayon task for element-wise loops.
 const CHUNK: usize = 1 << 14;
 
-/// Runs `f` compiled for the widest of AVX-512, AVX2 or the baseline that this CPU has.
-///
-/// `f` must be `#[inline(always)]` code all the way down for the wider build to take effect.
-#[inline(always)]
-fn simd<R>(f: impl FnOnce() -> R) -> R {
+/// The widest vector build this CPU runs: 2 for AVX-512F, 1 for AVX2, 0 for the baseline.
+fn level() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f")]
-        fn v4<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2")]
-        fn v3<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { v4(f) };
+            return 2;
         }
         if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { v3(f) };
+            return 1;
         }
     }
-    f()
+    0
+}
+
+/// Runs `body` with the named arguments, compiled once for AVX-512, once for AVX2 and once for
+/// the baseline, the widest this CPU runs picked by [`level`]. The body is a function of its
+/// arguments (it captures nothing), inlined into each build with everything it calls that is
+/// `#[inline(always)]`, so its loops vectorize at that width.
+macro_rules! simd {
+    (($($arg:ident: $ty:ty = $val:expr),* $(,)?) $(-> $ret:ty)? $body:block) => {{
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn base($($arg: $ty),*) $(-> $ret)? $body
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        fn v4($($arg: $ty),*) $(-> $ret)? { base($($arg),*) }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
+        fn v3($($arg: $ty),*) $(-> $ret)? { base($($arg),*) }
+        #[cfg(not(target_arch = "x86_64"))]
+        #[allow(clippy::too_many_arguments)]
+        fn v4($($arg: $ty),*) $(-> $ret)? { base($($arg),*) }
+        #[cfg(not(target_arch = "x86_64"))]
+        #[allow(clippy::too_many_arguments)]
+        fn v3($($arg: $ty),*) $(-> $ret)? { base($($arg),*) }
+        match ($($val,)*) {
+            ($($arg,)*) => {
+                #[allow(unused_unsafe)]
+                match level() {
+                    // SAFETY: `level` saw AVX-512F on this CPU.
+                    2 => unsafe { v4($($arg),*) },
+                    // SAFETY: `level` saw AVX2 on this CPU.
+                    1 => unsafe { v3($($arg),*) },
+                    _ => base($($arg),*),
+                }
+            }
+        }
+    }};
 }
 
 /// `eˣ` in f32 to within 2 ulp (Cephes' `expf` polynomial), without branches so that loops
@@ -213,7 +238,7 @@ pub(crate) fn softmax(x: &FlexTensor, causal: bool) -> FlexTensor {
         .zip(xs.par_chunks(per * n))
         .enumerate()
         .for_each(|(k, (dst, src))| {
-            simd(|| {
+            simd!((dst: &mut [f32] = dst, src: &[f32] = src, n: usize = n, causal: bool = causal, k: usize = k, per: usize = per) {
                 for (i, (d, s)) in dst.chunks_mut(n).zip(src.chunks(n)).enumerate() {
                     let keep = if causal { (k * per + i) % n + 1 } else { n };
                     softmax_row(&s[..keep], &mut d[..keep]);
@@ -238,7 +263,7 @@ pub(crate) fn softmax_backward(y: &FlexTensor, grad: FlexTensor) -> FlexTensor {
         .par_chunks_mut(rows)
         .zip(ys.par_chunks(rows))
         .for_each(|(gs, ys)| {
-            simd(|| {
+            simd!((gs: &mut [f32] = gs, ys: &[f32] = ys, n: usize = n) {
                 for (g, y) in gs.chunks_mut(n).zip(ys.chunks(n)) {
                     let mut acc = [0.0f32; 16];
                     let mut gc = g.chunks_exact(16);
@@ -274,7 +299,7 @@ pub(crate) fn silu(x: &FlexTensor) -> (FlexTensor, FlexTensor) {
         .zip(s.par_chunks_mut(CHUNK))
         .zip(xs.par_chunks(CHUNK))
         .for_each(|((y, s), x)| {
-            simd(|| {
+            simd!((y: &mut [f32] = y, s: &mut [f32] = s, x: &[f32] = x) {
                 for ((y, s), &x) in y.iter_mut().zip(s.iter_mut()).zip(x) {
                     let sig = 1.0 / (1.0 + exp(-x));
                     *s = sig;
@@ -302,7 +327,7 @@ pub(crate) fn silu_backward(
         .zip(xs.par_chunks(CHUNK))
         .zip(ss.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
         .for_each(|((g, x), (s, y))| {
-            simd(|| {
+            simd!((g: &mut [f32] = g, x: &[f32] = x, s: &[f32] = s, y: &[f32] = y) {
                 for (((g, &x), &s), &y) in g.iter_mut().zip(x).zip(s).zip(y) {
                     *g = *g * s * ((x - y) + 1.0);
                 }
@@ -325,7 +350,7 @@ pub(crate) fn swiglu(a: &FlexTensor, b: &FlexTensor) -> (FlexTensor, FlexTensor,
         .zip(s.par_chunks_mut(CHUNK).zip(h.par_chunks_mut(CHUNK)))
         .zip(az.par_chunks(CHUNK).zip(bz.par_chunks(CHUNK)))
         .for_each(|((y, (s, h)), (a, b))| {
-            simd(|| {
+            simd!((y: &mut [f32] = y, s: &mut [f32] = s, h: &mut [f32] = h, a: &[f32] = a, b: &[f32] = b) {
                 for ((((y, s), h), &a), &b) in y.iter_mut().zip(s).zip(h).zip(a).zip(b) {
                     let sig = 1.0 / (1.0 + exp(-a));
                     *s = sig;
@@ -362,7 +387,7 @@ pub(crate) fn swiglu_backward_gate(
                 .zip(sz.par_chunks(CHUNK).zip(hz.par_chunks(CHUNK))),
         )
         .for_each(|((o, (g, a)), (b, (s, h)))| {
-            simd(|| {
+            simd!((o: &mut [f32] = o, g: &[f32] = g, a: &[f32] = a, b: &[f32] = b, s: &[f32] = s, h: &[f32] = h) {
                 let ins = g.iter().zip(a).zip(b).zip(s).zip(h);
                 for (o, ((((&g, &a), &b), &s), &h)) in o.iter_mut().zip(ins) {
                     *o = (g * b) * s * ((a - h) + 1.0);
@@ -380,7 +405,7 @@ pub(crate) fn mul(x: &FlexTensor, y: &FlexTensor) -> FlexTensor {
     out.par_chunks_mut(CHUNK)
         .zip(xz.par_chunks(CHUNK).zip(yz.par_chunks(CHUNK)))
         .for_each(|(o, (x, y))| {
-            simd(|| {
+            simd!((o: &mut [f32] = o, x: &[f32] = x, y: &[f32] = y) {
                 for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
                     *o = x * y;
                 }
@@ -406,7 +431,7 @@ pub(crate) fn cross_entropy(logits: &FlexTensor, targets: &[i64]) -> (FlexTensor
         .zip(xs.par_chunks(rows * v))
         .zip(nll.par_chunks_mut(rows).zip(targets.par_chunks(rows)))
         .for_each(|((p, x), (nll, t))| {
-            simd(|| {
+            simd!((p: &mut [f32] = p, x: &[f32] = x, nll: &mut [f32] = nll, t: &[i64] = t, v: usize = v) {
                 for (((p, x), nll), &t) in p.chunks_mut(v).zip(x.chunks(v)).zip(nll).zip(t) {
                     let (m, s) = softmax_row(x, p);
                     let picked = x.get(t as usize).copied().unwrap_or(f32::NAN);
@@ -435,7 +460,7 @@ pub(crate) fn cross_entropy_backward(
         .par_chunks_mut(rows * v)
         .zip(gs.par_chunks(rows).zip(targets.par_chunks(rows)))
         .for_each(|(p, (g, t))| {
-            simd(|| {
+            simd!((p: &mut [f32] = p, g: &[f32] = g, t: &[i64] = t, v: usize = v) {
                 for ((p, &g), &t) in p.chunks_mut(v).zip(g).zip(t) {
                     for x in p.iter_mut() {
                         *x *= g;
@@ -483,7 +508,7 @@ pub(crate) fn rope(
         .zip(xs.par_chunks(per))
         .enumerate()
         .for_each(|(k, (o, x))| {
-            simd(|| {
+            simd!((o: &mut [f32] = o, x: &[f32] = x, cs: &[f32] = cs, ss: &[f32] = ss, k: usize = k, per: usize = per, n: usize = n, hd: usize = hd, half: usize = half, backward: bool = backward) {
                 for (h, (o, x)) in o.chunks_mut(hd).zip(x.chunks(hd)).enumerate() {
                     let at = (k * per + h * hd) % n;
                     let (c1, c2) = cs[at..at + hd].split_at(half);
@@ -517,7 +542,7 @@ pub(crate) fn rms_norm(x: &FlexTensor, w: &FlexTensor, eps: f32) -> (FlexTensor,
         .zip(xs.par_chunks(per * d))
         .zip(r.par_chunks_mut(per))
         .for_each(|((y, x), r)| {
-            simd(|| {
+            simd!((y: &mut [f32] = y, x: &[f32] = x, r: &mut [f32] = r, ws: &[f32] = &ws, d: usize = d, eps: f32 = eps) {
                 for ((y, x), r) in y.chunks_mut(d).zip(x.chunks(d)).zip(r) {
                     let mut acc = [0.0f32; 16];
                     let mut c = x.chunks_exact(16);
@@ -560,7 +585,7 @@ pub(crate) fn rms_norm_backward_x(
         .zip(xs.par_chunks(per * d).zip(gs.par_chunks(per * d)))
         .zip(rs.par_chunks(per))
         .for_each(|((dx, (x, g)), r)| {
-            simd(|| {
+            simd!((dx: &mut [f32] = dx, x: &[f32] = x, g: &[f32] = g, r: &[f32] = r, ws: &[f32] = &ws, d: usize = d) {
                 for (((dx, x), g), &r) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)).zip(r)
                 {
                     let mut acc = [0.0f32; 16];
@@ -605,7 +630,7 @@ pub(crate) fn rms_norm_backward_w(grad: &FlexTensor, x: &FlexTensor, r: &FlexTen
         .zip(gs.par_chunks(per * d))
         .zip(rs.par_chunks(per))
         .map(|((x, g), r)| {
-            simd(|| {
+            simd!((x: &[f32] = x, g: &[f32] = g, r: &[f32] = r, d: usize = d) -> Vec<f32> {
                 let mut acc = vec![0.0f32; d];
                 for ((x, g), &r) in x.chunks(d).zip(g.chunks(d)).zip(r) {
                     for ((a, &x), &g) in acc.iter_mut().zip(x).zip(g) {
