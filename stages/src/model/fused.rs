@@ -23,9 +23,10 @@
 //!   gradient, one pass instead of the narrow/cat/slice ops of the composed form.
 //!
 //! On flex with f32 the forward and backward passes are the multi-threaded loops of
-//! [`kernels`] (softmax, SiLU, cross-entropy and permute on every autodiff backend; RMSNorm,
-//! rope and SwiGLU are recorded as single ops only on flex, and composed from burn's ops elsewhere); on
-//! wgpu and CUDA, burn's ops.
+//! [`kernels`], and on wgpu and CUDA burn's ops. Softmax, SiLU, cross-entropy and permute are
+//! single ops on every autodiff backend; RMSNorm, rope, SwiGLU and the causal softmax only on
+//! flex, composed from burn's ops elsewhere. SiLU alone keeps burn's ops on flex too: the model
+//! reaches it only through SwiGLU's composed form on the other backends.
 //!
 //! All are the same mathematics as the composed versions (tests compare them); only the order
 //! of float operations differs. The custom ops exist for the autodiff backends this crate runs
@@ -494,13 +495,6 @@ fn ad_silu<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<Auto
             let (x, s, y) = ops.state;
             unary::<I, _>(ops.parents, ops.node, grads, |grad| {
                 // d/dx x·σ(x) = σ + x·σ·(1 − σ) = σ·(1 + x − y)
-                let grad = match (flex::<I>(&x), flex::<I>(&s), flex::<I>(&y)) {
-                    (Some(xf), Some(sf), Some(yf)) => match flex_owned::<I>(grad) {
-                        Ok(g) => return back(kernels::silu_backward(xf, sf, yf, g)),
-                        Err(g) => g,
-                    },
-                    _ => grad,
-                };
                 let (x, s, y) = (inner::<I, D>(x), inner::<I, D>(s), inner::<I, D>(y));
                 let g = inner::<I, D>(grad);
                 (g * s * ((x - y) + 1.0)).into_primitive().tensor()
@@ -515,13 +509,6 @@ fn ad_silu<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<Auto
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            if let Some(xf) = flex::<I>(&x.primitive) {
-                let (y, s) = kernels::silu(xf);
-                let y: I::FloatTensorPrimitive = back(y);
-                return Tensor::from_primitive(TensorPrimitive::Float(
-                    prep.finish((x.primitive, back(s), y.clone()), y),
-                ));
-            }
             let xi = inner::<I, D>(x.primitive);
             let s = activation::sigmoid(xi.clone());
             let y = xi.clone() * s.clone();
@@ -533,12 +520,11 @@ fn ad_silu<I: Backend, const D: usize>(x: Tensor<Autodiff<I>, D>) -> Tensor<Auto
             );
             prep.finish(state, y)
         }
-        OpsKind::UnTracked(prep) => prep.finish(match flex::<I>(&x.primitive) {
-            Some(xf) => back(kernels::silu(xf).0),
-            None => activation::silu(inner::<I, D>(x.primitive))
+        OpsKind::UnTracked(prep) => prep.finish(
+            activation::silu(inner::<I, D>(x.primitive))
                 .into_primitive()
                 .tensor(),
-        }),
+        ),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }

@@ -114,6 +114,22 @@ fn sum(xs: &[f32]) -> f32 {
     acc.iter().fold(0.0, |s, &a| s + a)
 }
 
+/// `Σ aᵢ·bᵢ` in the same fixed order as [`sum`].
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (mut ac, mut bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    for (a, b) in (&mut ac).zip(&mut bc) {
+        for ((s, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+            *s += a * b;
+        }
+    }
+    for ((s, &a), &b) in acc.iter_mut().zip(ac.remainder()).zip(bc.remainder()) {
+        *s += a * b;
+    }
+    acc.iter().fold(0.0, |s, &a| s + a)
+}
+
 /// Maximum with the same fixed order as [`sum`] (NaN-propagating).
 #[inline(always)]
 fn max(xs: &[f32]) -> f32 {
@@ -152,11 +168,22 @@ fn softmax_row(src: &[f32], dst: &mut [f32]) -> (f32, f32) {
 /// # Shapes
 /// - t: any → same, contiguous
 pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
-    let layout = t.layout();
-    let n = layout.num_elements();
-    if layout.contiguous_offsets() == Some((0, n)) && t.bytes().len() == n * 4 {
+    if is_whole(t) {
         return t.clone();
     }
+    from_vec(contiguous_vec(t), t.layout().shape().clone())
+}
+
+/// Whether `t` is contiguous from offset 0 and its buffer holds exactly its elements.
+fn is_whole(t: &FlexTensor) -> bool {
+    let n = t.layout().num_elements();
+    t.layout().contiguous_offsets() == Some((0, n)) && t.bytes().len() == n * 4
+}
+
+/// The elements of `t` in row-major order, copied one run of the last dimension at a time.
+fn contiguous_vec(t: &FlexTensor) -> Vec<f32> {
+    let layout = t.layout();
+    let n = layout.num_elements();
     let shape = layout.shape().clone();
     let dims: Vec<usize> = shape.iter().copied().collect();
     let strides = layout.strides().to_vec();
@@ -167,7 +194,7 @@ pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
     let last_stride = if rank == 0 { 1 } else { strides[rank - 1] };
     let mut out = vec![0.0f32; n];
     if n == 0 {
-        return from_vec(out, shape);
+        return out;
     }
     // Source offset of row `r` (the index over every dimension but the last).
     let row_start = |mut r: usize| -> isize {
@@ -194,7 +221,7 @@ pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
                 }
             }
         });
-    from_vec(out, shape)
+    out
 }
 
 /// A contiguous f32 flex tensor of `shape` holding `data`.
@@ -206,15 +233,13 @@ pub(crate) fn from_vec(data: Vec<f32>, shape: Shape) -> FlexTensor {
 fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     match t.as_slice::<f32>() {
         Some(s) if s.len() == t.layout().num_elements() => std::borrow::Cow::Borrowed(s),
-        _ => std::borrow::Cow::Owned(contiguous(t).storage::<f32>().to_vec()),
+        _ => std::borrow::Cow::Owned(contiguous_vec(t)),
     }
 }
 
 /// `t` as a contiguous tensor that this call owns, for in-place updates.
 fn owned(t: FlexTensor) -> FlexTensor {
-    let n = t.layout().num_elements();
-    if t.is_unique() && t.layout().contiguous_offsets() == Some((0, n)) && t.bytes().len() == n * 4
-    {
+    if t.is_unique() && is_whole(&t) {
         t
     } else {
         contiguous(&t)
@@ -265,71 +290,10 @@ pub(crate) fn softmax_backward(y: &FlexTensor, grad: FlexTensor) -> FlexTensor {
         .for_each(|(gs, ys)| {
             simd!((gs: &mut [f32] = gs, ys: &[f32] = ys, n: usize = n) {
                 for (g, y) in gs.chunks_mut(n).zip(ys.chunks(n)) {
-                    let mut acc = [0.0f32; 16];
-                    let mut gc = g.chunks_exact(16);
-                    let mut yc = y.chunks_exact(16);
-                    for (a, b) in (&mut gc).zip(&mut yc) {
-                        for ((s, &g), &y) in acc.iter_mut().zip(a).zip(b) {
-                            *s += g * y;
-                        }
-                    }
-                    for ((s, &g), &y) in acc.iter_mut().zip(gc.remainder()).zip(yc.remainder()) {
-                        *s += g * y;
-                    }
-                    let dot = acc.iter().fold(0.0, |s, &a| s + a);
+                    let dot = dot(g, y);
                     for (g, &y) in g.iter_mut().zip(y) {
                         *g = y * (*g - dot);
                     }
-                }
-            })
-        });
-    g
-}
-
-/// SiLU forward: `(y, σ(x))` with `σ(x) = 1 / (1 + e⁻ˣ)` and `y = x·σ(x)`.
-///
-/// # Shapes
-/// - x: any → same, same
-pub(crate) fn silu(x: &FlexTensor) -> (FlexTensor, FlexTensor) {
-    let shape = x.layout().shape().clone();
-    let xs = values(x);
-    let mut y = vec![0.0f32; xs.len()];
-    let mut s = vec![0.0f32; xs.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(s.par_chunks_mut(CHUNK))
-        .zip(xs.par_chunks(CHUNK))
-        .for_each(|((y, s), x)| {
-            simd!((y: &mut [f32] = y, s: &mut [f32] = s, x: &[f32] = x) {
-                for ((y, s), &x) in y.iter_mut().zip(s.iter_mut()).zip(x) {
-                    let sig = 1.0 / (1.0 + exp(-x));
-                    *s = sig;
-                    *y = x * sig;
-                }
-            })
-        });
-    (from_vec(y, shape.clone()), from_vec(s, shape))
-}
-
-/// SiLU backward: `∂x = ∂y · σ · (1 + x − y)`, written over the gradient's buffer.
-///
-/// # Shapes
-/// - x, s, y, grad: same shape → same
-pub(crate) fn silu_backward(
-    x: &FlexTensor,
-    s: &FlexTensor,
-    y: &FlexTensor,
-    grad: FlexTensor,
-) -> FlexTensor {
-    let (xs, ss, ys) = (values(x), values(s), values(y));
-    let mut g = owned(grad);
-    g.storage_mut::<f32>()
-        .par_chunks_mut(CHUNK)
-        .zip(xs.par_chunks(CHUNK))
-        .zip(ss.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
-        .for_each(|((g, x), (s, y))| {
-            simd!((g: &mut [f32] = g, x: &[f32] = x, s: &[f32] = s, y: &[f32] = y) {
-                for (((g, &x), &s), &y) in g.iter_mut().zip(x).zip(s).zip(y) {
-                    *g = *g * s * ((x - y) + 1.0);
                 }
             })
         });
@@ -544,17 +508,7 @@ pub(crate) fn rms_norm(x: &FlexTensor, w: &FlexTensor, eps: f32) -> (FlexTensor,
         .for_each(|((y, x), r)| {
             simd!((y: &mut [f32] = y, x: &[f32] = x, r: &mut [f32] = r, ws: &[f32] = &ws, d: usize = d, eps: f32 = eps) {
                 for ((y, x), r) in y.chunks_mut(d).zip(x.chunks(d)).zip(r) {
-                    let mut acc = [0.0f32; 16];
-                    let mut c = x.chunks_exact(16);
-                    for c in &mut c {
-                        for (a, &v) in acc.iter_mut().zip(c) {
-                            *a += v * v;
-                        }
-                    }
-                    for (a, &v) in acc.iter_mut().zip(c.remainder()) {
-                        *a += v * v;
-                    }
-                    let ss = acc.iter().fold(0.0, |s, &a| s + a);
+                    let ss = dot(x, x);
                     *r = 1.0 / (ss / d as f32 + eps).sqrt();
                     for ((y, &x), &w) in y.iter_mut().zip(x).zip(ws.iter()) {
                         *y = (x * *r) * w;
