@@ -731,3 +731,105 @@ fn causal_softmax_equals_bias_plus_softmax_to_the_bit() {
     assert!(row[..5].iter().all(|&p| p > 0.0) && row[5..].iter().all(|&p| p == 0.0));
     assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
 }
+
+/// `op(x)` of a row-major `[r, c]` matrix as a row-major f64 matrix (`op` transposes when `t`).
+fn op_f64(x: &[f32], r: usize, c: usize, t: bool) -> Vec<f64> {
+    match t {
+        false => x.iter().map(|&v| v as f64).collect(),
+        true => (0..c * r).map(|i| x[(i % r) * c + i / r] as f64).collect(),
+    }
+}
+
+/// Row-major `[m, k] · [k, n]` in f64.
+fn mm_f64(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut y = vec![0.0; m * n];
+    for i in 0..m {
+        for l in 0..k {
+            let x = a[i * k + l];
+            for j in 0..n {
+                y[i * n + j] += x * b[l * n + j];
+            }
+        }
+    }
+    y
+}
+
+/// Row-major transpose of an `[r, c]` f64 matrix.
+fn t_f64(x: &[f64], r: usize, c: usize) -> Vec<f64> {
+    (0..c * r).map(|i| x[(i % r) * c + i / r]).collect()
+}
+
+#[test]
+fn fused_matmul_matches_f64_products_and_gradients_for_every_transpose_and_batch() {
+    use burn::backend::Autodiff;
+    use burnish_stages::model::fused;
+    type A = Autodiff<Flex>;
+    let dev = FlexDevice;
+    // (batch, m, k, n): one thread; gemm's threads (m·n·k ≥ 192³); rayon over the batch.
+    for (case, (batch, m, k, n)) in [(1, 5, 37, 19), (1, 200, 190, 210), (8, 100, 96, 90)]
+        .into_iter()
+        .enumerate()
+    {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (ar, ac) = if ta { (k, m) } else { (m, k) };
+            let (br, bc) = if tb { (n, k) } else { (k, n) };
+            let seed = 100 + 10 * case as u64 + 2 * ta as u64 + tb as u64;
+            let (a_v, b_v) = (
+                seeded(batch * ar * ac, seed, 1.0),
+                seeded(batch * br * bc, seed + 50, 1.0),
+            );
+            let w_v = seeded(batch * m * n, seed + 90, 1.0);
+            // `a` enters as a strided view: stored `[ac, batch, ar]`, permuted to `[batch, ar, ac]`.
+            let a_stored: Vec<f32> = (0..ac * batch * ar)
+                .map(|i| {
+                    let (c, rest) = (i / (batch * ar), i % (batch * ar));
+                    let (bi, r) = (rest / ar, rest % ar);
+                    a_v[bi * ar * ac + r * ac + c]
+                })
+                .collect();
+            let a_leaf =
+                Tensor::<A, 3>::from_data(TensorData::new(a_stored, [ac, batch, ar]), &dev)
+                    .require_grad();
+            let a = a_leaf.clone().permute([1, 2, 0]); // [batch, ar, ac]
+            let b = Tensor::<A, 3>::from_data(TensorData::new(b_v.clone(), [batch, br, bc]), &dev)
+                .require_grad();
+            let w = Tensor::<A, 3>::from_data(TensorData::new(w_v.clone(), [batch, m, n]), &dev);
+            let y = fused::matmul(a, ta, b.clone(), tb);
+            assert_eq!(y.dims(), [batch, m, n]);
+            let g = (y.clone() * w).sum().backward();
+            let y = y.into_data().to_vec::<f32>().unwrap();
+            let ga = a_leaf.grad(&g).unwrap().permute([1, 2, 0]);
+            let ga = ga.into_data().to_vec::<f32>().unwrap();
+            let gb = b.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap();
+            for i in 0..batch {
+                let sa = op_f64(&a_v[i * ar * ac..(i + 1) * ar * ac], ar, ac, ta); // [m, k]
+                let sb = op_f64(&b_v[i * br * bc..(i + 1) * br * bc], br, bc, tb); // [k, n]
+                let sw: Vec<f64> = w_v[i * m * n..(i + 1) * m * n]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                let want_y = mm_f64(&sa, &sb, m, k, n);
+                // ∂op(a) = w · op(b)ᵀ, ∂op(b) = op(a)ᵀ · w, then back through `op`.
+                let d_opa = mm_f64(&sw, &t_f64(&sb, k, n), m, n, k);
+                let d_opb = mm_f64(&t_f64(&sa, m, k), &sw, k, m, n);
+                let want_ga = if ta { t_f64(&d_opa, m, k) } else { d_opa };
+                let want_gb = if tb { t_f64(&d_opb, k, n) } else { d_opb };
+                for (what, got, want) in [
+                    ("y", &y[i * m * n..(i + 1) * m * n], &want_y),
+                    ("∂a", &ga[i * ar * ac..(i + 1) * ar * ac], &want_ga),
+                    ("∂b", &gb[i * br * bc..(i + 1) * br * bc], &want_gb),
+                ] {
+                    let worst = got
+                        .iter()
+                        .zip(want)
+                        .map(|(&g, &w)| (g as f64 - w).abs())
+                        .fold(0.0, f64::max);
+                    assert!(
+                        worst < 1e-4,
+                        "{what} batch {i} of {batch}x{m}x{k}x{n} ta={ta} tb={tb}: off by {worst:e}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -21,11 +21,15 @@
 //!   weight.
 //! - [`rope`]: the rotation is linear, so its backward is the transposed rotation of the
 //!   gradient, one pass instead of the narrow/cat/slice ops of the composed form.
+//! - [`matmul`]: `op(a) · op(b)` with transpose flags; forward and backward products read their
+//!   operands through strides and write fresh buffers, where flex's matmul zero-fills and then
+//!   copies every output, and the weight gradient of `x · Wᵀ` arrives as a transposed view that
+//!   is copied again before the optimizer.
 //!
 //! On flex with f32 the forward and backward passes are the multi-threaded loops of
 //! [`kernels`], and on wgpu and CUDA burn's ops. Softmax, SiLU, cross-entropy and permute are
-//! single ops on every autodiff backend; RMSNorm, rope, SwiGLU and the causal softmax only on
-//! flex, composed from burn's ops elsewhere. SiLU alone keeps burn's ops on flex too: the model
+//! single ops on every autodiff backend; RMSNorm, rope, SwiGLU, the causal softmax and matmul
+//! only on flex, composed from burn's ops elsewhere. SiLU alone keeps burn's ops on flex too: the model
 //! reaches it only through SwiGLU's composed form on the other backends.
 //!
 //! All are the same mathematics as the composed versions (tests compare them); only the order
@@ -230,6 +234,106 @@ fn ad_swiglu<I: Backend, const D: usize>(
         .stateful()
     {
         OpsKind::Tracked(prep) => prep.finish([ap.primitive, bp.primitive, back(s), back(h)], y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// `op(a) · op(b)`, where `op` transposes the last two dimensions when its flag is set: the
+/// layer products `x · Wᵀ` and attention's batched products. On flex (f32, the same batch
+/// dimensions) forward and backward products read their operands through strides and write
+/// fresh buffers ([`kernels::matmul`]); the backward is `∂op(a) = ∂y · op(b)ᵀ` and
+/// `∂op(b) = op(a)ᵀ · ∂y`, each computed directly in the operand's own layout. Elsewhere,
+/// burn's `matmul` and `transpose`.
+///
+/// # Shapes
+/// - a: `[..., m, k]` (`[..., k, m]` with `ta`), b: `[..., k, n]` (`[..., n, k]` with `tb`)
+///   → `[..., m, n]`
+pub fn matmul<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    ta: bool,
+    b: Tensor<B, D>,
+    tb: bool,
+) -> Tensor<B, D> {
+    on_autodiff!((a, ta, b, tb), ad_matmul[, D], matmul_composed::<B, D>)
+}
+
+/// The operands of [`matmul`] and their transpose flags.
+type MatmulArgs<B, const D: usize> = (Tensor<B, D>, bool, Tensor<B, D>, bool);
+
+fn matmul_composed<B: Backend, const D: usize>((a, ta, b, tb): MatmulArgs<B, D>) -> Tensor<B, D> {
+    // Plain flex (inference) takes the same kernel.
+    type Flex = burn::backend::Flex;
+    if let Ok(args) = same::<_, MatmulArgs<Flex, D>>((a.clone(), ta, b.clone(), tb))
+        && let (Ok(af), Ok(bf)) = (
+            flex_owned::<Flex>(args.0.into_primitive().tensor()),
+            flex_owned::<Flex>(args.2.into_primitive().tensor()),
+        )
+        && kernels::matmul_fits(&af, ta, &bf, tb)
+    {
+        return back(inner::<Flex, D>(kernels::matmul(&af, ta, &bf, tb)));
+    }
+    let a = if ta { a.transpose() } else { a };
+    let b = if tb { b.transpose() } else { b };
+    a.matmul(b)
+}
+
+fn ad_matmul<I: Backend, const D: usize>(
+    (a, ta, b, tb): MatmulArgs<Autodiff<I>, D>,
+) -> Tensor<Autodiff<I>, D> {
+    #[derive(Debug)]
+    struct Matmul<const D: usize>;
+
+    impl<I: Backend, const D: usize> Backward<I, 2> for Matmul<D> {
+        /// Both operands and their transpose flags.
+        type State = (I::FloatTensorPrimitive, bool, I::FloatTensorPrimitive, bool);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (a, ta, b, tb) = ops.state;
+            let get = |p: &I::FloatTensorPrimitive| match flex::<I>(p) {
+                Some(t) => t.clone(),
+                None => unreachable!("the matmul op is recorded only for flex f32 tensors"),
+            };
+            let (a, b) = (get(&a), get(&b));
+            binary::<I, _, _>(
+                ops.parents,
+                ops.node,
+                grads,
+                // ∂a = ∂y · op(b)ᵀ, or its transpose op(b) · ∂yᵀ when `a` enters transposed.
+                |grad| {
+                    let g = get(&grad);
+                    back(match ta {
+                        false => kernels::matmul(&g, false, &b, !tb),
+                        true => kernels::matmul(&b, tb, &g, true),
+                    })
+                },
+                // ∂b = op(a)ᵀ · ∂y, or its transpose ∂yᵀ · op(a) when `b` enters transposed.
+                |grad| {
+                    let g = get(&grad);
+                    back(match tb {
+                        false => kernels::matmul(&a, !ta, &g, false),
+                        true => kernels::matmul(&g, true, &a, ta),
+                    })
+                },
+            );
+        }
+    }
+
+    let ap = a.clone().into_primitive().tensor();
+    let bp = b.clone().into_primitive().tensor();
+    let (Some(af), Some(bf)) = (flex::<I>(&ap.primitive), flex::<I>(&bp.primitive)) else {
+        return matmul_composed((a, ta, b, tb));
+    };
+    if !kernels::matmul_fits(af, ta, bf, tb) {
+        return matmul_composed((a, ta, b, tb));
+    }
+    let y: I::FloatTensorPrimitive = back(kernels::matmul(af, ta, bf, tb));
+    let out = match Matmul::<D>
+        .prepare::<NoCheckpointing>([ap.node.clone(), bp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((ap.primitive, ta, bp.primitive, tb), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))

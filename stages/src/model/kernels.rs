@@ -7,11 +7,14 @@
 //! - split rows (or chunks) over rayon's pool, the one flex's matrix products already use;
 //! - compute `exp` with [`exp`], a polynomial that the compiler vectorizes, built once for
 //!   AVX-512, once for AVX2 and once for the x86-64 baseline, picked at run time;
-//! - copy permuted layouts one contiguous run at a time.
+//! - copy permuted layouts one contiguous run at a time;
+//! - call gemm for matrix products through the operands' strides, straight into new buffers.
 //!
-//! Determinism: each output element is computed by the same sequence of f32 operations whatever
-//! the thread split or vector width (no fused multiply-add; sums are accumulated in a fixed order
-//! of 16 lanes), so flex training stays bit-reproducible for a given seed on any x86-64 CPU.
+//! Determinism: each output element of the loops is computed by the same sequence of f32
+//! operations whatever the thread split or vector width (no fused multiply-add; sums are
+//! accumulated in a fixed order of 16 lanes). Matrix products are gemm's, as flex's own are:
+//! its threads split rows and columns, never the inner sum. So flex training is
+//! bit-reproducible for a given seed on a given CPU.
 
 use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, Shape, TensorData};
@@ -192,7 +195,7 @@ fn contiguous_vec(t: &FlexTensor) -> Vec<f32> {
     let rank = dims.len();
     let last = if rank == 0 { 1 } else { dims[rank - 1] };
     let last_stride = if rank == 0 { 1 } else { strides[rank - 1] };
-    let mut out = vec![0.0f32; n];
+    let mut out = zeros(n);
     if n == 0 {
         return out;
     }
@@ -222,6 +225,18 @@ fn contiguous_vec(t: &FlexTensor) -> Vec<f32> {
             }
         });
     out
+}
+
+/// `n` zeros, written in parallel. `vec![0.0; n]` zeroes a reused buffer in one pass on the
+/// calling thread while the other threads wait; here each thread zeroes the chunks it takes.
+fn zeros(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the loop above initialised the first `n` elements.
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// A contiguous f32 flex tensor of `shape` holding `data`.
@@ -257,7 +272,7 @@ pub(crate) fn softmax(x: &FlexTensor, causal: bool) -> FlexTensor {
     let shape = x.layout().shape().clone();
     let n = shape[shape.num_dims() - 1].max(1);
     let xs = values(x);
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = zeros(xs.len());
     let per = (CHUNK / n).max(1);
     out.par_chunks_mut(per * n)
         .zip(xs.par_chunks(per * n))
@@ -309,7 +324,7 @@ pub(crate) fn swiglu(a: &FlexTensor, b: &FlexTensor) -> (FlexTensor, FlexTensor,
     let shape = a.layout().shape().clone();
     let (az, bz) = (values(a), values(b));
     let n = az.len();
-    let (mut y, mut s, mut h) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut y, mut s, mut h) = (zeros(n), zeros(n), zeros(n));
     y.par_chunks_mut(CHUNK)
         .zip(s.par_chunks_mut(CHUNK).zip(h.par_chunks_mut(CHUNK)))
         .zip(az.par_chunks(CHUNK).zip(bz.par_chunks(CHUNK)))
@@ -343,7 +358,7 @@ pub(crate) fn swiglu_backward_gate(
 ) -> FlexTensor {
     let shape = a.layout().shape().clone();
     let (gz, az, bz, sz, hz) = (values(grad), values(a), values(b), values(s), values(h));
-    let mut out = vec![0.0f32; az.len()];
+    let mut out = zeros(az.len());
     out.par_chunks_mut(CHUNK)
         .zip(gz.par_chunks(CHUNK).zip(az.par_chunks(CHUNK)))
         .zip(
@@ -365,7 +380,7 @@ pub(crate) fn swiglu_backward_gate(
 pub(crate) fn mul(x: &FlexTensor, y: &FlexTensor) -> FlexTensor {
     let shape = x.layout().shape().clone();
     let (xz, yz) = (values(x), values(y));
-    let mut out = vec![0.0f32; xz.len()];
+    let mut out = zeros(xz.len());
     out.par_chunks_mut(CHUNK)
         .zip(xz.par_chunks(CHUNK).zip(yz.par_chunks(CHUNK)))
         .for_each(|(o, (x, y))| {
@@ -388,7 +403,7 @@ pub(crate) fn cross_entropy(logits: &FlexTensor, targets: &[i64]) -> (FlexTensor
     let shape = logits.layout().shape().clone();
     let (n, v) = (shape[0], shape[1].max(1));
     let xs = values(logits);
-    let mut p = vec![0.0f32; xs.len()];
+    let mut p = zeros(xs.len());
     let mut nll = vec![0.0f32; n];
     let rows = (CHUNK / v).max(1);
     p.par_chunks_mut(rows * v)
@@ -466,7 +481,7 @@ pub(crate) fn rope(
     let (xs, cs, ss) = (values(x), values(cos), values(sin));
     let (cs, ss) = (&cs[..n], &ss[..n]);
     let (hd, half) = (head_dim, head_dim / 2);
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = zeros(xs.len());
     let per = (CHUNK / hd).max(1) * hd;
     out.par_chunks_mut(per)
         .zip(xs.par_chunks(per))
@@ -499,7 +514,7 @@ pub(crate) fn rms_norm(x: &FlexTensor, w: &FlexTensor, eps: f32) -> (FlexTensor,
     let d = shape[shape.num_dims() - 1].max(1);
     let (xs, ws) = (values(x), values(w));
     let rows = xs.len() / d;
-    let mut y = vec![0.0f32; xs.len()];
+    let mut y = zeros(xs.len());
     let mut r = vec![0.0f32; rows];
     let per = (CHUNK / d).max(1);
     y.par_chunks_mut(per * d)
@@ -533,7 +548,7 @@ pub(crate) fn rms_norm_backward_x(
     let shape = x.layout().shape().clone();
     let d = shape[shape.num_dims() - 1].max(1);
     let (gs, xs, ws, rs) = (values(grad), values(x), values(w), values(r));
-    let mut dx = vec![0.0f32; xs.len()];
+    let mut dx = zeros(xs.len());
     let per = (CHUNK / d).max(1);
     dx.par_chunks_mut(per * d)
         .zip(xs.par_chunks(per * d).zip(gs.par_chunks(per * d)))
@@ -602,6 +617,133 @@ pub(crate) fn rms_norm_backward_w(grad: &FlexTensor, x: &FlexTensor, r: &FlexTen
         }
     }
     from_vec(dw, [d].into())
+}
+
+/// Matrix products below this many multiply-adds run on one thread (flex's threshold).
+const GEMM_PARALLEL: usize = 192 * 192 * 192;
+
+/// The `[rows, cols]` strides of the last two dimensions of `t`, swapped when `trans`.
+fn mat_strides(t: &FlexTensor, trans: bool) -> (isize, isize) {
+    let s = t.layout().strides();
+    let (rs, cs) = (s[s.len() - 2], s[s.len() - 1]);
+    if trans { (cs, rs) } else { (rs, cs) }
+}
+
+/// Element offset of batch matrix `i` of `t` (row-major over the dimensions before the last two).
+fn batch_offset(t: &FlexTensor, mut i: usize) -> isize {
+    let (dims, strides) = (t.layout().shape(), t.layout().strides());
+    let mut off = t.layout().start_offset() as isize;
+    for d in (0..dims.num_dims() - 2).rev() {
+        off += (i % dims[d]) as isize * strides[d];
+        i /= dims[d];
+    }
+    off
+}
+
+/// Whether [`matmul`] takes `op(a) · op(b)`: f32, rank ≥ 2, the same batch dimensions and
+/// matching inner dimensions.
+pub(crate) fn matmul_fits(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool) -> bool {
+    let (ad, bd) = (a.layout().shape(), b.layout().shape());
+    let rank = ad.num_dims();
+    if rank < 2 || bd.num_dims() != rank || !is_f32(a) || !is_f32(b) {
+        return false;
+    }
+    let inner = if ta { ad[rank - 2] } else { ad[rank - 1] };
+    let outer = if tb { bd[rank - 1] } else { bd[rank - 2] };
+    (0..rank - 2).all(|d| ad[d] == bd[d]) && inner == outer
+}
+
+/// `op(a) · op(b)` for each matrix of matching batch dimensions, where `op` transposes the last
+/// two dimensions when its flag is set. Both inputs are read through their strides (a transpose
+/// or a permuted view costs no copy) and the product is written straight into a new buffer.
+///
+/// flex's own matmul zero-fills its output on the calling thread and then copies it once more to
+/// realign it, two passes over every product that the matrix kernel overwrites anyway.
+///
+/// Each output element is the same gemm sum whatever the thread count (gemm splits rows and
+/// columns over threads, not the inner dimension), so results stay reproducible.
+///
+/// # Shapes
+/// - a: `[..., m, k]` (`[..., k, m]` with `ta`), b: `[..., k, n]` (`[..., n, k]` with `tb`),
+///   the same batch dimensions → `[..., m, n]`
+pub(crate) fn matmul(a: &FlexTensor, ta: bool, b: &FlexTensor, tb: bool) -> FlexTensor {
+    // The products below read through raw pointers: shapes that do not fit would read outside
+    // the buffers.
+    assert!(
+        matmul_fits(a, ta, b, tb),
+        "matmul of {:?} (transposed: {ta}) and {:?} (transposed: {tb})",
+        a.layout().shape(),
+        b.layout().shape()
+    );
+    let (ad, bd) = (a.layout().shape(), b.layout().shape());
+    let rank = ad.num_dims();
+    let (m, k) = match ta {
+        false => (ad[rank - 2], ad[rank - 1]),
+        true => (ad[rank - 1], ad[rank - 2]),
+    };
+    let n = if tb { bd[rank - 2] } else { bd[rank - 1] };
+    let batch: usize = (0..rank - 2).map(|d| ad[d]).product();
+    let mut dims: Vec<usize> = (0..rank - 2).map(|d| ad[d]).collect();
+    dims.extend([m, n]);
+    let (a_rs, a_cs) = mat_strides(a, ta);
+    let (b_rs, b_cs) = mat_strides(b, tb);
+    let total = batch * m * n;
+    if k == 0 {
+        return from_vec(vec![0.0; total], Shape::from(dims));
+    }
+    // Addresses as integers, so that the closure below can run on rayon's threads.
+    let (ap, bp) = (
+        a.storage::<f32>().as_ptr() as usize,
+        b.storage::<f32>().as_ptr() as usize,
+    );
+    let (a_off, b_off): (Vec<isize>, Vec<isize>) = (0..batch)
+        .map(|i| (batch_offset(a, i), batch_offset(b, i)))
+        .unzip();
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let base = out.as_mut_ptr() as usize;
+    // One product: `out[i] = op(a)[i] · op(b)[i]`, every element written, none read.
+    let one = |i: usize, par: gemm::Parallelism| {
+        // SAFETY: the offsets and strides come from the layouts of `a` and `b`, whose buffers
+        // outlive this call; `out[i]` is the `i`-th block of `m·n` elements inside `out`'s
+        // capacity, distinct for every `i`; with `read_dst = false` gemm writes each of its
+        // elements and reads none.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                (base as *mut f32).add(i * m * n),
+                1,
+                n as isize,
+                false,
+                (ap as *const f32).offset(a_off[i]),
+                a_cs,
+                a_rs,
+                (bp as *const f32).offset(b_off[i]),
+                b_cs,
+                b_rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    };
+    let ops = m.saturating_mul(n).saturating_mul(k);
+    if ops >= GEMM_PARALLEL {
+        (0..batch).for_each(|i| one(i, gemm::Parallelism::Rayon(0)));
+    } else if batch > 1 && batch.saturating_mul(ops) >= GEMM_PARALLEL {
+        (0..batch)
+            .into_par_iter()
+            .for_each(|i| one(i, gemm::Parallelism::None));
+    } else {
+        (0..batch).for_each(|i| one(i, gemm::Parallelism::None));
+    }
+    // SAFETY: the products above wrote all `batch·m·n` elements.
+    unsafe { out.set_len(total) };
+    from_vec(out, Shape::from(dims))
 }
 
 #[cfg(test)]

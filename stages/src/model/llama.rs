@@ -56,7 +56,7 @@ fn matmul_t<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, bf16: bool) -> Tensor<
             .matmul(b.cast(FloatDType::BF16).transpose())
             .cast(FloatDType::F32)
     } else {
-        a.matmul(b.transpose())
+        fused::matmul(a, false, b, true)
     }
 }
 
@@ -265,19 +265,18 @@ impl<B: Backend> Attention<B> {
         // `[b, nkv, rep·t, hd]` rather than copying keys and values `rep` times.
         let q = fused::permute(q.reshape([b, t, nh, hd]), [0, 2, 1, 3]) // [b, nh, t, hd]
             .reshape([b, nkv, rep * t, hd]);
-        let k_t = fused::permute(
+        let k = fused::permute(
             rope.keys(self.k_proj.forward(x.clone()))
                 .reshape([b, t, nkv, hd]),
-            [0, 2, 3, 1],
-        ); // [b, nkv, hd, t]
+            [0, 2, 1, 3],
+        ); // [b, nkv, t, hd]
         let v = fused::permute(
             self.v_proj.forward(x).reshape([b, t, nkv, hd]),
             [0, 2, 1, 3],
         ); // [b, nkv, t, hd]
-        let scores = q.matmul(k_t); // [b, nkv, rep*t, t]
+        let scores = fused::matmul(q, false, k, true); // [b, nkv, rep*t, t]
         let probs = fused::causal_softmax(scores, causal);
-        let out = probs
-            .matmul(v) // [b, nkv, rep*t, hd]
+        let out = fused::matmul(probs, false, v, false) // [b, nkv, rep*t, hd]
             .reshape([b, nh, t, hd]);
         let out = fused::permute(out, [0, 2, 1, 3]) // [b, t, nh, hd]
             .reshape([b, t, nh * hd]);
