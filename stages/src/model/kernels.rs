@@ -619,6 +619,31 @@ pub(crate) fn rms_norm_backward_w(grad: &FlexTensor, x: &FlexTensor, r: &FlexTen
     from_vec(dw, [d].into())
 }
 
+/// One AdamW update in place, element by element: with `k = [β₁, 1 − β₁, β₂, 1 − β₂, decay,
+/// 1 − β₁ᵗ, 1 − β₂ᵗ, eps, lr]`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²` and
+/// `p ← p·decay − (m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + eps) · lr`, in the order of operations of
+/// the composed version, so both give the same bits. Element-wise, so the thread split and
+/// vector width cannot change a bit either.
+pub(crate) fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: [f32; 9]) {
+    const CHUNK: usize = 1 << 15;
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .for_each(|((p, g), (m, v))| {
+            simd!((p: &mut [f32] = p, g: &[f32] = g, m: &mut [f32] = m, v: &mut [f32] = v, k: [f32; 9] = k) {
+                let [b1, c1, b2, c2, decay, bc1, bc2, eps, lr] = k;
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let mi = *m * b1 + g * c1;
+                    let vi = *v * b2 + (g * g) * c2;
+                    let denom = (vi / bc2).sqrt() + eps;
+                    *p = *p * decay - (mi / bc1) / denom * lr;
+                    *m = mi;
+                    *v = vi;
+                }
+            })
+        });
+}
+
 /// Matrix products below this many multiply-adds run on one thread (flex's threshold).
 const GEMM_PARALLEL: usize = 192 * 192 * 192;
 

@@ -7,7 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod fused;
-mod kernels;
+pub(crate) mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod nf4;

@@ -9,7 +9,6 @@ use burn::backend::Flex;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -254,34 +253,16 @@ fn adamw_flex(
     let f = |x: f64| x as f32;
     let (b1, c1) = (f(k.beta1), f(1.0 - k.beta1));
     let (b2, c2) = (f(k.beta2), f(1.0 - k.beta2));
-    let decay = k.decay.map(f);
+    // `p · 1` is `p` to the bit, so no decay is a factor of 1.
+    let decay = k.decay.map_or(1.0, f);
     let (bc1, bc2, eps, lr) = (f(k.bc1), f(k.bc2), f(k.eps), f(k.lr));
-    {
-        let gs = g.storage::<f32>();
-        let ms = m.storage_mut::<f32>();
-        let vs = v.storage_mut::<f32>();
-        let ps = p.storage_mut::<f32>();
-        // Element-wise, so the split over threads cannot change a bit.
-        const CHUNK: usize = 1 << 15;
-        ps.par_chunks_mut(CHUNK)
-            .zip(gs.par_chunks(CHUNK))
-            .zip(ms.par_chunks_mut(CHUNK).zip(vs.par_chunks_mut(CHUNK)))
-            .for_each(|((ps, gs), (ms, vs))| {
-                for (((p, &g), m), v) in ps.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut())
-                {
-                    let mi = *m * b1 + g * c1;
-                    let vi = *v * b2 + (g * g) * c2;
-                    let pi = match decay {
-                        Some(d) => *p * d,
-                        None => *p,
-                    };
-                    let denom = (vi / bc2).sqrt() + eps;
-                    *p = pi - (mi / bc1) / denom * lr;
-                    *m = mi;
-                    *v = vi;
-                }
-            });
-    }
+    crate::model::kernels::adamw(
+        p.storage_mut::<f32>(),
+        g.storage::<f32>(),
+        m.storage_mut::<f32>(),
+        v.storage_mut::<f32>(),
+        [b1, c1, b2, c2, decay, bc1, bc2, eps, lr],
+    );
     let t = |x| Tensor::from_primitive(TensorPrimitive::Float(x));
     (t(p), t(m), t(v))
 }
