@@ -29,8 +29,8 @@
 //! On flex with f32 the forward and backward passes are the multi-threaded loops of
 //! [`kernels`], and on wgpu and CUDA burn's ops. Softmax, SiLU, cross-entropy and permute are
 //! single ops on every autodiff backend; RMSNorm, rope, SwiGLU, the causal softmax and matmul
-//! only on flex, composed from burn's ops elsewhere. SiLU alone keeps burn's ops on flex too: the model
-//! reaches it only through SwiGLU's composed form on the other backends.
+//! only on flex, composed from burn's ops elsewhere. SiLU alone keeps burn's ops on flex too:
+//! the model reaches it only through SwiGLU's composed form on the other backends.
 //!
 //! All are the same mathematics as the composed versions (tests compare them); only the order
 //! of float operations differs. The custom ops exist for the autodiff backends this crate runs
