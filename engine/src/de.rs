@@ -428,6 +428,7 @@ mod tests {
         lr: f64,
     }
 
+    #[allow(clippy::result_large_err)] // the deserializer's own error type, as callers get it
     fn read(text: &str) -> Result<P, DeError> {
         let n = parse(text, 0).unwrap();
         P::deserialize(NodeDeserializer::new(&n))

@@ -113,13 +113,13 @@ impl Stage for Map {
     }
     fn check(p: &MapParams) -> Vec<FieldProblem> {
         let mut v = vec![];
-        if let Some(l) = &p.lora {
-            if l.rank < 1 {
-                v.push(FieldProblem::new(
-                    "lora.rank",
-                    format!("rank must be at least 1, got {}", l.rank),
-                ));
-            }
+        if let Some(l) = &p.lora
+            && l.rank < 1
+        {
+            v.push(FieldProblem::new(
+                "lora.rank",
+                format!("rank must be at least 1, got {}", l.rank),
+            ));
         }
         v
     }
