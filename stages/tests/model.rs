@@ -765,11 +765,16 @@ fn fused_matmul_matches_f64_products_and_gradients_for_every_transpose_and_batch
     use burnish_stages::model::fused;
     type A = Autodiff<Flex>;
     let dev = FlexDevice;
-    // (batch, m, k, n): one thread; gemm's threads (m·n·k ≥ 192³); rayon over the batch.
-    for (case, (batch, m, k, n)) in [(1, 5, 37, 19), (1, 200, 190, 210), (8, 100, 96, 90)]
-        .into_iter()
-        .enumerate()
-    {
+    // (batch, m, k, n): one thread; bands of columns over the threads (m·n·k ≥ 192³); bands
+    // of rows for a narrow product (n = 60, and ∂b of 200 × 60); rayon over the
+    // batch.
+    let cases = [
+        (1, 5, 37, 19),
+        (1, 200, 190, 210),
+        (1, 640, 200, 60),
+        (8, 100, 96, 90),
+    ];
+    for (case, (batch, m, k, n)) in cases.into_iter().enumerate() {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             let (ar, ac) = if ta { (k, m) } else { (m, k) };
             let (br, bc) = if tb { (n, k) } else { (k, n) };
