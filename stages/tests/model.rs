@@ -838,3 +838,118 @@ fn fused_matmul_matches_f64_products_and_gradients_for_every_transpose_and_batch
         }
     }
 }
+
+/// Causal attention in f64 for one key/value head: `q` `[g·t, d]`, `k`, `v` `[t, d]`, and the
+/// gradients of `Σ out ⊙ w`. Returns `(out, ∂q, ∂k, ∂v)`.
+fn attention_f64(q: &[f64], k: &[f64], v: &[f64], w: &[f64], t: usize, d: usize) -> [Vec<f64>; 4] {
+    let rows = q.len() / d;
+    let (mut out, mut dq) = (vec![0.0; rows * d], vec![0.0; rows * d]);
+    let (mut dk, mut dv) = (vec![0.0; t * d], vec![0.0; t * d]);
+    for r in 0..rows {
+        let see = r % t + 1; // keys 0..=r mod t
+        let s: Vec<f64> = (0..see)
+            .map(|j| (0..d).map(|c| q[r * d + c] * k[j * d + c]).sum())
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+        for j in 0..see {
+            for c in 0..d {
+                out[r * d + c] += p[j] * v[j * d + c];
+            }
+        }
+        // ∂p = w·vᵀ, ∂s = p ⊙ (∂p − Σ ∂p ⊙ p)
+        let dp: Vec<f64> = (0..see)
+            .map(|j| (0..d).map(|c| w[r * d + c] * v[j * d + c]).sum())
+            .collect();
+        let dot: f64 = dp.iter().zip(&p).map(|(a, b)| a * b).sum();
+        for j in 0..see {
+            let ds = p[j] * (dp[j] - dot);
+            for c in 0..d {
+                dq[r * d + c] += ds * k[j * d + c];
+                dk[j * d + c] += ds * q[r * d + c];
+                dv[j * d + c] += p[j] * w[r * d + c];
+            }
+        }
+    }
+    [out, dq, dk, dv]
+}
+
+#[test]
+fn causal_attention_matches_f64_attention_and_its_gradients() {
+    use burn::backend::Autodiff;
+    use burnish_stages::model::{fused, llama::causal_bias};
+    type A = Autodiff<Flex>;
+    let dev = FlexDevice;
+    // (batch, kv heads, query groups, t, head_dim): three blocks of query rows, the last one
+    // partial, with two query groups per head; and a single block.
+    for (case, (b, kv, groups, t, d)) in [(2, 2, 2, 150, 24), (1, 3, 1, 21, 16)]
+        .into_iter()
+        .enumerate()
+    {
+        let (heads, rows) = (b * kv, groups * t);
+        let seed = 300 + 10 * case as u64;
+        let (qv, kv_, vv, wv) = (
+            seeded(heads * rows * d, seed, 1.0),
+            seeded(heads * t * d, seed + 1, 1.0),
+            seeded(heads * t * d, seed + 2, 1.0),
+            seeded(heads * rows * d, seed + 3, 1.0),
+        );
+        let leaf = |v: &Vec<f32>, n: usize| {
+            Tensor::<A, 4>::from_data(TensorData::new(v.clone(), [b, kv, n, d]), &dev)
+                .require_grad()
+        };
+        let (q, k, v) = (leaf(&qv, rows), leaf(&kv_, t), leaf(&vv, t));
+        let w = Tensor::<A, 4>::from_data(TensorData::new(wv.clone(), [b, kv, rows, d]), &dev);
+        let causal = causal_bias::<A>(t, groups, &dev);
+        let out = fused::causal_attention(q.clone(), k.clone(), v.clone(), &causal);
+        let g = (out.clone() * w).sum().backward();
+        let vals = |t: TensorData| t.to_vec::<f32>().unwrap();
+        let got = [
+            vals(out.into_data()),
+            vals(q.grad(&g).unwrap().into_data()),
+            vals(k.grad(&g).unwrap().into_data()),
+            vals(v.grad(&g).unwrap().into_data()),
+        ];
+        // Inference on plain flex takes the same kernel.
+        let plain = |v: &Vec<f32>, n: usize| {
+            Tensor::<Flex, 4>::from_data(TensorData::new(v.clone(), [b, kv, n, d]), &dev)
+        };
+        let plain_out = fused::causal_attention(
+            plain(&qv, rows),
+            plain(&kv_, t),
+            plain(&vv, t),
+            &causal_bias::<Flex>(t, groups, &dev),
+        );
+        assert_eq!(plain_out.into_data().to_vec::<f32>().unwrap(), got[0]);
+        let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        for h in 0..heads {
+            let (qs, ks) = (h * rows * d..(h + 1) * rows * d, h * t * d..(h + 1) * t * d);
+            let want = attention_f64(
+                &f64s(&qv[qs.clone()]),
+                &f64s(&kv_[ks.clone()]),
+                &f64s(&vv[ks.clone()]),
+                &f64s(&wv[qs.clone()]),
+                t,
+                d,
+            );
+            for (what, got, want) in [
+                ("out", &got[0][qs.clone()], &want[0]),
+                ("∂q", &got[1][qs.clone()], &want[1]),
+                ("∂k", &got[2][ks.clone()], &want[2]),
+                ("∂v", &got[3][ks.clone()], &want[3]),
+            ] {
+                let worst = got
+                    .iter()
+                    .zip(want)
+                    .map(|(&g, &w)| (g as f64 - w).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    worst < 1e-4,
+                    "{what} of head {h}, {b}x{kv}x{groups}x{t}x{d}: off by {worst:e}"
+                );
+            }
+        }
+    }
+}

@@ -25,12 +25,15 @@
 //!   operands through strides and write fresh buffers, where flex's matmul zero-fills and then
 //!   copies every output, and the weight gradient of `x · Wᵀ` arrives as a transposed view that
 //!   is copied again before the optimizer.
+//! - [`causal_attention`]: `softmax(q·kᵀ + causal) · v` by blocks of query rows that skip the
+//!   keys the mask hides, saving only the probabilities for the backward.
 //!
 //! On flex with f32 the forward and backward passes are the multi-threaded loops of
 //! [`kernels`], and on wgpu and CUDA burn's ops. Softmax, SiLU, cross-entropy and permute are
-//! single ops on every autodiff backend; RMSNorm, rope, SwiGLU, the causal softmax and matmul
-//! only on flex, composed from burn's ops elsewhere. SiLU alone keeps burn's ops on flex too:
-//! the model reaches it only through SwiGLU's composed form on the other backends.
+//! single ops on every autodiff backend; RMSNorm, rope, SwiGLU, the causal softmax, matmul and
+//! causal attention only on flex, composed from burn's ops elsewhere. SiLU alone keeps burn's
+//! ops on flex too: the model reaches it only through SwiGLU's composed form on the other
+//! backends.
 //!
 //! All are the same mathematics as the composed versions (tests compare them); only the order
 //! of float operations differs. The custom ops exist for the autodiff backends this crate runs
@@ -164,6 +167,97 @@ pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, causal: &Tensor<B, 2>) -
         }
     }
     on_autodiff!((scores, causal.clone()), ad[], composed::<B>)
+}
+
+/// Causal attention `softmax(q·kᵀ + causal) · v`, with `causal` the bias row of
+/// [`super::llama::causal_bias`]; each group of `t` query rows shares one key/value head. On
+/// flex one op ([`kernels::causal_attention`]): the products skip the key blocks that the mask
+/// hides from each block of query rows, and the backward saves only the probabilities.
+/// Elsewhere, [`matmul`], [`causal_softmax`] and [`matmul`].
+///
+/// # Shapes
+/// - q: `[b, kv_heads, groups·t, head_dim]`, k, v: `[b, kv_heads, t, head_dim]`,
+///   causal: `[1, groups·t·t]` → `[b, kv_heads, groups·t, head_dim]`
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    causal: &Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    on_autodiff!((q, k, v, causal.clone()), ad_causal_attention[], attention_composed::<B>)
+}
+
+/// The operands of [`causal_attention`].
+type AttentionArgs<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 2>);
+
+fn attention_composed<B: Backend>((q, k, v, causal): AttentionArgs<B>) -> Tensor<B, 4> {
+    // Plain flex (inference) takes the same kernel.
+    type Flex = burn::backend::Flex;
+    if let Ok((qf, kf, vf, _)) =
+        same::<_, AttentionArgs<Flex>>((q.clone(), k.clone(), v.clone(), causal.clone()))
+        && let (Ok(qf), Ok(kf), Ok(vf)) = (
+            flex_owned::<Flex>(qf.into_primitive().tensor()),
+            flex_owned::<Flex>(kf.into_primitive().tensor()),
+            flex_owned::<Flex>(vf.into_primitive().tensor()),
+        )
+        && kernels::attention_fits(&qf, &kf, &vf)
+    {
+        return back(inner::<Flex, 4>(kernels::causal_attention(&qf, &kf, &vf).0));
+    }
+    let scores = matmul(q, false, k, true); // [b, kv_heads, groups·t, t]
+    matmul(causal_softmax(scores, &causal), false, v, false)
+}
+
+fn ad_causal_attention<I: Backend>(
+    (q, k, v, causal): AttentionArgs<Autodiff<I>>,
+) -> Tensor<Autodiff<I>, 4> {
+    #[derive(Debug)]
+    struct CausalAttention;
+
+    impl<I: Backend> Backward<I, 3> for CausalAttention {
+        /// `q`, `k`, `v` and the probabilities.
+        type State = [I::FloatTensorPrimitive; 4];
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let get = |p: &I::FloatTensorPrimitive| match flex::<I>(p) {
+                Some(t) => t.clone(),
+                None => unreachable!("the attention op is recorded only for flex f32 tensors"),
+            };
+            let [q, k, v, p] = ops.state.each_ref().map(get);
+            let grad = get(&grads.consume::<I>(&ops.node));
+            let (dq, dk, dv) = kernels::causal_attention_backward(&q, &k, &v, &p, &grad);
+            for (parent, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
+                if let Some(node) = parent {
+                    grads.register::<I>(node.id, back(g));
+                }
+            }
+        }
+    }
+
+    let [qp, kp, vp] = [&q, &k, &v].map(|t| t.clone().into_primitive().tensor());
+    let (Some(qf), Some(kf), Some(vf)) = (
+        flex::<I>(&qp.primitive),
+        flex::<I>(&kp.primitive),
+        flex::<I>(&vp.primitive),
+    ) else {
+        return attention_composed((q, k, v, causal));
+    };
+    if !kernels::attention_fits(qf, kf, vf) {
+        return attention_composed((q, k, v, causal));
+    }
+    let (out, p) = kernels::causal_attention(qf, kf, vf);
+    let out: I::FloatTensorPrimitive = back(out);
+    let out = match CausalAttention
+        .prepare::<NoCheckpointing>([qp.node.clone(), kp.node.clone(), vp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            prep.finish([qp.primitive, kp.primitive, vp.primitive, back(p)], out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 /// SiLU (swish), `x·σ(x)`.

@@ -274,9 +274,7 @@ impl<B: Backend> Attention<B> {
             self.v_proj.forward(x).reshape([b, t, nkv, hd]),
             [0, 2, 1, 3],
         ); // [b, nkv, t, hd]
-        let scores = fused::matmul(q, false, k, true); // [b, nkv, rep*t, t]
-        let probs = fused::causal_softmax(scores, causal);
-        let out = fused::matmul(probs, false, v, false) // [b, nkv, rep*t, hd]
+        let out = fused::causal_attention(q, k, v, causal) // [b, nkv, rep*t, hd]
             .reshape([b, nh, t, hd]);
         let out = fused::permute(out, [0, 2, 1, 3]) // [b, t, nh, hd]
             .reshape([b, t, nh * hd]);
