@@ -224,9 +224,7 @@ fn contiguous_vec(t: &FlexTensor) -> Vec<f32> {
                     let off = row_start(task * rows_per_task + i);
                     if last_stride == 1 {
                         let off = off as usize;
-                        for (x, &v) in row.iter_mut().zip(&src[off..off + last]) {
-                            x.write(v);
-                        }
+                        row.copy_from_slice(as_uninit(&src[off..off + last]));
                     } else {
                         for (j, x) in row.iter_mut().enumerate() {
                             x.write(src[(off + j as isize * last_stride) as usize]);
@@ -251,6 +249,12 @@ unsafe fn filled(n: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f
     // SAFETY: the caller's `write` initialised the first `n` elements.
     unsafe { v.set_len(n) };
     v
+}
+
+/// `xs` as possibly-uninitialised values, to copy from with `copy_from_slice` (a memcpy).
+fn as_uninit(xs: &[f32]) -> &[MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32` and admits every value of it.
+    unsafe { &*(xs as *const [f32] as *const [MaybeUninit<f32>]) }
 }
 
 /// `xs` as initialised values.
