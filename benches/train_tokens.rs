@@ -6,6 +6,7 @@
 //!     BURNISH_BENCH_STEPS=200 cargo bench --bench train_tokens -- fixture   # more timed steps
 //!     python benches/torch_train_tokens.py --preset fixture --threads 2
 //!     python benches/torch_train_tokens.py --preset 17m --threads 2 --steps 5
+//!     python benches/compare_train_tokens.py --preset 17m --rounds 5   # both, round by round
 //!
 //! A step is what every burnish trainer does per optimizer step: forward, masked next-token
 //! loss, backward, global gradient norm, AdamW update (lr 1e-4, weight decay 0.01), f32.
