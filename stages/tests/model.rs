@@ -754,6 +754,15 @@ fn mm_f64(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
     y
 }
 
+/// The largest `|got − want|` over two equally long sequences.
+fn max_abs_diff_f64(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths");
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .fold(0.0, f64::max)
+}
+
 /// Row-major transpose of an `[r, c]` f64 matrix.
 fn t_f64(x: &[f64], r: usize, c: usize) -> Vec<f64> {
     (0..c * r).map(|i| x[(i % r) * c + i / r]).collect()
@@ -824,11 +833,7 @@ fn fused_matmul_matches_f64_products_and_gradients_for_every_transpose_and_batch
                     ("∂a", &ga[i * ar * ac..(i + 1) * ar * ac], &want_ga),
                     ("∂b", &gb[i * br * bc..(i + 1) * br * bc], &want_gb),
                 ] {
-                    let worst = got
-                        .iter()
-                        .zip(want)
-                        .map(|(&g, &w)| (g as f64 - w).abs())
-                        .fold(0.0, f64::max);
+                    let worst = max_abs_diff_f64(got, want);
                     assert!(
                         worst < 1e-4,
                         "{what} batch {i} of {batch}x{m}x{k}x{n} ta={ta} tb={tb}: off by {worst:e}"
@@ -940,11 +945,7 @@ fn causal_attention_matches_f64_attention_and_its_gradients() {
                 ("∂k", &got[2][ks.clone()], &want[2]),
                 ("∂v", &got[3][ks.clone()], &want[3]),
             ] {
-                let worst = got
-                    .iter()
-                    .zip(want)
-                    .map(|(&g, &w)| (g as f64 - w).abs())
-                    .fold(0.0, f64::max);
+                let worst = max_abs_diff_f64(got, want);
                 assert!(
                     worst < 1e-4,
                     "{what} of head {h}, {b}x{kv}x{groups}x{t}x{d}: off by {worst:e}"

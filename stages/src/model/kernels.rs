@@ -1157,31 +1157,18 @@ pub(crate) fn causal_attention_backward(
                 // the head's `∂k`, `∂v` rows `c0..c1` (this task's alone, written by the first
                 // group before the others add to them) lie inside their buffers.
                 unsafe {
-                    let dst = i * t * d + c0 * d;
-                    let dst_t = Mat::at(ds.as_ptr(), c0 * t + c0, t, true);
-                    let qm = Mat::at(qp, (row + c0) * d, d, false);
-                    gemm_on_thread(
-                        c1 - c0,
-                        d,
-                        t - c0,
-                        (dkp as *mut f32).add(dst),
-                        d,
-                        dst_t,
-                        qm,
-                        g > 0,
+                    let at = i * t * d + c0 * d;
+                    let ds_t = Mat::at(ds.as_ptr(), c0 * t + c0, t, true);
+                    let p_t = Mat::at(pp, (row + c0) * t + c0, t, true);
+                    let (qm, gm) = (
+                        Mat::at(qp, (row + c0) * d, d, false),
+                        Mat::at(gp, (row + c0) * d, d, false),
                     );
-                    let pt = Mat::at(pp, (row + c0) * t + c0, t, true);
-                    let gm = Mat::at(gp, (row + c0) * d, d, false);
-                    gemm_on_thread(
-                        c1 - c0,
-                        d,
-                        t - c0,
-                        (dvp as *mut f32).add(dst),
-                        d,
-                        pt,
-                        gm,
-                        g > 0,
-                    );
+                    // ∂k += ∂sᵀ·q, ∂v += pᵀ·∂out over the rows that see the block.
+                    for (dst, a, b) in [(dkp, ds_t, qm), (dvp, p_t, gm)] {
+                        let dst = (dst as *mut f32).add(at);
+                        gemm_on_thread(c1 - c0, d, t - c0, dst, d, a, b, g > 0);
+                    }
                 }
             }
         }
