@@ -22,11 +22,14 @@ pub enum Schedule {
     Cosine,
 }
 
-/// The learning rate at optimizer step `step` (0-based) of `total`: linear warmup from 0 over
-/// `warmup` steps, then the schedule decays to 0 at `total` (transformers' `get_*_schedule_with_warmup`).
+/// The learning rate at optimizer step `step` (0-based) of `total`, as transformers'
+/// `get_{constant,linear,cosine}_schedule_with_warmup` give it: `base · step / warmup` during
+/// the `warmup` steps (so the first step's rate is 0), then the schedule from `base` down to 0
+/// at `total` (`base · (total − step) / (total − warmup)` for linear, half a cosine period for
+/// cosine).
 pub fn lr_at(base: f64, schedule: Schedule, warmup: usize, total: usize, step: usize) -> f64 {
     if step < warmup {
-        return base * (step + 1) as f64 / (warmup + 1) as f64;
+        return base * step as f64 / warmup as f64;
     }
     let span = total.saturating_sub(warmup).max(1) as f64;
     let progress = ((step - warmup) as f64 / span).min(1.0);
@@ -35,6 +38,21 @@ pub fn lr_at(base: f64, schedule: Schedule, warmup: usize, total: usize, step: u
         Schedule::Linear => base * (1.0 - progress),
         Schedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
     }
+}
+
+/// Whether AdamW's weight decay applies to the parameter `name` (a checkpoint name), as
+/// transformers' `Trainer.get_decay_parameter_names` decides: biases and normalization weights
+/// are not decayed. Its name patterns are `bias`, `layernorm`, `rmsnorm`, `(^|.)norm($|.)` and
+/// `_norm($|.)`; embeddings, projections and LoRA matrices are decayed.
+pub fn decays(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let part_is_norm = lower
+        .split('.')
+        .any(|p| p == "norm" || p.ends_with("_norm"));
+    !(lower.contains("bias")
+        || lower.contains("layernorm")
+        || lower.contains("rmsnorm")
+        || part_is_norm)
 }
 
 /// AdamW hyper-parameters.
@@ -158,7 +176,15 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
             Some(mv) => mv,
             None => (p.zeros_like(), p.zeros_like()),
         };
-        let (p, m, v) = adamw_update(p, g, m, v, self.hp, self.lr, self.t);
+        let hp = if decays(&name) {
+            self.hp
+        } else {
+            AdamW {
+                weight_decay: 0.0,
+                ..self.hp
+            }
+        };
+        let (p, m, v) = adamw_update(p, g, m, v, hp, self.lr, self.t);
         self.state.moments.insert(name, (m, v));
         let p = Tensor::<B, D>::from_inner(p.reshape(shape)).require_grad();
         Param::from_mapped_value(id, p, mapper)
