@@ -35,12 +35,20 @@ pub struct HfSummary {
 /// Export the Model or Adapter artifact in `dir` into `out`: an adapter stays an adapter unless
 /// `merge`.
 pub fn export_hf(dir: &Path, merge: bool, out: &Path) -> Result<HfSummary, ExportError> {
-    let loaded = model::load::<Flex>(dir, &FlexDevice)?;
+    // An adapter exported as an adapter keeps its f32 base and its record of the base's
+    // quantization; a merged export folds it into the base as it trained (NF4 for QLoRA).
+    let base = if merge {
+        model::BaseChoice::AsTrained
+    } else {
+        model::BaseChoice::Original
+    };
+    let loaded = model::load_with::<Flex>(dir, base, &FlexDevice)?;
     let adapter_params = lora::adapter_param_count(&loaded.model);
     match (&loaded.adapter, merge) {
         (Some(params), false) => {
             std::fs::create_dir_all(out).map_err(|e| ExportError::io(out, e))?;
             lora::write_adapter(&loaded.model, params, model::ADAPTER_BASE_DIR, out)?;
+            lora::write_base_quant(out, lora::read_base_quant(dir)?)?;
             model::link_model_dir(&loaded.model_dir, &out.join(model::ADAPTER_BASE_DIR))?;
             Ok(HfSummary {
                 kind: HfKind::Adapter,

@@ -80,7 +80,7 @@ pub struct GgufStage;
 
 impl Stage for GgufStage {
     const KIND: &'static str = "export.gguf";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Export a model or adapter (merged) as a GGUF file for llama.cpp/Ollama, f32 to q4_k_m";
     type Params = GgufParams;
@@ -120,7 +120,13 @@ impl Stage for GgufStage {
         let dir = cx.input("model")?.dir.clone();
         let loaded = model::load::<Flex>(&dir, &FlexDevice).map_err(ExportError::from)?;
         if loaded.adapter.is_some() {
-            cx.log("merging the adapter into its base");
+            cx.log(match loaded.base_quant {
+                Some(q) => format!(
+                    "merging the adapter into the {} base it trained on",
+                    q.name()
+                ),
+                None => "merging the adapter into its base".to_owned(),
+            });
         }
         let net = lora::merge(loaded.model);
         let tok = TextTokenizer::from_dir(&loaded.model_dir).map_err(ExportError::from)?;
@@ -219,7 +225,7 @@ pub struct HfStage;
 
 impl Stage for HfStage {
     const KIND: &'static str = "export.hf";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Export a model (or a PEFT adapter, or an adapter merged) as a Hugging Face directory";
     type Params = HfParams;

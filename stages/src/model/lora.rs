@@ -125,6 +125,72 @@ impl LoraParams {
     }
 }
 
+/// How the frozen base under an adapter was stored while the adapter trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseQuant {
+    /// 4-bit NormalFloat, block 64, double-quantized scales (QLoRA).
+    Nf4,
+}
+
+impl BaseQuant {
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseQuant::Nf4 => "nf4",
+        }
+    }
+}
+
+/// burnish's own record beside PEFT's `adapter_config.json` (PEFT has no field for it): the
+/// quantization the base had while the adapter trained, so that every later stage puts the
+/// adapter on the same base by default.
+pub const ADAPTER_RECORD: &str = "burnish_adapter.json";
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct AdapterRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base_quantization: Option<BaseQuant>,
+}
+
+/// The base quantization recorded in an adapter directory (`None`: the base was used as stored).
+pub fn read_base_quant(dir: &Path) -> Result<Option<BaseQuant>, ModelError> {
+    let path = dir.join(ADAPTER_RECORD);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let r: AdapterRecord = serde_json::from_str(&text).map_err(|e| ModelError::Adapter {
+        message: format!("{}: {e}", path.display()),
+    })?;
+    Ok(r.base_quantization)
+}
+
+/// Record `quant` in the adapter directory `dir` (nothing is written for an unquantized base).
+pub fn write_base_quant(dir: &Path, quant: Option<BaseQuant>) -> Result<(), ModelError> {
+    let Some(q) = quant else {
+        return Ok(());
+    };
+    let r = AdapterRecord {
+        base_quantization: Some(q),
+    };
+    let path = dir.join(ADAPTER_RECORD);
+    let text = serde_json::to_string_pretty(&r).unwrap_or_default() + "\n";
+    std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))
+}
+
+/// Set the dropout of every adapter on `model` (`0.0` turns it off).
+pub fn set_dropout<B: Backend>(model: CausalLm<B>, dropout: f64) -> CausalLm<B> {
+    let mut model = model;
+    for layer in model.model.layers.iter_mut() {
+        for t in LoraTarget::ALL {
+            if let Some(l) = t.linear_mut(layer).lora.as_mut() {
+                l.dropout = dropout;
+            }
+        }
+    }
+    model
+}
+
 /// Freeze every base weight of `model` and put fresh adapters on the targets (seeded).
 pub fn inject<B: Backend>(model: CausalLm<B>, params: &LoraParams, seed: u64) -> CausalLm<B> {
     let mut model = model.no_grad();

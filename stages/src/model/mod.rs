@@ -23,7 +23,7 @@ use serde_json::Value;
 pub use config::{Arch, ModelConfig, SizePreset};
 pub use error::ModelError;
 pub use llama::CausalLm;
-pub use lora::{LoraParams, LoraTarget};
+pub use lora::{BaseQuant, LoraParams, LoraTarget};
 
 use crate::data::rng::Rng;
 use llama::{Attention, Block, Decoder, Embedding, Linear, Mlp, RmsNorm};
@@ -50,6 +50,19 @@ pub struct Loaded<B: Backend> {
     pub model_dir: PathBuf,
     /// Set when the artifact was an adapter: its parameters (the adapters are on `model`).
     pub adapter: Option<LoraParams>,
+    /// How `model`'s frozen base is stored: the quantization an adapter recorded (applied by
+    /// [`load`]), or `None` for the weights as stored.
+    pub base_quant: Option<BaseQuant>,
+}
+
+/// Which base an adapter goes on when it is loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BaseChoice {
+    /// The base as the adapter trained on it: NF4 for a QLoRA adapter.
+    #[default]
+    AsTrained,
+    /// The base weights as stored (f32), whatever the adapter recorded.
+    Original,
 }
 
 /// Is `dir` a PEFT adapter artifact (rather than a full model)?
@@ -57,15 +70,34 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
     dir.join("adapter_config.json").is_file()
 }
 
-/// Load a Model or Adapter artifact directory.
+/// Load a Model or Adapter artifact directory; an adapter goes on its base as it trained on it
+/// (a QLoRA adapter's base is stored as NF4 again, see [`lora::ADAPTER_RECORD`]).
 pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Loaded<B>, ModelError> {
+    load_with(dir, BaseChoice::AsTrained, device)
+}
+
+/// [`load`] with the choice of base for an adapter.
+pub fn load_with<B: Backend>(
+    dir: &Path,
+    base: BaseChoice,
+    device: &B::Device,
+) -> Result<Loaded<B>, ModelError> {
     if is_adapter_dir(dir) {
-        let base = dir.join(ADAPTER_BASE_DIR);
-        let loaded = load_model_dir::<B>(&base, device)?;
+        let loaded = load_model_dir::<B>(&dir.join(ADAPTER_BASE_DIR), device)?;
         let (model, params) = lora::load_adapter(loaded.model, dir)?;
+        let recorded = lora::read_base_quant(dir)?;
+        let base_quant = match base {
+            BaseChoice::AsTrained => recorded,
+            BaseChoice::Original => None,
+        };
+        let model = match base_quant {
+            Some(BaseQuant::Nf4) => lora::quantize_base_nf4(model).0,
+            None => model,
+        };
         Ok(Loaded {
             model,
             adapter: Some(params),
+            base_quant,
             ..loaded
         })
     } else {
@@ -96,6 +128,7 @@ pub fn load_model_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<Load
         raw_config: raw,
         model_dir: dir.to_path_buf(),
         adapter: None,
+        base_quant: None,
     })
 }
 

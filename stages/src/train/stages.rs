@@ -345,12 +345,28 @@ impl Stage for ModelStage {
 // ---------------------------------------------------------------------------------------------
 // merge
 
+/// Which base weights `merge` folds an adapter into.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeBase {
+    /// The base as the adapter trained on it: for a QLoRA adapter, the NF4 base dequantized
+    /// (the model whose numbers the adapter was trained and evaluated with).
+    #[default]
+    AsTrained,
+    /// The original (unquantized) base weights, as PEFT's `merge_and_unload()` on a base loaded
+    /// without quantization gives.
+    Original,
+}
+
 /// Parameters of `merge`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MergeParams {
     /// The Adapter to fold into its base.
     pub model: StageRef,
+    /// `as_trained` (default) or `original`: differs only for a QLoRA adapter.
+    #[serde(default)]
+    pub base: MergeBase,
 }
 
 /// `merge`: fold a LoRA adapter into its base model (`W + alpha/r · B·A`), giving a Model.
@@ -358,7 +374,7 @@ pub struct MergeStage;
 
 impl Stage for MergeStage {
     const KIND: &'static str = "merge";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "Fold a LoRA adapter into its base model";
     type Params = MergeParams;
 
@@ -380,15 +396,29 @@ impl Stage for MergeStage {
         }
     }
     fn run(p: &MergeParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
-        let _ = p;
         let dir = cx.input("model")?.dir.clone();
-        let loaded = model::load::<Flex>(&dir, &FlexDevice)?;
+        let choice = match p.base {
+            MergeBase::AsTrained => model::BaseChoice::AsTrained,
+            MergeBase::Original => model::BaseChoice::Original,
+        };
+        let loaded = model::load_with::<Flex>(&dir, choice, &FlexDevice)?;
+        let base = match loaded.base_quant {
+            Some(q) => {
+                cx.log(format!(
+                    "merging into the {} base the adapter trained on (`base: original` merges into the unquantized weights)",
+                    q.name()
+                ));
+                q.name()
+            }
+            None => "f32",
+        };
         let adapter_params = lora::adapter_param_count(&loaded.model);
         let merged = lora::merge(loaded.model);
         let out = cx.output_dir(None)?.to_path_buf();
         model::save_model_dir(&merged, &loaded.raw_config, &loaded.model_dir, &out)?;
         Ok(StageOutcome::default()
             .metric("merged_adapter_params", adapter_params)
+            .metric("base", base)
             .metric("params", merged.num_params()))
     }
 }
