@@ -6,7 +6,11 @@
 //!     cargo bench --bench dpo_step
 //!
 //! Fixture-shaped Llama (hidden 64, 2 layers, vocab 512), LoRA r=8 on q/k/v/o, B = 8, 128
-//! tokens per sequence, f32 on flex. Prints one JSON line.
+//! tokens per sequence, f32 on flex. The reference log-probs are computed first, as a trainer
+//! without a `reference:` artifact does: from the policy as it starts (its weights, not a copy),
+//! or with `BURNISH_BENCH_REFERENCE=base` from the base with the adapters switched off (the old
+//! rule), to compare the peak resident memory of the two. Prints one JSON line, with the peak
+//! RSS (`VmHWM`) of the process.
 
 #[path = "../src/alloc.rs"]
 mod alloc; // the `burnish` binary's allocator and its settings
@@ -15,10 +19,11 @@ use std::time::Instant;
 
 use burn::backend::flex::FlexDevice;
 use burn::backend::{Autodiff, Flex};
+use burn::module::AutodiffModule;
 use burnish_stages::model::{self, Arch, LoraParams, ModelConfig, lora};
-use burnish_stages::pref::data::{LogProb, PairItem};
+use burnish_stages::pref::data::PairItem;
 use burnish_stages::pref::losses::DpoLoss;
-use burnish_stages::pref::objectives::DpoObjective;
+use burnish_stages::pref::objectives::{DpoObjective, fill_reference};
 use burnish_stages::text::Example;
 use burnish_stages::train::optim::{self, AdamW, Grads, OptimState};
 use burnish_stages::train::{LanguageModeling, Objective};
@@ -64,18 +69,22 @@ fn main() {
             index,
             chosen: example(),
             rejected: example(),
-            reference: Some((
-                LogProb {
-                    sum: -600.0,
-                    tokens: seq - 32,
-                },
-                LogProb {
-                    sum: -610.0,
-                    tokens: seq - 32,
-                },
-            )),
+            reference: None,
         })
         .collect();
+    let mut pairs = pairs;
+    let start = policy(&cfg);
+    let mode = std::env::var("BURNISH_BENCH_REFERENCE").unwrap_or_else(|_| "start".into());
+    if mode == "base" {
+        fill_reference(
+            &lora::without_adapters(start.clone()).valid(),
+            &mut pairs,
+            batch,
+            0,
+        );
+    } else {
+        fill_reference(&start.valid(), &mut pairs, batch, 0);
+    }
     let lm = LanguageModeling { pad_id: 0 };
     let dpo = DpoObjective {
         beta: 0.1,
@@ -92,28 +101,26 @@ fn main() {
             "sft_step_ms_median": (sft_ms * 10.0).round() / 10.0,
             "dpo_step_ms_median": (dpo_ms * 10.0).round() / 10.0,
             "ratio": (dpo_ms / sft_ms * 100.0).round() / 100.0,
+            "reference": mode,
+            "peak_rss_mib": peak_rss_mib(),
         })
     );
 }
 
+/// The process's peak resident set size, from `/proc/self/status` (0 where there is none).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    (kib / 1024.0 * 10.0).round() / 10.0
+}
+
 /// Median milliseconds of a full optimizer step (forward, loss, backward, norm, AdamW).
 fn time<O: Objective>(cfg: &ModelConfig, o: &O, items: &[O::Item], steps: usize) -> f64 {
-    let base = model::init::<B>(cfg, 0, &FlexDevice);
-    let mut net = lora::inject(
-        base,
-        &LoraParams {
-            rank: 8,
-            alpha: Some(16.0),
-            dropout: 0.0,
-            targets: vec![
-                model::LoraTarget::QProj,
-                model::LoraTarget::KProj,
-                model::LoraTarget::VProj,
-                model::LoraTarget::OProj,
-            ],
-        },
-        0,
-    );
+    let mut net = policy(cfg);
     let hp = AdamW {
         beta1: 0.9,
         beta2: 0.999,
@@ -138,4 +145,24 @@ fn time<O: Objective>(cfg: &ModelConfig, o: &O, items: &[O::Item], steps: usize)
     }
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
+}
+
+/// The fixture-shaped model with LoRA r=8 on q/k/v/o.
+fn policy(cfg: &ModelConfig) -> model::CausalLm<B> {
+    let base = model::init::<B>(cfg, 0, &FlexDevice);
+    lora::inject(
+        base,
+        &LoraParams {
+            rank: 8,
+            alpha: Some(16.0),
+            dropout: 0.0,
+            targets: vec![
+                model::LoraTarget::QProj,
+                model::LoraTarget::KProj,
+                model::LoraTarget::VProj,
+                model::LoraTarget::OProj,
+            ],
+        },
+        0,
+    )
 }

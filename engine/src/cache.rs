@@ -64,6 +64,26 @@
 //! `burnish verify` does, and reports (or with `--repair` evicts) entries whose files no longer
 //! match their record.
 //!
+//! # Kind versions
+//!
+//! A kind's `VERSION` is bumped whenever the same parameters and inputs would give other numbers,
+//! so that `plan` shows its entries stale ("`train.dpo` implementation changed (version 1 → 2)")
+//! and no result computed the old way is reused. The log of bumps:
+//!
+//! - `train.dpo`, `train.kto`, `logprobs` 1 → 2: the reference model is the policy's starting
+//!   model (an upstream adapter stays on; the base under QLoRA is NF4, bf16 compute is kept),
+//!   not the base with adapters switched off; completion log-probs count the completion's
+//!   tokens only (not assistant turns inside a multi-turn prompt); adapter dropout is off while
+//!   training; KTO's KL companions come from a record with a different prompt.
+//! - `train.orpo` 1 → 2: the NLL term is TRL's token mean over the batch's chosen sequences;
+//!   dropout off; completion-only targets.
+//! - every trainer (`train.cpt`, `train.sft` and the above): warmup starts at a rate of 0
+//!   (`lr·k/W`), and weight decay skips biases and norm weights, as transformers does.
+//! - `train.cpt`, `train.sft`, `eval` 1 → 2: packed blocks keep documents apart (positions
+//!   restart, block-diagonal attention); evaluation scores each document on its own.
+//! - `merge`, `export.gguf`, `export.hf` 1 → 2: a QLoRA adapter goes on the NF4 base it trained
+//!   on unless asked otherwise.
+//!
 //! # Known limits
 //!
 //! - A stage that is not deterministic (GPU kernels with atomics) yields different content digests

@@ -1,8 +1,23 @@
 //! Preference and labeled records → tokenized items, and completion log-probs.
 //!
-//! A completion's log-prob is the SUM of its target tokens' log-probabilities (the assistant
-//! tokens and their end-of-turn, exactly SFT's mask), with the token count kept beside it so
-//! per-token means (IPO, ORPO) can be formed.
+//! A completion's log-prob is the SUM of its target tokens' log-probabilities, with the token
+//! count kept beside it so per-token means (IPO, ORPO) can be formed. The targets are the
+//! completion's own assistant turns only: assistant turns inside the prompt (a multi-turn
+//! conversation) are context, as in TRL, which tokenizes the prompt and the completion apart
+//! and scores the completion alone.
+//!
+//! Conventions that differ from TRL's tokenization, kept on purpose:
+//! - a completion's targets are its content and its end-of-turn token (SFT's mask), and stop
+//!   there: TRL also scores the template's newline after the end-of-turn token;
+//! - a bos token is put first when the tokenizer asks for one and the template does not emit it
+//!   (transformers' `apply_chat_template` never adds it); the fixture tokenizers have none.
+//!
+//! KTO's mismatched companions ([`encode_labeled`]) pair each prompt with the completion of the
+//! next record, in dataset order, whose prompt differs: TRL rotates the completions by one
+//! within each batch, which pairs a prompt with its own other answer whenever the data holds
+//! both answers of a pair next to each other (as `data.convert to: kto` writes them) and biases
+//! the KL estimate low. The pairing depends on the data alone, so reference log-probs for it can
+//! be cached.
 
 use burn::tensor::ElementConversion;
 use burn::tensor::Tensor;
@@ -11,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::records::{LabeledRecord, Message, PreferenceRecord};
 use crate::model::CausalLm;
-use crate::text::{ChatTemplate, Example, TextError, TextTokenizer, encode_chat};
+use crate::text::{ChatTemplate, Example, TextError, TextTokenizer, encode_chat_from};
 use crate::train::batch::make_batch;
 
 /// A completion's log-prob: sum over its target tokens, and how many there are.
@@ -37,8 +52,8 @@ pub struct PairItem {
     pub reference: Option<(LogProb, LogProb)>,
 }
 
-/// A labeled (KTO) example with its mismatched companion: its prompt followed by the next
-/// record's completion (dataset order, wrapping), the pairing TRL's batch KL estimate uses.
+/// A labeled (KTO) example with its mismatched companion: its prompt followed by the completion
+/// of the next record (dataset order, wrapping) whose prompt differs.
 #[derive(Clone, Debug)]
 pub struct LabeledItem {
     pub index: usize,
@@ -48,8 +63,9 @@ pub struct LabeledItem {
     pub reference: Option<(LogProb, LogProb)>,
 }
 
-/// `prompt ++ completion` rendered with the template; targets on the completion only; cut to
-/// `seq_len`. `None` when no target survives the cut.
+/// `prompt ++ completion` rendered with the template; targets on the completion's assistant
+/// turns only (not on assistant turns inside the prompt); cut to `seq_len`. `None` when no
+/// target survives the cut.
 pub fn encode_completion(
     tok: &TextTokenizer,
     template: &ChatTemplate,
@@ -59,7 +75,7 @@ pub fn encode_completion(
 ) -> Result<Option<Example>, TextError> {
     let mut messages = prompt.to_vec();
     messages.extend_from_slice(completion);
-    let mut ex = encode_chat(tok, template, &messages, false)?;
+    let mut ex = encode_chat_from(tok, template, &messages, false, prompt.len())?;
     if ex.ids.len() > seq_len {
         ex.ids.truncate(seq_len);
         ex.targets.truncate(seq_len);
@@ -72,6 +88,8 @@ pub struct EncodedItems<T> {
     pub items: Vec<T>,
     pub dropped: usize,
     pub tokens: usize,
+    /// KTO: examples whose companion shares their prompt because every record has that prompt.
+    pub same_prompt: usize,
 }
 
 pub fn encode_pairs(
@@ -105,6 +123,7 @@ pub fn encode_pairs(
         items,
         dropped,
         tokens,
+        same_prompt: 0,
     })
 }
 
@@ -118,8 +137,11 @@ pub fn encode_labeled(
     let mut items = Vec::with_capacity(n);
     let mut dropped = 0;
     let mut tokens = 0;
+    let mut same_prompt = 0;
     for (index, r) in records.iter().enumerate() {
-        let next = &records[(index + 1) % n];
+        let j = mismatched_index(records, index);
+        same_prompt += usize::from(records[j].prompt == r.prompt);
+        let next = &records[j];
         let e = encode_completion(tok, template, &r.prompt, &r.completion, seq_len)
             .map_err(|e| e.in_record(index))?;
         let m = encode_completion(tok, template, &r.prompt, &next.completion, seq_len)
@@ -142,7 +164,18 @@ pub fn encode_labeled(
         items,
         dropped,
         tokens,
+        same_prompt,
     })
+}
+
+/// The record whose completion is `index`'s mismatched companion: the next one in dataset order
+/// (wrapping) with a different prompt; the next one when every record has the same prompt.
+pub fn mismatched_index(records: &[LabeledRecord], index: usize) -> usize {
+    let n = records.len();
+    (1..n)
+        .map(|k| (index + k) % n)
+        .find(|&j| records[j].prompt != records[index].prompt)
+        .unwrap_or((index + 1) % n.max(1))
 }
 
 /// Per-sequence completion log-probs as tensors (differentiable when `model` is).

@@ -1,6 +1,14 @@
-//! Preference objectives exactly as `LOSSES.md` (after TRL) defines them, on per-example
-//! log-probabilities. Every function is generic over the backend and differentiable in the
-//! policy log-probs; reference log-probs are constants.
+//! Preference objectives as TRL's trainers define them (`DPOTrainer`'s sigmoid, IPO, hinge and
+//! robust losses, `KTOTrainer` with its batch KL estimate, `ORPOTrainer`'s odds ratio), on
+//! per-example log-probabilities. Every function is generic over the backend and differentiable
+//! in the policy log-probs; reference log-probs are constants.
+//!
+//! - DPO: δ = [logp_θ(y_w) − logp_ref(y_w)] − [logp_θ(y_l) − logp_ref(y_l)] on summed completion
+//!   log-probs; IPO on per-token means.
+//! - KTO: z = max(0, mean over mismatched pairs of logp_θ(y'|x) − logp_ref(y'|x)), detached;
+//!   desirable 1 − σ(β(Δ − z)), undesirable 1 − σ(β(z − Δ)), each weighted.
+//! - ORPO: log odds on per-token mean log-probs, `−β log σ(log_odds)`; the NLL term is added by
+//!   the objective (`super::objectives::OrpoObjective`).
 //!
 //! Shapes: every input is `[n]` (one value per example); losses come back per example so the
 //! caller decides how to average.

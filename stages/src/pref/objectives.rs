@@ -7,11 +7,15 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
 use super::data::{LabeledItem, LogProb, PairItem, floats, logprobs, sequence_logps};
 use super::losses::{DpoLoss, dpo, kto, orpo};
 use crate::model::CausalLm;
 use crate::text::Example;
 use crate::train::Objective;
+use crate::train::batch::make_batch;
 
 fn consts<B: Backend>(v: &[f64], device: &B::Device) -> Tensor<B, 1> {
     let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
@@ -319,37 +323,81 @@ impl Objective for KtoObjective {
     }
 }
 
+/// Which tokens ORPO's NLL term averages over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OrpoNll {
+    /// Every token of the chosen sequences, prompt included (TRL's `ORPOTrainer`: "orpo chosen
+    /// nll loss is computed over the full prompt and response").
+    #[default]
+    AllTokens,
+    /// The chosen completions' target tokens only (SFT's mask).
+    Completion,
+}
+
+/// ORPO as TRL computes it per batch: the chosen sequences' NLL as one token mean over the
+/// batch (`CrossEntropyLoss` over the chosen tokens, see [`OrpoNll`]) plus the mean odds-ratio
+/// term on per-token mean completion log-probs.
 pub struct OrpoObjective {
     pub beta: f64,
+    pub nll: OrpoNll,
     pub pad: u32,
 }
 
 impl OrpoObjective {
-    /// (per-pair loss, log odds, chosen mean NLL)
+    /// (the batch's loss times its pair count, per-pair log odds, the batch's chosen NLL per
+    /// token). Times the pair count, because the loop divides a step's summed loss by its pairs:
+    /// one micro-batch then gives TRL's `nll − mean(β log σ(log_odds))` exactly.
     fn forward<B: Backend>(
         &self,
         model: &CausalLm<B>,
         items: &[&PairItem],
-    ) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    ) -> (Tensor<B, 1>, Tensor<B, 1>, f64) {
         let n = items.len();
         let seqs: Vec<&Example> = items
             .iter()
             .map(|p| &p.chosen)
             .chain(items.iter().map(|p| &p.rejected))
             .collect();
-        let (sum, count) = sequence_logps(model, &seqs, self.pad);
-        let mean = sum / count; // per-token mean log-probs, [2n]
-        let chosen = mean.clone().narrow(0, 0, n);
-        let out = orpo(chosen.clone(), mean.narrow(0, n, n), self.beta);
-        let nll = chosen.neg();
-        (nll.clone() + out.ratio_losses, out.log_odds, nll.detach())
+        let dev = device(model);
+        let batch = make_batch::<B>(&seqs, self.pad, &dev);
+        let t = batch.ids.dims()[1];
+        let (nll, w) = model.token_nll(batch.ids, batch.targets); // [2n, t-1]
+        let sum = (nll.clone() * w.clone()).sum_dim(1).reshape([2 * n]).neg();
+        let count = w.clone().sum_dim(1).reshape([2 * n]);
+        let mean = sum / count; // per-token mean completion log-probs, [2n]
+        let out = orpo(
+            mean.clone().narrow(0, 0, n),
+            mean.narrow(0, n, n),
+            self.beta,
+        );
+        let chosen_w = match self.nll {
+            OrpoNll::Completion => w.narrow(0, 0, n),
+            OrpoNll::AllTokens => {
+                // Every real (non-padding) position after the first.
+                let mask: Vec<f32> = items
+                    .iter()
+                    .flat_map(|p| (1..t).map(move |i| f32::from(u8::from(i < p.chosen.ids.len()))))
+                    .collect();
+                Tensor::from_data(TensorData::new(mask, [n, t - 1]), &dev)
+            }
+        };
+        let tokens: f64 = floats(chosen_w.clone().sum().reshape([1]))[0];
+        let nll = (nll.narrow(0, 0, n) * chosen_w).sum() / tokens.max(1.0); // [1]
+        let nll_value = floats(nll.clone().detach())[0];
+        (
+            nll * n as f64 + out.ratio_losses.sum(),
+            out.log_odds,
+            nll_value,
+        )
     }
 }
 
-fn orpo_metrics(log_odds: &[f64], nll: &[f64]) -> BTreeMap<String, f64> {
+fn orpo_metrics(log_odds: &[f64], nll: f64) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
     m.insert("log_odds".into(), log_odds.iter().sum());
-    m.insert("nll_chosen".into(), nll.iter().sum());
+    // Per pair, so that the loop's division by the pair count leaves the batch's token mean.
+    m.insert("nll_chosen".into(), nll * log_odds.len() as f64);
     m.insert(
         "rewards/accuracy".into(),
         log_odds.iter().filter(|&&x| x > 0.0).count() as f64,
@@ -371,23 +419,26 @@ impl Objective for OrpoObjective {
         items: &[&PairItem],
     ) -> (Tensor<B, 1>, BTreeMap<String, f64>) {
         let (loss, log_odds, nll) = self.forward(model, items);
-        (loss.sum(), orpo_metrics(&floats(log_odds), &floats(nll)))
+        (loss, orpo_metrics(&floats(log_odds), nll))
     }
+    /// Held out: TRL's per-batch loss averaged over batches, weighted by their pair counts.
     fn eval<B: Backend>(
         &self,
         model: &CausalLm<B>,
         items: &[PairItem],
         batch: usize,
     ) -> (f64, BTreeMap<String, f64>) {
-        let (mut loss, mut lo, mut nll) = (0.0, Vec::new(), Vec::new());
+        let (mut loss, mut lo, mut nll) = (0.0, Vec::new(), 0.0);
         for chunk in items.chunks(batch.max(1)) {
             let refs: Vec<&PairItem> = chunk.iter().collect();
-            let (l, o, n) = self.forward(model, &refs);
-            loss += floats(l).iter().sum::<f64>();
+            let (l, o, batch_nll) = self.forward(model, &refs);
+            loss += floats(l)[0];
+            nll += batch_nll * chunk.len() as f64;
             lo.extend(floats(o));
-            nll.extend(floats(n));
         }
         let n = items.len();
-        (loss / n.max(1) as f64, averaged(orpo_metrics(&lo, &nll), n))
+        let mut m = orpo_metrics(&lo, 0.0);
+        m.insert("nll_chosen".into(), nll);
+        (loss / n.max(1) as f64, averaged(m, n))
     }
 }

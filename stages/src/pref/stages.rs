@@ -1,5 +1,19 @@
 //! Stage kinds: `logprobs` (the reference log-probs artifact), `train.dpo`, `train.kto`,
 //! `train.orpo`.
+//!
+//! **The reference model** of DPO and KTO (π_ref) is the policy as it starts: the upstream model
+//! exactly as the trainer loads it, an upstream adapter included (a LoRA SFT's output is the SFT
+//! policy, not its base), its base stored as the policy's (NF4 under QLoRA) and in the policy's
+//! compute dtype. So before the first update policy = reference: DPO's loss is log 2 and every
+//! reward is 0. (TRL's default with a PEFT model and no `ref_model` switches the adapter off,
+//! which makes the reference the model *before* SFT; burnish does not.) `reference_model:`
+//! names another anchor; `reference:` gives the same log-probs from a cached `logprobs` stage,
+//! which the trainer checks was computed from its reference model, data, template, `seq_len`
+//! and precision.
+//!
+//! **Dropout** is off while these trainers train (`disable_dropout: true`, TRL's default), so the
+//! policy's log-probs are not noisier than the reference's; the adapter written keeps its
+//! configured `lora.dropout`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::data::{EncodedItems, LabeledItem, LogProb, PairItem, encode_labeled, encode_pairs};
 use super::losses::{DpoLoss, kto_balance};
 use super::objectives::{
-    DpoObjective, KtoObjective, NeedsReference, OrpoObjective, fill_reference,
+    DpoObjective, KtoObjective, NeedsReference, OrpoNll, OrpoObjective, fill_reference,
 };
 use crate::backend::{BackendTask, dispatch};
 use crate::data::records::{FamilyRecord, LabeledRecord, PreferenceRecord};
@@ -24,8 +38,8 @@ use crate::data::{input_records, load_input};
 use crate::model::{self, lora};
 use crate::text::{ChatTemplate, TemplateChoice, TextError, TextTokenizer};
 use crate::train::{
-    Fit, TrainError, TrainerParams, fit, pad_id, tokenizer_dir, trainer_check, trainer_inputs,
-    trainer_outputs, trainer_params,
+    BaseQuant, ComputeDType, Fit, TrainError, TrainerParams, fit, pad_id, precision,
+    start_precision, tokenizer_dir, trainer_check, trainer_inputs, trainer_outputs, trainer_params,
 };
 
 const LOGPROBS_FILE: &str = "logprobs.jsonl";
@@ -50,9 +64,15 @@ fn model_tokenizer(cx: &RunContext) -> Result<TextTokenizer, StageError> {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct LogProbsMeta {
     family: DatasetFamily,
-    /// Content digests of the data and model artifacts.
+    /// Content digests of the data and model artifacts (an Adapter's digest for an adapter).
     data: String,
     model: String,
+    /// `model` or `adapter`: an adapter's log-probs are the merged model's.
+    #[serde(default)]
+    model_kind: String,
+    /// How the model computed: base storage and compute dtype ([`precision`]).
+    #[serde(default)]
+    precision: String,
     chat_template: String,
     seq_len: usize,
     items: usize,
@@ -78,7 +98,8 @@ fn default_batch() -> usize {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogProbsParams {
-    /// The reference model: a Model, or an Adapter (whose base is used with the adapter off).
+    /// The reference model: a Model, or an Adapter (on its base as it trained: the merged
+    /// model's log-probs). For a trainer's reference, the trainer's own `model`.
     pub model: StageRef,
     /// Preference pairs (DPO) or labeled examples (KTO).
     pub data: StageRef,
@@ -90,6 +111,13 @@ pub struct LogProbsParams {
     pub seq_len: usize,
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// Must match the trainer's: `auto` (bf16 on cuda, f32 elsewhere), `f32` or `bf16`.
+    #[serde(default)]
+    pub dtype: ComputeDType,
+    /// `nf4`: store the base as NF4, to match a trainer that puts fresh `qlora:` adapters on
+    /// this model (an adapter trained with QLoRA is put on its NF4 base without it).
+    #[serde(default)]
+    pub quantize_base: Option<BaseQuant>,
 }
 
 /// `logprobs`: the frozen reference model's completion log-probs on a dataset, computed once and
@@ -98,7 +126,7 @@ pub struct LogProbsStage;
 
 impl Stage for LogProbsStage {
     const KIND: &'static str = "logprobs";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Reference completion log-probs for train.dpo / train.kto (`reference:`), cached";
     type Params = LogProbsParams;
@@ -163,6 +191,8 @@ impl Stage for LogProbsStage {
                     dir: model_art.dir.clone(),
                     batch: p.batch_size,
                     pad,
+                    quantize_base: p.quantize_base,
+                    bf16: p.dtype.bf16_on(cx.backend()),
                     items: Items::Pairs(std::mem::take(&mut enc.items)),
                 };
                 match run_reference(cx, task)? {
@@ -187,10 +217,18 @@ impl Stage for LogProbsStage {
                     &input_records::<LabeledRecord>(cx, "data")?,
                     p.seq_len,
                 )?;
+                if enc.same_prompt > 0 {
+                    cx.log(format!(
+                        "{} examples' KL companions share their prompt: every record has the same prompt",
+                        enc.same_prompt
+                    ));
+                }
                 let task = Reference {
                     dir: model_art.dir.clone(),
                     batch: p.batch_size,
                     pad,
+                    quantize_base: p.quantize_base,
+                    bf16: p.dtype.bf16_on(cx.backend()),
                     items: Items::Labeled(std::mem::take(&mut enc.items)),
                 };
                 match run_reference(cx, task)? {
@@ -216,10 +254,19 @@ impl Stage for LogProbsStage {
             text.push('\n');
         }
         write(&out.join(LOGPROBS_FILE), &text)?;
+        let adapter = model::is_adapter_dir(&model_art.dir);
+        let recorded = if adapter {
+            lora::read_base_quant(&model_art.dir)
+                .map_err(|e| Box::new(TrainError::from(e)) as StageError)?
+        } else {
+            None
+        };
         let meta = LogProbsMeta {
             family,
             data: data_digest,
             model: model_art.digest.clone(),
+            model_kind: if adapter { "adapter" } else { "model" }.to_owned(),
+            precision: precision(recorded.or(p.quantize_base), p.dtype.bf16_on(cx.backend())),
             chat_template: template.name().to_owned(),
             seq_len: p.seq_len,
             items: lines.len(),
@@ -231,6 +278,8 @@ impl Stage for LogProbsStage {
         let mean_a = lines.iter().map(|l| l.a.sum).sum::<f64>() / lines.len().max(1) as f64;
         Ok(StageOutcome::default()
             .metric("items", lines.len())
+            .metric("model_kind", meta.model_kind.as_str())
+            .metric("precision", meta.precision.as_str())
             .metric("mean_logp", (mean_a * 1e6).round() / 1e6))
     }
 }
@@ -248,15 +297,22 @@ struct Reference {
     dir: PathBuf,
     batch: usize,
     pad: u32,
+    quantize_base: Option<BaseQuant>,
+    bf16: bool,
     items: Items,
 }
 
 impl BackendTask for Reference {
     type Output = Result<Items, TrainError>;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        // The model as a trainer starting from it computes: an adapter on (on its base as it
+        // trained), the base quantized when asked, in the compute dtype.
         let loaded = model::load::<B>(&self.dir, &device)?;
-        // An adapter's reference is its base with the adapter switched off.
-        let net = lora::without_adapters(loaded.model).valid();
+        let net = match (loaded.base_quant, self.quantize_base) {
+            (None, Some(BaseQuant::Nf4)) => lora::quantize_base_nf4(loaded.model).0,
+            _ => loaded.model,
+        };
+        let net = net.set_bf16(self.bf16).valid();
         Ok(match self.items {
             Items::Pairs(mut v) => {
                 fill_reference(&net, &mut v, self.batch, self.pad);
@@ -278,9 +334,11 @@ fn run_reference(cx: &RunContext, task: Reference) -> Result<Items, StageError> 
 }
 
 /// Read a LogProbs artifact for a trainer, checking it was computed from the trainer's own
-/// data, model, template and sequence length.
+/// data, reference model (its `reference_model`, else its `model`), template, sequence length
+/// and precision.
 fn read_reference(
     cx: &RunContext,
+    common: &crate::train::Common,
     template: &ChatTemplate,
     seq_len: usize,
 ) -> Result<BTreeMap<usize, (LogProb, LogProb)>, StageError> {
@@ -292,13 +350,35 @@ fn read_reference(
     )
     .map_err(|e| err(format!("{}: {e}", meta_path.display())))?;
     let data = &cx.input("data")?.digest;
-    let model = &cx.input("model")?.digest;
+    let (field, model_art) = match cx.input("reference_model") {
+        Ok(a) => ("reference_model", a),
+        Err(_) => ("model", cx.input("model")?),
+    };
+    let expected_precision = if field == "model" {
+        start_precision(common, &model_art.dir, cx.backend())
+    } else {
+        let recorded = if model::is_adapter_dir(&model_art.dir) {
+            lora::read_base_quant(&model_art.dir)?
+        } else {
+            None
+        };
+        Ok(precision(recorded, common.dtype.bf16_on(cx.backend())))
+    }
+    .map_err(|e| Box::new(e) as StageError)?;
     let mut problems = Vec::new();
     if &meta.data != data {
         problems.push("was computed on different data than this stage's `data`".to_owned());
     }
-    if &meta.model != model {
-        problems.push("was computed with a different model than this stage's `model`".to_owned());
+    if meta.model != model_art.digest {
+        problems.push(format!(
+            "was computed with a different model than this stage's `{field}`"
+        ));
+    }
+    if meta.precision != expected_precision {
+        problems.push(format!(
+            "were computed at precision `{}`, this stage's reference computes at `{expected_precision}` (set the logprobs stage's dtype/quantize_base to match)",
+            meta.precision
+        ));
     }
     if meta.chat_template != template.name() {
         problems.push(format!(
@@ -335,12 +415,12 @@ fn read_reference(
 fn attach_reference<T: NeedsReference>(
     cx: &RunContext,
     reference: &Option<StageRef>,
+    common: &crate::train::Common,
     template: &ChatTemplate,
-    seq_len: usize,
     items: &mut [T],
 ) -> Result<(), StageError> {
     if reference.is_some() {
-        let refs = read_reference(cx, template, seq_len)?;
+        let refs = read_reference(cx, common, template, common.seq_len)?;
         for item in items.iter_mut() {
             *item.reference_mut() = refs.get(&item.index()).copied();
         }
@@ -364,12 +444,28 @@ fn encode_inputs<R: FamilyRecord, T>(
     Ok((train, eval))
 }
 
-fn reference_input(p: &Option<StageRef>) -> Option<Input> {
-    p.as_ref().map(|r| Input {
-        field: "reference".into(),
-        reference: r.clone(),
-        accepts: Accepts::kind(ArtifactKind::LogProbs),
-    })
+/// The `reference` (cached log-probs) and `reference_model` inputs, when given.
+fn reference_inputs(reference: &Option<StageRef>, model: &Option<StageRef>) -> Vec<Input> {
+    let mut v = Vec::new();
+    if let Some(r) = reference {
+        v.push(Input {
+            field: "reference".into(),
+            reference: r.clone(),
+            accepts: Accepts::kind(ArtifactKind::LogProbs),
+        });
+    }
+    if let Some(m) = model {
+        v.push(Input {
+            field: "reference_model".into(),
+            reference: m.clone(),
+            accepts: Accepts::kinds(&[ArtifactKind::Model, ArtifactKind::Adapter]),
+        });
+    }
+    v
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn beta_problem(beta: f64) -> Option<FieldProblem> {
@@ -400,6 +496,12 @@ trainer_params! {
         /// it they are computed at the start of this stage.
         #[serde(default)]
         pub reference: Option<StageRef>,
+        /// Another reference model than the policy's starting model (a Model or Adapter).
+        #[serde(default)]
+        pub reference_model: Option<StageRef>,
+        /// Turn adapter dropout off while training (TRL's `disable_dropout`, default true).
+        #[serde(default = "yes")]
+        pub disable_dropout: bool,
         /// Strength of the implicit KL penalty.
         #[serde(default = "default_beta")]
         pub beta: f64,
@@ -419,14 +521,14 @@ pub struct DpoStage;
 
 impl Stage for DpoStage {
     const KIND: &'static str = "train.dpo";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Direct preference optimization (sigmoid, ipo, hinge, robust), full or LoRA";
     type Params = DpoParams;
 
     fn inputs(p: &DpoParams) -> Vec<Input> {
         let mut v = trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Preference]));
-        v.extend(reference_input(&p.reference));
+        v.extend(reference_inputs(&p.reference, &p.reference_model));
         v
     }
     fn outputs(p: &DpoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
@@ -464,14 +566,14 @@ impl Stage for DpoStage {
         let (mut train, eval) = encode_inputs(cx, &c.eval_data, |r: &[PreferenceRecord]| {
             encode_pairs(&tok, &template, r, c.seq_len)
         })?;
-        attach_reference(cx, &p.reference, &template, c.seq_len, &mut train.items)?;
+        attach_reference(cx, &p.reference, &c, &template, &mut train.items)?;
         let objective = DpoObjective {
             beta: p.beta,
             loss: p.loss,
             label_smoothing: p.label_smoothing,
             pad: pad_id(&tok),
         };
-        fit(fit_of(c, objective, train, eval, cx))
+        fit(fit_of(c, objective, train, eval, p.disable_dropout, cx))
     }
 }
 
@@ -480,6 +582,7 @@ fn fit_of<'a, O: crate::train::Objective>(
     objective: O,
     train: EncodedItems<O::Item>,
     eval: Option<EncodedItems<O::Item>>,
+    disable_dropout: bool,
     cx: &'a mut RunContext,
 ) -> Fit<'a, O> {
     Fit {
@@ -489,6 +592,7 @@ fn fit_of<'a, O: crate::train::Objective>(
         truncated: train.dropped,
         train: train.items,
         eval: eval.map(|e| e.items),
+        disable_dropout,
         cx,
     }
 }
@@ -510,6 +614,12 @@ trainer_params! {
         /// Cached reference log-probs (a `logprobs` stage on the same model and data).
         #[serde(default)]
         pub reference: Option<StageRef>,
+        /// Another reference model than the policy's starting model (a Model or Adapter).
+        #[serde(default)]
+        pub reference_model: Option<StageRef>,
+        /// Turn adapter dropout off while training (TRL's `disable_dropout`, default true).
+        #[serde(default = "yes")]
+        pub disable_dropout: bool,
         #[serde(default = "default_beta")]
         pub beta: f64,
         /// λ_D
@@ -531,14 +641,14 @@ pub struct KtoStage;
 
 impl Stage for KtoStage {
     const KIND: &'static str = "train.kto";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "KTO on desirable/undesirable examples (batch KL estimate), full or LoRA";
     type Params = KtoParams;
 
     fn inputs(p: &KtoParams) -> Vec<Input> {
         let mut v = trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Labeled]));
-        v.extend(reference_input(&p.reference));
+        v.extend(reference_inputs(&p.reference, &p.reference_model));
         v
     }
     fn outputs(p: &KtoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
@@ -582,7 +692,13 @@ impl Stage for KtoStage {
         let (mut train, eval) = encode_inputs(cx, &c.eval_data, |r: &[LabeledRecord]| {
             encode_labeled(&tok, &template, r, c.seq_len)
         })?;
-        attach_reference(cx, &p.reference, &template, c.seq_len, &mut train.items)?;
+        attach_reference(cx, &p.reference, &c, &template, &mut train.items)?;
+        if train.same_prompt > 0 {
+            cx.log(format!(
+                "{} examples' KL companions share their prompt: every record has the same prompt",
+                train.same_prompt
+            ));
+        }
         let n_d = train.items.iter().filter(|i| i.desirable).count();
         let n_u = train.items.len() - n_d;
         let (wd, wu) = match p.balance {
@@ -599,7 +715,7 @@ impl Stage for KtoStage {
             undesirable_weight: wu,
             pad: pad_id(&tok),
         };
-        let mut out = fit(fit_of(c, objective, train, eval, cx))?;
+        let mut out = fit(fit_of(c, objective, train, eval, p.disable_dropout, cx))?;
         out.metrics.insert("desirable_weight".into(), wd.into());
         out.metrics.insert("undesirable_weight".into(), wu.into());
         Ok(out)
@@ -614,6 +730,14 @@ trainer_params! {
     pub struct OrpoParams {
         #[serde(default = "default_beta")]
         pub beta: f64,
+        /// The NLL term's tokens: `all_tokens` of the chosen sequences, prompt included (TRL's
+        /// definition, default), or the chosen `completion` only. Either way one token mean
+        /// over the batch.
+        #[serde(default)]
+        pub nll: OrpoNll,
+        /// Turn adapter dropout off while training (TRL's `disable_dropout`, default true).
+        #[serde(default = "yes")]
+        pub disable_dropout: bool,
         #[serde(default)]
         pub chat_template: TemplateChoice,
     }
@@ -624,7 +748,7 @@ pub struct OrpoStage;
 
 impl Stage for OrpoStage {
     const KIND: &'static str = "train.orpo";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "ORPO: SFT on chosen plus an odds-ratio preference term, no reference model";
     type Params = OrpoParams;
@@ -652,8 +776,9 @@ impl Stage for OrpoStage {
         })?;
         let objective = OrpoObjective {
             beta: p.beta,
+            nll: p.nll,
             pad: pad_id(&tok),
         };
-        fit(fit_of(c, objective, train, eval, cx))
+        fit(fit_of(c, objective, train, eval, p.disable_dropout, cx))
     }
 }

@@ -89,11 +89,12 @@ fn assistant_spans(
     tok: &TextTokenizer,
     template: &ChatTemplate,
     messages: &[Message],
+    first: usize,
     full: &str,
 ) -> Result<Vec<Range<usize>>, TextError> {
     let mut spans = Vec::new();
     for (i, m) in messages.iter().enumerate() {
-        if m.role != Role::Assistant {
+        if m.role != Role::Assistant || i < first {
             continue;
         }
         let mismatch = |upto: usize, what: &'static str| TextError::TemplatePrefix {
@@ -132,11 +133,24 @@ pub fn encode_chat(
     messages: &[Message],
     train_on_prompt: bool,
 ) -> Result<Example, TextError> {
+    encode_chat_from(tok, template, messages, train_on_prompt, 0)
+}
+
+/// [`encode_chat`] with only the assistant messages from index `first` on as targets: a
+/// preference completion after a prompt that holds earlier assistant turns (those are context,
+/// as TRL scores the completion alone).
+pub fn encode_chat_from(
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    messages: &[Message],
+    train_on_prompt: bool,
+    first: usize,
+) -> Result<Example, TextError> {
     let full = template.render(messages, false, tok)?;
     let spans = if train_on_prompt {
         Vec::new()
     } else {
-        assistant_spans(tok, template, messages, &full)?
+        assistant_spans(tok, template, messages, first, &full)?
     };
     let (mut ids, offsets) = tok.encode_with_offsets(&full)?;
     let mut inside: Vec<bool> = offsets

@@ -16,7 +16,7 @@ pub mod train_tokenizer;
 
 use burnish_engine::stage::Registry;
 
-pub use encode::{Encoded, Example, encode_chat, encode_cpt, encode_sft, pack};
+pub use encode::{Encoded, Example, encode_chat, encode_chat_from, encode_cpt, encode_sft, pack};
 pub use error::TextError;
 pub use template::{ChatTemplate, TemplateChoice};
 pub use tokenizer::TextTokenizer;

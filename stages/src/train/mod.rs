@@ -180,14 +180,7 @@ macro_rules! trainer_params {
 pub(crate) use trainer_params;
 
 /// How a frozen base is stored while adapters train.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum BaseQuant {
-    /// 4-bit NormalFloat, block 64, double-quantized scales (QLoRA).
-    Nf4,
-}
+pub use crate::model::BaseQuant;
 
 /// Compute precision of a trainer.
 #[derive(
@@ -460,6 +453,9 @@ pub(crate) struct Fit<'a, O: Objective> {
     /// Tokens in the training data and records truncated (for the log and metrics).
     pub tokens: usize,
     pub truncated: usize,
+    /// Turn adapter dropout off while training (preference and RL trainers, as TRL's
+    /// `disable_dropout`), so the policy's log-probs are as deterministic as the reference's.
+    pub disable_dropout: bool,
     pub cx: &'a mut RunContext,
 }
 
@@ -480,6 +476,7 @@ impl<'a> Fit<'a, LanguageModeling> {
             eval: data.eval,
             tokens: data.tokens,
             truncated: data.truncated,
+            disable_dropout: false,
             cx,
         }
     }
@@ -501,71 +498,31 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
             mut eval,
             tokens,
             truncated,
+            disable_dropout,
             cx,
         } = self;
         let seed = c.seed.unwrap_or(cx.seed());
-        let upstream = cx
-            .input("model")
-            .map_err(|e| TrainError::Input {
-                message: e.to_string(),
-            })?
-            .dir
-            .clone();
+        let upstream = input_dir(cx, "model")?;
         let loaded = model::load::<B>(&upstream, &device)?;
         let base_dir = loaded.model_dir.clone();
+        let raw_config = loaded.raw_config.clone();
+        let start = start_policy(&c, loaded, seed, disable_dropout, cx)?;
         if objective.needs_reference() {
-            // The reference is the starting model with any adapter switched off: the same
-            // weights, no second copy.
-            let reference = lora::without_adapters(loaded.model.clone()).valid();
+            let reference = reference_model::<B>(&c, &start, cx, &device)?;
             objective.prepare(&reference, &mut train, c.batch_size);
             if let Some(e) = eval.as_mut() {
                 objective.prepare(&reference, e, c.batch_size);
             }
-            cx.log("reference log-probs computed in this stage (give `reference:` to cache them)");
         }
-        // Decide what trains: an upstream adapter keeps training when `lora:` is absent or
-        // equal to its own (a different `lora:` is an error: merge the adapter first); a Model
-        // upstream gets fresh adapters with `lora:`, or trains every weight without it.
-        let (net, lora_params) = match (&loaded.adapter, &c.lora) {
-            (Some(up), None) => (loaded.model, Some(up.clone())),
-            (Some(up), Some(mine)) if same_adapter(up, mine) => (loaded.model, Some(up.clone())),
-            (Some(up), Some(mine)) => {
-                return Err(TrainError::Input {
-                    message: format!(
-                        "the upstream adapter has rank {} and targets {:?}, this stage's lora has rank {} and targets {:?}; continue it with the same settings (or leave `lora:` out), or merge it first",
-                        up.rank,
-                        names(&up.targets),
-                        mine.rank,
-                        names(&mine.targets)
-                    ),
-                });
-            }
-            (None, Some(mine)) => (lora::inject(loaded.model, mine, seed), Some(mine.clone())),
-            (None, None) => (loaded.model, None),
-        };
-        let (net, base_bits) = if c.quantize_base {
-            let (net, bits) = lora::quantize_base_nf4(net);
-            cx.log(format!(
-                "frozen base stored as NF4: {bits:.3} bits per parameter"
-            ));
-            (net, Some(bits))
-        } else {
-            (net, None)
-        };
-        let bf16 = c.dtype.bf16_on(cx.backend());
-        let net = net.set_bf16(bf16);
-        cx.log(format!(
-            "compute dtype: {}",
-            if bf16 { "bf16" } else { "f32" }
-        ));
-        let trainable = net.num_params_where(|_| true) - frozen_count(&net);
-        let total_params = net.config.num_params() + lora::adapter_param_count(&net);
         let steps = match (c.steps, c.epochs) {
             (Some(s), _) => s,
             (None, e) => {
                 looper::steps_for_epochs(train.len(), c.batch_size, c.grad_accum, e.unwrap_or(1.0))
             }
         };
+        let net = &start.net;
+        let trainable = net.num_params_where(|_| true) - frozen_count(net);
+        let total_params = net.config.num_params() + lora::adapter_param_count(net);
         cx.log(format!(
             "training {trainable} of {total_params} parameters for {steps} steps on {} examples ({} tokens, {} truncated)",
             train.len(), tokens, truncated
@@ -585,67 +542,288 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
             // `train_with` pads through the objective; only `looper::train` reads this.
             pad_id: 0,
         };
-        let result = looper::train_with(net, &objective, &train, eval.as_deref(), &spec, cx)?;
+        let result = looper::train_with(
+            start.net.clone(),
+            &objective,
+            &train,
+            eval.as_deref(),
+            &spec,
+            cx,
+        )?;
         let out = cx
             .output_dir(None)
             .map_err(|e| TrainError::Input {
                 message: e.to_string(),
             })?
             .to_path_buf();
-        let valid = result.model.valid();
-        match &lora_params {
-            Some(lp) => {
-                lora::write_adapter(&valid, lp, model::ADAPTER_BASE_DIR, &out)?;
-                model::link_model_dir(&base_dir, &out.join(model::ADAPTER_BASE_DIR))?;
-            }
-            None => model::save_model_dir(&valid, &loaded.raw_config, &base_dir, &out)?,
-        }
-        let mut log = String::new();
-        for l in &result.log {
-            log.push_str(&serde_json::to_string(l).unwrap_or_default());
-            log.push('\n');
-        }
-        let log_path = out.join("train_log.jsonl");
-        std::fs::write(&log_path, log).map_err(|e| TrainError::io(&log_path, e))?;
-        let first = result.log.first().map(|l| l.loss).unwrap_or(f64::NAN);
-        let last = result.log.last().map(|l| l.loss).unwrap_or(f64::NAN);
+        write_trained(&result, &start, &raw_config, &base_dir, &out)?;
         let mut outcome = StageOutcome::default()
             .metric("steps", steps)
             .metric("examples", train.len())
             .metric("tokens", tokens)
             .metric("truncated", truncated)
             .metric("trainable_params", trainable)
-            .metric("total_params", total_params)
-            .metric("loss_first", round6(first))
-            .metric("loss_last", round6(last));
-        outcome = outcome.metric("dtype", if bf16 { "bf16" } else { "f32" });
-        if let Some(bits) = base_bits {
-            outcome = outcome.metric("base_bits_per_param", round6(bits));
+            .metric("total_params", total_params);
+        if objective.needs_reference() {
+            outcome = outcome
+                .metric("reference", reference_origin(cx))
+                .metric("reference_precision", start.precision());
         }
-        if let Some((e, metrics)) = result.final_eval {
-            outcome = outcome.metric("eval_loss", round6(e));
-            if objective.reports_perplexity() {
-                outcome = outcome.metric("eval_perplexity", round6(e.exp()));
-            }
-            for (k, v) in metrics {
-                outcome = outcome.metric(&format!("eval_{k}"), round6(v));
-            }
-        }
-        if let Some(last) = result.log.last() {
-            for (k, v) in &last.extra {
-                outcome = outcome.metric(k, round6(*v));
-            }
-        }
-        cx.log(format!(
-            "done: loss {first:.4} → {last:.4}, {:.0} tokens/s{}",
-            result.tokens_per_s,
-            result
-                .resumed_from
-                .map(|s| format!(", resumed at step {s}"))
-                .unwrap_or_default()
-        ));
-        Ok(outcome)
+        Ok(report(
+            outcome,
+            &result,
+            &start,
+            objective.reports_perplexity(),
+            cx,
+        ))
     }
+}
+
+/// The directory of the input artifact `field`.
+fn input_dir(cx: &RunContext, field: &str) -> Result<PathBuf, TrainError> {
+    cx.input(field)
+        .map(|a| a.dir.clone())
+        .map_err(|e| TrainError::Input {
+            message: e.to_string(),
+        })
+}
+
+/// The policy as it starts training: the upstream model with its adapters (continued or fresh),
+/// its base stored as it will be during training, in the compute dtype, with dropout set.
+pub(crate) struct Start<B: AutodiffBackend> {
+    pub net: model::CausalLm<B>,
+    /// The adapter being trained (written to the output), when adapters train.
+    pub lora: Option<LoraParams>,
+    /// How the frozen base is stored (recorded in an output adapter).
+    pub base_quant: Option<model::BaseQuant>,
+    /// Bits per parameter of a base quantized in this stage.
+    pub base_bits: Option<f64>,
+    pub bf16: bool,
+}
+
+impl<B: AutodiffBackend> Start<B> {
+    fn precision(&self) -> String {
+        precision(self.base_quant, self.bf16)
+    }
+}
+
+/// How a model computes: its base's storage and its compute dtype, e.g. `f32`, `bf16`,
+/// `nf4/f32`. A reference log-probs artifact must have been computed at the policy's precision.
+pub fn precision(base_quant: Option<model::BaseQuant>, bf16: bool) -> String {
+    let dtype = if bf16 { "bf16" } else { "f32" };
+    match base_quant {
+        Some(q) => format!("{}/{dtype}", q.name()),
+        None => dtype.to_owned(),
+    }
+}
+
+/// The precision a trainer's policy starts at, known before loading it: the upstream adapter's
+/// recorded base quantization (or this stage's `qlora:`/`quantize_base:`) and the compute dtype
+/// on `backend`.
+pub fn start_precision(c: &Common, upstream: &Path, backend: &str) -> Result<String, TrainError> {
+    let recorded = if model::is_adapter_dir(upstream) {
+        lora::read_base_quant(upstream)?
+    } else {
+        None
+    };
+    let quant = recorded.or(c.quantize_base.then_some(model::BaseQuant::Nf4));
+    Ok(precision(quant, c.dtype.bf16_on(backend)))
+}
+
+/// Decide what trains. An upstream adapter keeps training when `lora:` is absent or has its rank,
+/// alpha and targets (a `dropout` given there applies; a different shape is an error: merge the
+/// adapter first); a Model upstream gets fresh adapters with `lora:`, or trains every weight
+/// without it. Then the base is quantized (`qlora:`), the compute dtype set, and, with
+/// `disable_dropout`, the adapters' dropout turned off for training.
+fn start_policy<B: AutodiffBackend>(
+    c: &Common,
+    loaded: model::Loaded<B>,
+    seed: u64,
+    disable_dropout: bool,
+    cx: &mut RunContext,
+) -> Result<Start<B>, TrainError> {
+    let (net, lora_params) = match (&loaded.adapter, &c.lora) {
+        (Some(up), None) => (loaded.model, Some(up.clone())),
+        (Some(up), Some(mine)) if same_adapter(up, mine) => {
+            if up.dropout != mine.dropout {
+                cx.log(format!(
+                    "continuing the upstream adapter with lora.dropout {} (it trained with {})",
+                    mine.dropout, up.dropout
+                ));
+            }
+            (
+                lora::set_dropout(loaded.model, mine.dropout),
+                Some(mine.clone()),
+            )
+        }
+        (Some(up), Some(mine)) => {
+            return Err(TrainError::Input {
+                message: format!(
+                    "the upstream adapter has rank {}, alpha {} and targets {:?}, this stage's lora has rank {}, alpha {} and targets {:?}; continue it with the same settings (or leave `lora:` out), or merge it first",
+                    up.rank,
+                    up.alpha(),
+                    names(&up.targets),
+                    mine.rank,
+                    mine.alpha(),
+                    names(&mine.targets)
+                ),
+            });
+        }
+        (None, Some(mine)) => (lora::inject(loaded.model, mine, seed), Some(mine.clone())),
+        (None, None) => (loaded.model, None),
+    };
+    if let Some(q) = loaded.base_quant {
+        cx.log(format!(
+            "the upstream adapter trained on a {} base: continuing on it",
+            q.name()
+        ));
+    }
+    let (net, base_quant, base_bits) = match (loaded.base_quant, c.quantize_base) {
+        (Some(q), _) => (net, Some(q), None),
+        (None, true) => {
+            let (net, bits) = lora::quantize_base_nf4(net);
+            cx.log(format!(
+                "frozen base stored as NF4: {bits:.3} bits per parameter"
+            ));
+            (net, Some(model::BaseQuant::Nf4), Some(bits))
+        }
+        (None, false) => (net, None, None),
+    };
+    let bf16 = c.dtype.bf16_on(cx.backend());
+    let net = net.set_bf16(bf16);
+    cx.log(format!(
+        "compute dtype: {}",
+        if bf16 { "bf16" } else { "f32" }
+    ));
+    let net = if disable_dropout {
+        lora::set_dropout(net, 0.0)
+    } else {
+        net
+    };
+    Ok(Start {
+        net,
+        lora: lora_params,
+        base_quant,
+        base_bits,
+        bf16,
+    })
+}
+
+/// The frozen reference of a preference or RL objective, without gradients: by default the
+/// policy as it starts (upstream adapter included, same base storage and compute dtype, which is
+/// the same weights, not a copy); with `reference_model:`, that model, loaded as it trained and
+/// put in the policy's compute dtype.
+fn reference_model<B: AutodiffBackend>(
+    c: &Common,
+    start: &Start<B>,
+    cx: &mut RunContext,
+    device: &B::Device,
+) -> Result<model::CausalLm<B::InnerBackend>, TrainError> {
+    if cx.input("reference_model").is_ok() {
+        let dir = input_dir(cx, "reference_model")?;
+        let loaded = model::load::<B>(&dir, device)?;
+        cx.log(format!(
+            "reference: the `reference_model` input ({}), in the policy's compute dtype",
+            precision(loaded.base_quant, start.bf16)
+        ));
+        return Ok(loaded.model.set_bf16(start.bf16).valid());
+    }
+    let _ = c;
+    cx.log(format!(
+        "reference: the policy's starting model ({}{}); reference log-probs computed in this stage unless `reference:` gives them",
+        if start.lora.is_some() { "base + adapter, " } else { "" },
+        start.precision()
+    ));
+    Ok(start.net.valid())
+}
+
+/// What the `reference` metric says: which model the reference log-probs come from.
+fn reference_origin(cx: &RunContext) -> &'static str {
+    if cx.input("reference").is_ok() {
+        "logprobs artifact of the policy's starting model"
+    } else if cx.input("reference_model").is_ok() {
+        "reference_model"
+    } else {
+        "the policy's starting model"
+    }
+}
+
+/// Write the trained model: an Adapter (PEFT layout, the base linked in `base/`, the base's
+/// quantization recorded) or a full Model, and the training log.
+fn write_trained<B: AutodiffBackend>(
+    result: &looper::LoopResult<B>,
+    start: &Start<B>,
+    raw_config: &serde_json::Value,
+    base_dir: &Path,
+    out: &Path,
+) -> Result<(), TrainError> {
+    let valid = result.model.valid();
+    match &start.lora {
+        Some(lp) => {
+            lora::write_adapter(&valid, lp, model::ADAPTER_BASE_DIR, out)?;
+            lora::write_base_quant(out, start.base_quant)?;
+            model::link_model_dir(base_dir, &out.join(model::ADAPTER_BASE_DIR))?;
+        }
+        None => model::save_model_dir(&valid, raw_config, base_dir, out)?,
+    }
+    let mut log = String::new();
+    for l in &result.log {
+        log.push_str(&serde_json::to_string(l).unwrap_or_default());
+        log.push('\n');
+    }
+    let log_path = out.join("train_log.jsonl");
+    std::fs::write(&log_path, log).map_err(|e| TrainError::io(&log_path, e))
+}
+
+/// The loop's numbers as stage metrics (first/last loss, held-out scores, the last step's
+/// objective metrics), and the closing log line.
+fn report<B: AutodiffBackend>(
+    mut outcome: StageOutcome,
+    result: &looper::LoopResult<B>,
+    start: &Start<B>,
+    perplexity: bool,
+    cx: &mut RunContext,
+) -> StageOutcome {
+    let first = result.log.first().map(|l| l.loss).unwrap_or(f64::NAN);
+    let last = result.log.last().map(|l| l.loss).unwrap_or(f64::NAN);
+    outcome = outcome
+        .metric("loss_first", round6(first))
+        .metric("loss_last", round6(last))
+        .metric("dtype", if start.bf16 { "bf16" } else { "f32" });
+    if let Some(q) = start.base_quant {
+        outcome = outcome.metric("base_quantization", q.name());
+    }
+    if let Some(bits) = start.base_bits {
+        outcome = outcome.metric("base_bits_per_param", round6(bits));
+    }
+    if let Some((e, metrics)) = &result.final_eval {
+        outcome = outcome.metric("eval_loss", round6(*e));
+        if perplexity {
+            outcome = outcome.metric("eval_perplexity", round6(e.exp()));
+        }
+        for (k, v) in metrics {
+            outcome = outcome.metric(&format!("eval_{k}"), round6(*v));
+        }
+    }
+    if let Some(first) = result.log.first() {
+        for (k, v) in &first.extra {
+            outcome = outcome.metric(&format!("first_{k}"), round6(*v));
+        }
+    }
+    if let Some(last) = result.log.last() {
+        for (k, v) in &last.extra {
+            outcome = outcome.metric(k, round6(*v));
+        }
+    }
+    cx.log(format!(
+        "done: loss {first:.4} → {last:.4}, {:.0} tokens/s{}",
+        result.tokens_per_s,
+        result
+            .resumed_from
+            .map(|s| format!(", resumed at step {s}"))
+            .unwrap_or_default()
+    ));
+    outcome
 }
 
 fn round6(x: f64) -> f64 {
