@@ -155,3 +155,145 @@ fn orpo_trains_without_a_reference_and_kto_refuses_batches_of_one() {
     );
     assert!(err.contains("pipeline.yaml:"), "{err}");
 }
+
+/// An SFT LoRA adapter (a few steps, so its B matrices are not zero), then preference trainers
+/// stepping once from it and from the base: before the first update the policy is the
+/// reference, so every DPO reward is 0 and the loss log 2, and KTO's KL estimate and rewards are
+/// 0 (loss 1 − σ(0) = 0.5), whatever the upstream: a Model, an Adapter (the reference keeps
+/// it), QLoRA (the reference is on the same NF4 base) or bf16 compute.
+const START: &str = "  alpaca: {kind: dataset, path: ALPACA, format: alpaca}
+  sft:
+    kind: train.sft
+    model: base
+    data: alpaca
+    lora: {rank: 4, alpha: 8}
+    seq_len: 96
+    steps: 6
+    lr: 5.0e-3
+  sft_q:
+    kind: train.sft
+    model: base
+    data: alpaca
+    eval_data: alpaca
+    qlora: {rank: 4, alpha: 8}
+    seq_len: 96
+    steps: 4
+    lr: 5.0e-3
+  q_eval: {kind: eval, model: sft_q, data: alpaca, seq_len: 96}
+  dpo_model: {kind: train.dpo, model: base, data: psplit.train, lora: {rank: 4}, seq_len: 96, steps: 1}
+  dpo_adapter: {kind: train.dpo, model: sft, data: psplit.train, seq_len: 96, steps: 1}
+  dpo_qlora: {kind: train.dpo, model: base, data: psplit.train, qlora: {rank: 4}, seq_len: 96, steps: 1}
+  dpo_q_adapter: {kind: train.dpo, model: sft_q, data: psplit.train, seq_len: 96, steps: 1}
+  dpo_bf16: {kind: train.dpo, model: sft, data: psplit.train, dtype: bf16, seq_len: 96, steps: 1}
+  dpo_dropout:
+    kind: train.dpo
+    model: sft
+    data: psplit.train
+    lora: {rank: 4, alpha: 8, dropout: 0.5}
+    seq_len: 96
+    steps: 1
+  dpo_dropout_on:
+    kind: train.dpo
+    model: sft
+    data: psplit.train
+    lora: {rank: 4, alpha: 8, dropout: 0.5}
+    disable_dropout: false
+    seq_len: 96
+    steps: 1
+  kto_adapter: {kind: train.kto, model: sft, data: ksplit.train, seq_len: 256, steps: 1}
+  lp_adapter: {kind: logprobs, model: sft, data: psplit.train, seq_len: 96}
+  merged: {kind: merge, model: sft}
+  lp_merged: {kind: logprobs, model: merged, data: psplit.train, seq_len: 96}
+  dpo_cached: {kind: train.dpo, model: sft, data: psplit.train, reference: lp_adapter, seq_len: 96, steps: 1}
+";
+
+#[test]
+fn the_reference_is_the_policy_as_it_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = START.replace(
+        "ALPACA",
+        &fixtures().join("data/alpaca.jsonl").display().to_string(),
+    );
+    let m = write_manifest(tmp.path(), &manifest(&body));
+    run_ok(&["run", m.to_str().unwrap(), "-q"], tmp.path());
+    let l = lock(tmp.path());
+    let ln2 = std::f64::consts::LN_2;
+    for stage in [
+        "dpo_model",
+        "dpo_adapter",
+        "dpo_qlora",
+        "dpo_q_adapter",
+        "dpo_bf16",
+        "dpo_dropout",
+        "dpo_cached",
+    ] {
+        let loss = metric(&l, stage, "loss_first");
+        assert!((loss - ln2).abs() < 1e-6, "{stage}: first loss {loss}");
+        for r in ["rewards/chosen", "rewards/rejected", "rewards/margin"] {
+            let v = metric(&l, stage, &format!("first_{r}"));
+            assert!(v.abs() < 1e-6, "{stage}: first {r} {v}");
+        }
+    }
+    // QLoRA: the reference is on the NF4 base, and an adapter trained with QLoRA keeps it.
+    assert_eq!(
+        l["stages"]["dpo_qlora"]["metrics"]["reference_precision"],
+        "nf4/f32"
+    );
+    assert_eq!(
+        l["stages"]["dpo_q_adapter"]["metrics"]["reference_precision"],
+        "nf4/f32"
+    );
+    assert_eq!(
+        l["stages"]["dpo_bf16"]["metrics"]["reference_precision"],
+        "bf16"
+    );
+    // With dropout on (0.5 on the adapter's input), the policy's log-probs are noisy against
+    // the deterministic reference: the first loss is no longer log 2.
+    let noisy = metric(&l, "dpo_dropout_on", "loss_first");
+    assert!((noisy - ln2).abs() > 1e-4, "dropout on: first loss {noisy}");
+    let kto_loss = metric(&l, "kto_adapter", "loss_first");
+    assert!((kto_loss - 0.5).abs() < 1e-6, "KTO first loss {kto_loss}");
+    for r in ["rewards/desirable", "rewards/undesirable"] {
+        let v = metric(&l, "kto_adapter", &format!("first_{r}"));
+        assert!(v.abs() < 1e-6, "KTO first {r} {v}");
+    }
+    // The KL estimate is a mean of log-prob sums over ~100 tokens (not scaled by β): f32 noise
+    // from the different padding of the reference's and the policy's batches, not 32.6.
+    let kl = metric(&l, "kto_adapter", "first_kl");
+    assert!(kl.abs() < 1e-4, "KTO first kl {kl}");
+    // An adapter's log-probs are its merged model's.
+    let a = metric(&l, "lp_adapter", "mean_logp");
+    let b = metric(&l, "lp_merged", "mean_logp");
+    assert!((a - b).abs() < 1e-5, "adapter {a} vs merged {b}");
+    assert_eq!(
+        l["stages"]["lp_adapter"]["metrics"]["model_kind"],
+        "adapter"
+    );
+    // The eval stage on a QLoRA adapter scores it on its NF4 base, as its training loop did.
+    let in_loop = metric(&l, "sft_q", "eval_loss");
+    let staged = metric(&l, "q_eval", "mean_nll");
+    assert!(
+        (in_loop - staged).abs() < 1e-5,
+        "QLoRA in-loop eval {in_loop} vs eval stage {staged}"
+    );
+}
+
+#[test]
+fn a_reference_artifact_of_another_precision_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = write_manifest(
+        tmp.path(),
+        &manifest(
+            "  lp: {kind: logprobs, model: base, data: psplit.train, seq_len: 96}
+  dpo: {kind: train.dpo, model: base, data: psplit.train, reference: lp, qlora: {rank: 4}, seq_len: 96, steps: 1}
+",
+        ),
+    );
+    let out = run(&["run", m.to_str().unwrap(), "-q"], tmp.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("were computed at precision `f32`") && err.contains("`nf4/f32`"),
+        "{err}"
+    );
+}

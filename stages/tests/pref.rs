@@ -167,7 +167,7 @@ mod finite_differences {
     use burnish_stages::pref::data::{encode_labeled, encode_pairs};
     use burnish_stages::pref::losses::DpoLoss;
     use burnish_stages::pref::objectives::{
-        DpoObjective, KtoObjective, OrpoObjective, fill_reference,
+        DpoObjective, KtoObjective, OrpoNll, OrpoObjective, fill_reference,
     };
     use burnish_stages::text::{ChatTemplate, TemplateChoice, TextTokenizer};
     use burnish_stages::train::Objective;
@@ -304,7 +304,15 @@ mod finite_differences {
 
     #[test]
     fn orpo_gradients_match_finite_differences() {
-        check(&OrpoObjective { beta: 0.5, pad: 0 }, &pairs(), "orpo");
+        check(
+            &OrpoObjective {
+                beta: 0.5,
+                nll: OrpoNll::AllTokens,
+                pad: 0,
+            },
+            &pairs(),
+            "orpo",
+        );
     }
 
     #[test]
