@@ -226,6 +226,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                         serde_json::json!({
                             "stage": s.stage, "kind": s.kind, "state": s.state.as_str(),
                             "fingerprint": s.fingerprint, "reasons": s.reasons,
+                            "notes": s.notes,
                         })
                     })
                     .collect();
@@ -250,6 +251,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     );
                     for r in &s.reasons {
                         println!("        {:<width$}  - {r}", "");
+                    }
+                    for n in &s.notes {
+                        println!("        {:<width$}  · {n}", "");
                     }
                 }
                 let count = |st: State| status.iter().filter(|s| s.state == st).count();

@@ -76,6 +76,14 @@ fn dpo_raises_held_out_reward_accuracy_and_beta_does_not_recompute_reference() {
     assert!(line("ref").starts_with("cached"), "{plan}");
     assert!(line("dpo").starts_with("stale"), "{plan}");
     assert!(plan.contains("`beta` changed 0.1 → 0.2"), "{plan}");
+    assert!(
+        plan.contains("· reference model: the policy as it starts: `base` under fresh adapters"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("· reference log-probs: cached by `ref`"),
+        "{plan}"
+    );
     run_ok(&["run", m.to_str().unwrap(), "-q"], tmp.path());
     let l2 = lock(tmp.path());
     assert_eq!(l2["stages"]["ref"]["fingerprint"], first_ref);

@@ -47,6 +47,8 @@ pub struct Cell {
     /// Path field → resolved path.
     pub files: Vec<(String, PathBuf)>,
     pub sensitivity: Sensitivity,
+    /// The kind's notes for `plan` ([`crate::stage::Stage::notes`]).
+    pub notes: Vec<String>,
 }
 
 impl Cell {
@@ -221,6 +223,7 @@ impl Plan {
                     let types: BTreeMap<String, ArtifactType> =
                         inputs.iter().map(|i| (i.field.clone(), i.ty)).collect();
                     let outputs = params.outputs(&types);
+                    let notes = params.notes(&types);
                     let mut files = Vec::new();
                     for f in params.files() {
                         let p = manifest
@@ -241,6 +244,7 @@ impl Plan {
                         outputs,
                         files,
                         sensitivity,
+                        notes,
                     });
                 }
             }
@@ -407,6 +411,7 @@ impl Plan {
                 state,
                 fingerprint,
                 reasons,
+                notes: c.notes.clone(),
                 inputs: fi,
             });
         }
@@ -460,6 +465,8 @@ pub struct CellStatus {
     /// `None` while an upstream is not computed (content-addressed inputs).
     pub fingerprint: Option<String>,
     pub reasons: Vec<String>,
+    /// The kind's notes on this stage (which model is a trainer's reference, …).
+    pub notes: Vec<String>,
     #[serde(skip)]
     pub inputs: FingerprintInputs,
 }

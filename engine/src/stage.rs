@@ -327,6 +327,12 @@ pub trait Stage: Send + Sync + 'static {
     /// What it yields, given the types of its inputs (keyed by field path).
     fn outputs(params: &Self::Params, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl>;
 
+    /// Short lines `plan` prints under the stage: what a reader would otherwise work out from
+    /// the kind's rules (which model a trainer's reference is), given the types of its inputs.
+    fn notes(_params: &Self::Params, _inputs: &BTreeMap<String, ArtifactType>) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Range and consistency checks on parameters (all problems, not the first).
     fn check(_params: &Self::Params) -> Vec<FieldProblem> {
         Vec::new()
@@ -532,6 +538,7 @@ pub trait ErasedParams: Send + Sync {
     fn inputs(&self) -> Vec<Input>;
     fn files(&self) -> Vec<FileInput>;
     fn outputs(&self, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl>;
+    fn notes(&self, inputs: &BTreeMap<String, ArtifactType>) -> Vec<String>;
     fn check(&self) -> Vec<FieldProblem>;
     fn sensitivity(&self) -> Sensitivity;
     fn run(&self, cx: &mut RunContext) -> Result<StageOutcome, StageError>;
@@ -557,6 +564,9 @@ impl<S: Stage> ErasedParams for Typed<S> {
     }
     fn outputs(&self, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
         S::outputs(&self.0, inputs)
+    }
+    fn notes(&self, inputs: &BTreeMap<String, ArtifactType>) -> Vec<String> {
+        S::notes(&self.0, inputs)
     }
     fn check(&self) -> Vec<FieldProblem> {
         S::check(&self.0)

@@ -468,6 +468,40 @@ fn yes() -> bool {
     true
 }
 
+/// `plan`'s note on a trainer's reference model.
+fn reference_notes(
+    c: &crate::train::Common,
+    reference: &Option<StageRef>,
+    reference_model: &Option<StageRef>,
+    inputs: &BTreeMap<String, ArtifactType>,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    let dtype = match c.dtype {
+        ComputeDType::Bf16 => ", in bf16",
+        ComputeDType::F32 => ", in f32",
+        ComputeDType::Auto => "",
+    };
+    notes.push(match reference_model {
+        Some(r) => format!("reference model: `{r}` (reference_model){dtype}"),
+        None => {
+            let upstream = match inputs.get("model").map(|t| t.kind) {
+                Some(ArtifactKind::Adapter) => "with its adapter on",
+                _ if c.lora.is_some() => "under fresh adapters (zero at the start)",
+                _ => "as loaded",
+            };
+            let base = if c.quantize_base { ", base as NF4" } else { "" };
+            format!(
+                "reference model: the policy as it starts: `{}` {upstream}{base}{dtype}",
+                c.model
+            )
+        }
+    });
+    if let Some(r) = reference {
+        notes.push(format!("reference log-probs: cached by `{r}`"));
+    }
+    notes
+}
+
 fn beta_problem(beta: f64) -> Option<FieldProblem> {
     (!(beta.is_finite() && beta > 0.0))
         .then(|| FieldProblem::new("beta", format!("beta must be > 0, found {beta}")))
@@ -533,6 +567,9 @@ impl Stage for DpoStage {
     }
     fn outputs(p: &DpoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
         trainer_outputs(&p.common(), inputs)
+    }
+    fn notes(p: &DpoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<String> {
+        reference_notes(&p.common(), &p.reference, &p.reference_model, inputs)
     }
     fn check(p: &DpoParams) -> Vec<FieldProblem> {
         let mut v = trainer_check(&p.common());
@@ -653,6 +690,9 @@ impl Stage for KtoStage {
     }
     fn outputs(p: &KtoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
         trainer_outputs(&p.common(), inputs)
+    }
+    fn notes(p: &KtoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<String> {
+        reference_notes(&p.common(), &p.reference, &p.reference_model, inputs)
     }
     fn check(p: &KtoParams) -> Vec<FieldProblem> {
         let mut v = trainer_check(&p.common());
