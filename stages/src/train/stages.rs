@@ -102,8 +102,10 @@ trainer_params! {
         /// `llama3` or `alpaca`.
         #[serde(default)]
         pub chat_template: TemplateChoice,
-        /// Also train on system/user tokens (by default only assistant replies and their
-        /// end-of-turn token are targets).
+        /// Also train on system/user tokens. By default only assistant replies and their
+        /// end-of-turn token are targets: TRL's `assistant_only_loss` also trains the
+        /// template's newlines around them, and TRL's default trains every token (this
+        /// option, but for the first token, which nothing predicts).
         #[serde(default)]
         pub train_on_prompt: bool,
         /// Concatenate examples into full `seq_len` blocks.
