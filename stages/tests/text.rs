@@ -584,6 +584,7 @@ fn pack_blocks() {
     let ex = |n: u32| Example {
         ids: (0..n).collect(),
         targets: (0..n).map(|i| i > 0).collect(),
+        doc_starts: Vec::new(),
     };
     let blocks = pack(vec![ex(5), ex(6), ex(3)], 4);
     let lens: Vec<usize> = blocks.iter().map(Example::len).collect();

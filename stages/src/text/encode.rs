@@ -23,6 +23,10 @@ use crate::data::records::{ChatRecord, Message, Role, TextRecord};
 pub struct Example {
     pub ids: Vec<u32>,
     pub targets: Vec<bool>,
+    /// Where each document after the first starts, increasing, each in `1..len`: empty when the
+    /// example is one document. Attention stays inside a document and positions restart at its
+    /// start; the first token of a document is never a target.
+    pub doc_starts: Vec<usize>,
 }
 
 impl Example {
@@ -155,7 +159,11 @@ pub fn encode_chat(
         .enumerate()
         .map(|(i, &t)| i > 0 && (train_on_prompt || t))
         .collect();
-    Ok(Example { ids, targets })
+    Ok(Example {
+        ids,
+        targets,
+        doc_starts: Vec::new(),
+    })
 }
 
 /// Chat records (alpaca, prompt/completion, chat and sharegpt datasets all load as
@@ -259,6 +267,7 @@ pub fn encode_cpt(
         .map(|c| Example {
             ids: c.to_vec(),
             targets: (0..c.len()).map(|i| i > 0).collect(),
+            doc_starts: Vec::new(),
         })
         .collect();
     Ok(Encoded::new(examples, 0))
