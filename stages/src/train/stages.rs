@@ -168,6 +168,13 @@ impl Stage for SftStage {
             Some(_) => Some(enc(&chats(cx, "eval_data")?, p.packing && p.eval_packing)?),
             None => None,
         };
+        if let Some(e) = &eval {
+            let docs: usize = e.examples.iter().map(|x| x.doc_starts.len() + 1).sum();
+            cx.log(format!(
+                "eval_data: {docs} examples in {} rows",
+                e.examples.len()
+            ));
+        }
         fit(Fit::lm(c, prepared(train, eval), &tok, cx))
     }
 }
