@@ -61,7 +61,11 @@ fn main() {
             .collect();
         // A 32-token prompt, the rest the completion.
         let targets = (0..seq).map(|i| i >= 32).collect();
-        Example { ids, targets }
+        Example {
+            ids,
+            targets,
+            doc_starts: Vec::new(),
+        }
     };
     let sft: Vec<Example> = (0..batch).map(|_| example()).collect();
     let pairs: Vec<PairItem> = (0..batch)

@@ -1301,6 +1301,7 @@ fn burnish_perplexity_like_llama_cpp(model_dir: &Path, ids: &[u32], n_ctx: usize
         .map(|c| burnish_stages::text::Example {
             ids: c.to_vec(),
             targets: (0..n_ctx).map(|i| i > first).collect(),
+            doc_starts: Vec::new(),
         })
         .collect();
     burnish_stages::train::batch::score(&loaded.model, &examples, 4, 0).perplexity()

@@ -83,6 +83,7 @@ fn check_against_transformers(name: &str) {
     let ex = Example {
         ids: r.ids.clone(),
         targets,
+        doc_starts: Vec::new(),
     };
     let s = score(&loaded.model, &[ex], 1, 0);
     let rel = (s.perplexity() - r.perplexity).abs() / r.perplexity;
@@ -398,6 +399,7 @@ fn bf16_compute_stays_close_to_f32_and_trains() {
     let ex = Example {
         ids: vec![1, 320, 198, 77, 201, 54, 315, 477, 2],
         targets: vec![false, true, true, true, true, true, true, true, true],
+        doc_starts: Vec::new(),
     };
     let spec = LoopSpec {
         steps: 3,
@@ -690,7 +692,10 @@ fn fused_swiglu_matches_silu_times_up_and_both_gradients() {
 #[test]
 fn causal_softmax_equals_bias_plus_softmax_to_the_bit() {
     use burn::backend::Autodiff;
-    use burnish_stages::model::{fused, llama::causal_bias};
+    use burnish_stages::model::{
+        fused,
+        llama::{AttentionMask, causal_bias},
+    };
     type A = Autodiff<Flex>;
     let dev = FlexDevice;
     // Two query heads per key/value head and rows longer than the loops' 16 lanes.
@@ -703,7 +708,7 @@ fn causal_softmax_equals_bias_plus_softmax_to_the_bit() {
     let run = |fused_ops: bool| {
         let x = Tensor::<A, 4>::from_data(data.clone(), &dev).require_grad();
         let p = if fused_ops {
-            fused::causal_softmax(x.clone(), &causal)
+            fused::causal_softmax(x.clone(), &AttentionMask::causal(t, groups, &dev))
         } else {
             let s = (x.clone().reshape([b * kv, groups * t * t]) + causal.clone()).reshape(shape);
             fused::softmax_last(s)
@@ -845,36 +850,46 @@ fn fused_matmul_matches_f64_products_and_gradients_for_every_transpose_and_batch
 }
 
 /// Causal attention in f64 for one key/value head: `q` `[g·t, d]`, `k`, `v` `[t, d]`, and the
-/// gradients of `Σ out ⊙ w`. Returns `(out, ∂q, ∂k, ∂v)`.
-fn attention_f64(q: &[f64], k: &[f64], v: &[f64], w: &[f64], t: usize, d: usize) -> [Vec<f64>; 4] {
-    let rows = q.len() / d;
+/// gradients of `Σ out ⊙ w`; position `i` sees the keys `first[i]..=i`. Returns
+/// `(out, ∂q, ∂k, ∂v)`.
+fn attention_f64(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    w: &[f64],
+    first: &[usize],
+    d: usize,
+) -> [Vec<f64>; 4] {
+    let (rows, t) = (q.len() / d, first.len());
     let (mut out, mut dq) = (vec![0.0; rows * d], vec![0.0; rows * d]);
     let (mut dk, mut dv) = (vec![0.0; t * d], vec![0.0; t * d]);
     for r in 0..rows {
-        let see = r % t + 1; // keys 0..=r mod t
-        let s: Vec<f64> = (0..see)
+        let keys = first[r % t]..r % t + 1;
+        let s: Vec<f64> = keys
+            .clone()
             .map(|j| (0..d).map(|c| q[r * d + c] * k[j * d + c]).sum())
             .collect();
         let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
         let z: f64 = e.iter().sum();
         let p: Vec<f64> = e.iter().map(|x| x / z).collect();
-        for j in 0..see {
+        for (&p, j) in p.iter().zip(keys.clone()) {
             for c in 0..d {
-                out[r * d + c] += p[j] * v[j * d + c];
+                out[r * d + c] += p * v[j * d + c];
             }
         }
         // ∂p = w·vᵀ, ∂s = p ⊙ (∂p − Σ ∂p ⊙ p)
-        let dp: Vec<f64> = (0..see)
+        let dp: Vec<f64> = keys
+            .clone()
             .map(|j| (0..d).map(|c| w[r * d + c] * v[j * d + c]).sum())
             .collect();
         let dot: f64 = dp.iter().zip(&p).map(|(a, b)| a * b).sum();
-        for j in 0..see {
-            let ds = p[j] * (dp[j] - dot);
+        for ((&p, &dp), j) in p.iter().zip(&dp).zip(keys) {
+            let ds = p * (dp - dot);
             for c in 0..d {
                 dq[r * d + c] += ds * k[j * d + c];
                 dk[j * d + c] += ds * q[r * d + c];
-                dv[j * d + c] += p[j] * w[r * d + c];
+                dv[j * d + c] += p * w[r * d + c];
             }
         }
     }
@@ -884,7 +899,7 @@ fn attention_f64(q: &[f64], k: &[f64], v: &[f64], w: &[f64], t: usize, d: usize)
 #[test]
 fn causal_attention_matches_f64_attention_and_its_gradients() {
     use burn::backend::Autodiff;
-    use burnish_stages::model::{fused, llama::causal_bias};
+    use burnish_stages::model::{fused, llama::AttentionMask};
     type A = Autodiff<Flex>;
     let dev = FlexDevice;
     // (batch, kv heads, query groups, t, head_dim): three blocks of query rows, the last one
@@ -907,7 +922,7 @@ fn causal_attention_matches_f64_attention_and_its_gradients() {
         };
         let (q, k, v) = (leaf(&qv, rows), leaf(&kv_, t), leaf(&vv, t));
         let w = Tensor::<A, 4>::from_data(TensorData::new(wv.clone(), [b, kv, rows, d]), &dev);
-        let causal = causal_bias::<A>(t, groups, &dev);
+        let causal = AttentionMask::<A>::causal(t, groups, &dev);
         let out = fused::causal_attention(q.clone(), k.clone(), v.clone(), &causal);
         let g = (out.clone() * w).sum().backward();
         let vals = |t: TensorData| t.to_vec::<f32>().unwrap();
@@ -925,7 +940,7 @@ fn causal_attention_matches_f64_attention_and_its_gradients() {
             plain(&qv, rows),
             plain(&kv_, t),
             plain(&vv, t),
-            &causal_bias::<Flex>(t, groups, &dev),
+            &AttentionMask::causal(t, groups, &dev),
         );
         assert_eq!(plain_out.into_data().to_vec::<f32>().unwrap(), got[0]);
         let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
@@ -936,7 +951,7 @@ fn causal_attention_matches_f64_attention_and_its_gradients() {
                 &f64s(&kv_[ks.clone()]),
                 &f64s(&vv[ks.clone()]),
                 &f64s(&wv[qs.clone()]),
-                t,
+                &vec![0; t],
                 d,
             );
             for (what, got, want) in [
@@ -952,5 +967,257 @@ fn causal_attention_matches_f64_attention_and_its_gradients() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn documents_restart_positions_and_see_only_their_own_document() {
+    use burnish_stages::model::llama::{Documents, document_bias};
+    // Row 0: three documents of 3, 4 and 2 tokens, then 2 of padding (part of the last
+    // document); row 1: one document.
+    let docs = Documents::new(&[&[3, 7], &[]], 11);
+    let pos = docs.positions();
+    assert_eq!(pos[..11], [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3]);
+    assert_eq!(pos[11..], (0..11).collect::<Vec<_>>());
+    let seen = |b: usize, q: usize| (0..11).filter(|&k| docs.sees(b, q, k)).collect::<Vec<_>>();
+    assert_eq!(seen(0, 0), [0]);
+    assert_eq!(seen(0, 2), [0, 1, 2]);
+    assert_eq!(seen(0, 3), [3]);
+    assert_eq!(seen(0, 6), [3, 4, 5, 6]);
+    assert_eq!(seen(0, 7), [7]);
+    assert_eq!(seen(0, 8), [7, 8]);
+    assert_eq!(seen(0, 10), [7, 8, 9, 10]);
+    assert_eq!(seen(1, 6), [0, 1, 2, 3, 4, 5, 6]);
+    // The composed path's bias: 0 where a query sees a key, −∞ elsewhere, for both query
+    // heads of a key/value head.
+    let groups = 2;
+    let bias = document_bias::<B>(&docs, groups, &FlexDevice);
+    assert_eq!(bias.dims(), [2, groups * 11 * 11]);
+    let bias = tensor_f32(bias);
+    for b in 0..2 {
+        for g in 0..groups {
+            for q in 0..11 {
+                for k in 0..11 {
+                    let v = bias[((b * groups + g) * 11 + q) * 11 + k];
+                    match docs.sees(b, q, k) {
+                        true => assert_eq!(v, 0.0, "row {b}, query {q}, key {k}"),
+                        false => assert_eq!(v, f32::NEG_INFINITY, "row {b}, query {q}, key {k}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn document_attention_matches_f64_and_the_composed_path_with_gradients() {
+    use burn::backend::Autodiff;
+    use burnish_stages::model::{
+        fused,
+        llama::{AttentionMask, Documents},
+    };
+    type A = Autodiff<Flex>;
+    let dev = FlexDevice;
+    // (batch, kv heads, query groups, t, head_dim, each row's document starts): three blocks
+    // of query rows with documents inside a block, across blocks, on a block boundary (64) and
+    // of one token; and one block with a one-token document.
+    type Case<'a> = ((usize, usize, usize, usize, usize), &'a [&'a [usize]]);
+    let cases: [Case; 2] = [
+        ((2, 2, 2, 150, 24), &[&[40, 64, 100, 101, 130], &[70]]),
+        ((1, 3, 1, 21, 16), &[&[5, 6, 13]]),
+    ];
+    for (case, ((b, kv, groups, t, d), rows_starts)) in cases.into_iter().enumerate() {
+        let (heads, rows) = (b * kv, groups * t);
+        let seed = 400 + 10 * case as u64;
+        let (qv, kv_, vv, wv) = (
+            seeded(heads * rows * d, seed, 1.0),
+            seeded(heads * t * d, seed + 1, 1.0),
+            seeded(heads * t * d, seed + 2, 1.0),
+            seeded(heads * rows * d, seed + 3, 1.0),
+        );
+        let docs = Documents::new(rows_starts, t);
+        let vals = |t: TensorData| t.to_vec::<f32>().unwrap();
+        // Output and gradients of `Σ out ⊙ w` through the fused op or the composed one.
+        let run = |composed: bool| {
+            let leaf = |v: &Vec<f32>, n: usize| {
+                Tensor::<A, 4>::from_data(TensorData::new(v.clone(), [b, kv, n, d]), &dev)
+                    .require_grad()
+            };
+            let (q, k, v) = (leaf(&qv, rows), leaf(&kv_, t), leaf(&vv, t));
+            let w = Tensor::<A, 4>::from_data(TensorData::new(wv.clone(), [b, kv, rows, d]), &dev);
+            let mask = AttentionMask::<A>::documents(docs.clone(), groups, &dev);
+            let out = match composed {
+                false => fused::causal_attention(q.clone(), k.clone(), v.clone(), &mask),
+                true => fused::causal_attention_composed(q.clone(), k.clone(), v.clone(), &mask),
+            };
+            let g = (out.clone() * w).sum().backward();
+            [
+                vals(out.into_data()),
+                vals(q.grad(&g).unwrap().into_data()),
+                vals(k.grad(&g).unwrap().into_data()),
+                vals(v.grad(&g).unwrap().into_data()),
+            ]
+        };
+        let (fused_run, composed_run) = (run(false), run(true));
+        // Inference on plain flex takes the same kernel.
+        let plain = |v: &Vec<f32>, n: usize| {
+            Tensor::<Flex, 4>::from_data(TensorData::new(v.clone(), [b, kv, n, d]), &dev)
+        };
+        let plain_out = fused::causal_attention(
+            plain(&qv, rows),
+            plain(&kv_, t),
+            plain(&vv, t),
+            &AttentionMask::documents(docs.clone(), groups, &dev),
+        );
+        assert_eq!(vals(plain_out.into_data()), fused_run[0]);
+        let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        for h in 0..heads {
+            let row = h / kv;
+            let first: Vec<usize> = (0..t)
+                .map(|i| (0..=i).find(|&j| docs.sees(row, i, j)).unwrap())
+                .collect();
+            let (qs, ks) = (h * rows * d..(h + 1) * rows * d, h * t * d..(h + 1) * t * d);
+            let want = attention_f64(
+                &f64s(&qv[qs.clone()]),
+                &f64s(&kv_[ks.clone()]),
+                &f64s(&vv[ks.clone()]),
+                &f64s(&wv[qs.clone()]),
+                &first,
+                d,
+            );
+            for (path, got) in [("fused", &fused_run), ("composed", &composed_run)] {
+                for (what, got, want) in [
+                    ("out", &got[0][qs.clone()], &want[0]),
+                    ("∂q", &got[1][qs.clone()], &want[1]),
+                    ("∂k", &got[2][ks.clone()], &want[2]),
+                    ("∂v", &got[3][ks.clone()], &want[3]),
+                ] {
+                    let worst = max_abs_diff_f64(got, want);
+                    assert!(
+                        worst < 1e-4,
+                        "{path} {what} of head {h}, {b}x{kv}x{groups}x{t}x{d}: off by {worst:e}"
+                    );
+                }
+            }
+        }
+        // The first token of a document sees only itself: its output is its value row.
+        let (h, i) = (0, rows_starts[0][0]);
+        assert!(
+            max_abs_diff(
+                &fused_run[0][(h * rows + i) * d..(h * rows + i + 1) * d],
+                &vv[(h * t + i) * d..(h * t + i + 1) * d]
+            ) < 1e-6
+        );
+    }
+}
+
+/// Four documents of the reference text, each alone; and a batch of the first three packed in
+/// one row (longest first, as best-fit decreasing puts them) beside the fourth unpacked (padded).
+fn packed_fixture(ids: &[u32]) -> (Vec<Example>, Vec<Example>) {
+    let doc = |range: std::ops::Range<usize>| Example {
+        ids: ids[range.clone()].to_vec(),
+        targets: (0..range.len()).map(|i| i > 0).collect(),
+        doc_starts: Vec::new(),
+    };
+    let alone = vec![doc(0..5), doc(5..12), doc(12..16), doc(16..22)];
+    let row = Example {
+        ids: [&alone[1], &alone[0], &alone[2]]
+            .map(|e| e.ids.as_slice())
+            .concat(),
+        targets: [&alone[1], &alone[0], &alone[2]]
+            .map(|e| e.targets.as_slice())
+            .concat(),
+        doc_starts: vec![7, 12],
+    };
+    (alone.clone(), vec![row, alone[3].clone()])
+}
+
+#[test]
+fn packed_documents_score_and_train_as_they_would_alone() {
+    use burn::backend::Autodiff;
+    use burnish_stages::model::llama::Documents;
+    use burnish_stages::train::batch::make_batch;
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let dir = fixture(name);
+        let net = model::load_model_dir::<B>(&dir, &FlexDevice).unwrap().model;
+        let r = reference(&dir, net.config.vocab_size);
+        assert!(r.ids.len() >= 22);
+        let (alone, packed) = packed_fixture(&r.ids);
+        // Logits: each document's positions of the packed row equal the document alone.
+        let row = &packed[0];
+        let docs = Documents::new(&[&row.doc_starts], row.len());
+        let logits = tensor_f32(net.forward_with(ids_tensor(&row.ids), Some(&docs)));
+        let v = net.config.vocab_size;
+        let mut at = 0;
+        for (i, ex) in [&alone[1], &alone[0], &alone[2]].into_iter().enumerate() {
+            let own = tensor_f32(net.forward(ids_tensor(&ex.ids)));
+            let diff = max_abs_diff(&logits[at * v..(at + ex.len()) * v], &own);
+            assert!(
+                diff < 1e-4,
+                "{name}: document {i} packed vs alone: {diff:e}"
+            );
+            at += ex.len();
+        }
+        // The loss over target tokens (what eval_loss reports): packed rows, batched beside an
+        // unpacked padded row, against each example scored alone.
+        let one_by_one = alone
+            .iter()
+            .map(|e| score(&net, std::slice::from_ref(e), 1, 0))
+            .fold((0.0, 0), |(n, c), s| (n + s.nll_sum, c + s.targets));
+        let per_doc = one_by_one.0 / one_by_one.1 as f64;
+        let s = score(&net, &packed, 2, 0);
+        assert_eq!(s.targets, one_by_one.1);
+        let diff = (s.mean_nll() - per_doc).abs();
+        eprintln!("{name}: packed {} vs per-document {per_doc}", s.mean_nll());
+        assert!(diff < 1e-5, "{name}: packed {} vs {per_doc}", s.mean_nll());
+        // Without the documents the packed row scores differently (context across documents).
+        let mut wrapped = packed.clone();
+        wrapped[0].doc_starts.clear();
+        let w = score(&net, &wrapped, 2, 0);
+        assert!((w.mean_nll() - per_doc).abs() > 1e-3, "{}", w.mean_nll());
+
+        // Gradients: the summed loss of the packed batch against that of the examples alone.
+        type A = Autodiff<Flex>;
+        let grads = |examples: &[Example], rows: usize| {
+            let net = model::load_model_dir::<A>(&dir, &FlexDevice).unwrap().model;
+            let mut total = Vec::new();
+            let mut loss = 0.0;
+            for chunk in examples.chunks(rows) {
+                let refs: Vec<&Example> = chunk.iter().collect();
+                let batch = make_batch::<A>(&refs, 0, &FlexDevice);
+                let (nll, w) = net.token_nll_with(batch.ids, batch.targets, batch.docs.as_ref());
+                let l = (nll * w).sum();
+                loss += tensor_f32(l.clone())[0] as f64;
+                let g = l.backward();
+                let layer = &net.model.layers[0];
+                let parts = [
+                    layer.self_attn.q_proj.weight.val(),
+                    layer.self_attn.k_proj.weight.val(),
+                    net.model.layers[1].mlp.down_proj.weight.val(),
+                ];
+                let flat: Vec<f32> = parts
+                    .iter()
+                    .flat_map(|p| p.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap())
+                    .collect();
+                if total.is_empty() {
+                    total = flat;
+                } else {
+                    total.iter_mut().zip(flat).for_each(|(a, b)| *a += b);
+                }
+            }
+            (loss, total)
+        };
+        let (l_packed, g_packed) = grads(&packed, 2);
+        let (l_alone, g_alone) = grads(&alone, 1);
+        assert!(
+            (l_packed - l_alone).abs() < 1e-4,
+            "{name}: loss {l_packed} vs {l_alone}"
+        );
+        let scale = g_alone.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let diff = max_abs_diff(&g_packed, &g_alone);
+        assert!(
+            scale > 0.0 && diff < 1e-4 * scale.max(1.0),
+            "{name}: grad {diff:e} of {scale:e}"
+        );
     }
 }

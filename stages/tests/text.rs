@@ -13,8 +13,9 @@ use burnish_stages::data::records::{
     ChatRecord, Dataset, Message, PreferenceRecord, Record, TextRecord,
 };
 use burnish_stages::text::{
-    ChatTemplate, Example, TemplateChoice, TextError, TextTokenizer, TrainTokenizerParams,
-    TrainTokenizerStage, encode_chat, encode_cpt, encode_sft, pack,
+    ChatTemplate, CptPacking, Example, TemplateChoice, TextError, TextTokenizer,
+    TrainTokenizerParams, TrainTokenizerStage, encode_chat, encode_cpt, encode_documents,
+    encode_sft, pack_bfd, pack_wrapped,
 };
 use miette::Diagnostic;
 use serde_json::{Value, json};
@@ -558,16 +559,30 @@ fn truncation_and_packing() {
         full[0].target_count() + full[2].targets[..seq_len].iter().filter(|&&t| t).count()
     );
 
-    // Packed: blocks of exactly seq_len, the last shorter, same tokens in the same order.
-    let packed = encode_sft(&tok, &tpl, &records, seq_len, false, true).unwrap();
+    // Packed (best-fit decreasing): the cut example fills a row alone; the two short ones share
+    // the second row, the longer first, each its own document.
+    let mut more = records.clone();
+    more.push(chat(vec![Message::user("Hi"), Message::assistant("Ok.")]));
+    let short = encode_chat(&tok, &tpl, &more[4].messages, false).unwrap();
+    assert!(short.len() < len0 && len0 + short.len() <= seq_len);
+    let packed = encode_sft(&tok, &tpl, &more, seq_len, false, true).unwrap();
     assert_eq!(packed.truncated, 3);
-    let lens: Vec<usize> = packed.examples.iter().map(Example::len).collect();
-    assert_eq!(lens, [seq_len, len0]);
-    let stream: Vec<u32> = enc.examples.iter().flat_map(|e| e.ids.clone()).collect();
-    let packed_stream: Vec<u32> = packed.examples.iter().flat_map(|e| e.ids.clone()).collect();
-    assert_eq!(packed_stream, stream);
-    assert!(packed.examples.iter().all(|b| !b.targets[0]));
-    assert_eq!(packed.tokens, enc.tokens);
+    assert_eq!(packed.examples.len(), 2);
+    assert_eq!(packed.examples[0], enc.examples[1]);
+    assert!(packed.examples[0].doc_starts.is_empty());
+    let row = &packed.examples[1];
+    assert_eq!(row.ids, [full[0].ids.clone(), short.ids.clone()].concat());
+    assert_eq!(
+        row.targets,
+        [full[0].targets.clone(), short.targets.clone()].concat()
+    );
+    assert_eq!(row.doc_starts, [len0]);
+    assert!(!row.targets[0] && !row.targets[len0]);
+    assert_eq!(packed.tokens, enc.tokens + short.len());
+    assert_eq!(
+        packed.target_tokens,
+        enc.target_tokens + short.target_count()
+    );
 
     // train_on_prompt keeps record 1 and 3 (cut, but with targets).
     let all = encode_sft(&tok, &tpl, &records, seq_len, true, false).unwrap();
@@ -580,19 +595,77 @@ fn truncation_and_packing() {
 }
 
 #[test]
-fn pack_blocks() {
+fn pack_wrapped_blocks() {
     let ex = |n: u32| Example {
         ids: (0..n).collect(),
         targets: (0..n).map(|i| i > 0).collect(),
+        doc_starts: Vec::new(),
     };
-    let blocks = pack(vec![ex(5), ex(6), ex(3)], 4);
+    let blocks = pack_wrapped(vec![ex(5), ex(6), ex(3)], 4);
     let lens: Vec<usize> = blocks.iter().map(Example::len).collect();
     assert_eq!(lens, [4, 4, 4, 2]);
     assert_eq!(blocks[1].ids, [4, 0, 1, 2]);
     assert_eq!(blocks[1].targets, [false, false, true, true]);
+    assert!(blocks.iter().all(|b| b.doc_starts.is_empty()));
     // A final block of one token has no target and is dropped.
-    let blocks = pack(vec![ex(5)], 4);
+    let blocks = pack_wrapped(vec![ex(5)], 4);
     assert_eq!(blocks.len(), 1);
+}
+
+/// Example `i` of length `n`: ids `100·i + j`, every token but the first a target.
+fn numbered(lengths: &[usize]) -> Vec<Example> {
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| Example {
+            ids: (0..n as u32).map(|j| 100 * i as u32 + j).collect(),
+            targets: (0..n).map(|j| j > 0).collect(),
+            doc_starts: Vec::new(),
+        })
+        .collect()
+}
+
+/// Each row as the indices of its examples, in order (ids `100·i + j`, see [`numbered`]).
+fn row_members(rows: &[Example]) -> Vec<Vec<u32>> {
+    rows.iter()
+        .map(|r| {
+            let mut starts = vec![0];
+            starts.extend(&r.doc_starts);
+            starts.iter().map(|&s| r.ids[s] / 100).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn bfd_packing_matches_trl() {
+    // Expected rows from TRL 1.16.0's `trl.data_utils._pack_bfd` on a pyarrow table of
+    // `input_ids` with these lengths (ids 100·i + j): for [5, 3, 7, 2, 4] into 8,
+    // seq_lengths [[7], [5, 3], [4, 2]]. By hand: 7 opens row 0 (room 1); 5 fits no row and
+    // opens row 1 (room 3); 4 opens row 2 (room 4); 3 takes row 1, the least room that holds it
+    // (3 of 3 and 4); 2 takes row 2 (room 4; row 0 has 1).
+    let rows = pack_bfd(numbered(&[5, 3, 7, 2, 4]), 8);
+    assert_eq!(row_members(&rows), [vec![2], vec![0, 1], vec![4, 3]]);
+    let lens: Vec<usize> = rows.iter().map(Example::len).collect();
+    assert_eq!(lens, [7, 8, 6]);
+    assert_eq!(rows[1].doc_starts, [5]);
+    assert_eq!(rows[2].doc_starts, [4]);
+    // Each document's first token is not a target; the rest keep theirs.
+    assert_eq!(rows[2].targets, [false, true, true, true, false, true]);
+    assert_eq!(rows[1].ids[5..], [100, 101, 102]);
+    // Ties: equal lengths keep their order, and of rows with equal room the first to get it
+    // is filled. TRL gives [[6, 2], [4, 4], [4, 3, 1], [2]] (examples [[5, 3], [0, 1],
+    // [2, 7, 6], [4]]).
+    let rows = pack_bfd(numbered(&[4, 4, 4, 2, 2, 6, 1, 3]), 8);
+    assert_eq!(
+        row_members(&rows),
+        [vec![5, 3], vec![0, 1], vec![2, 7, 6], vec![4]]
+    );
+    assert_eq!(rows[2].doc_starts, [4, 7]);
+    // An example longer than the row is cut to it and fills a row; empty ones are dropped.
+    // TRL: [[8], [5, 3]] for [3, 9, 0, 5].
+    let rows = pack_bfd(numbered(&[3, 9, 0, 5]), 8);
+    assert_eq!(row_members(&rows), [vec![1], vec![3, 0]]);
+    assert_eq!(rows[0].len(), 8);
 }
 
 #[test]
@@ -611,7 +684,7 @@ fn cpt_blocks_and_eos() {
     stream.push(2);
 
     let seq_len = 4;
-    let enc = encode_cpt(&tok, &records, seq_len).unwrap();
+    let enc = encode_cpt(&tok, &records, seq_len, CptPacking::Wrapped).unwrap();
     let full_blocks = stream.len() / seq_len;
     let rest = stream.len() % seq_len;
     let expected = full_blocks + usize::from(rest >= 2);
@@ -621,6 +694,7 @@ fn cpt_blocks_and_eos() {
         assert_eq!(ex.ids, stream[start..(start + seq_len).min(stream.len())]);
         assert!(!ex.targets[0]);
         assert!(ex.targets[1..].iter().all(|&t| t));
+        assert!(ex.doc_starts.is_empty());
     }
     assert_eq!(enc.truncated, 0);
     assert_eq!(
@@ -629,16 +703,76 @@ fn cpt_blocks_and_eos() {
     );
     assert_eq!(enc.target_tokens, enc.tokens - enc.examples.len());
 
+    // Documents (the default): the same blocks; the block holding the second document's start
+    // marks it, and its first token is not a target.
+    let docs = encode_cpt(&tok, &records, seq_len, CptPacking::default()).unwrap();
+    let second = a.len() + 1;
+    assert_eq!(docs.examples.len(), enc.examples.len());
+    for (i, (d, w)) in docs.examples.iter().zip(&enc.examples).enumerate() {
+        assert_eq!(d.ids, w.ids);
+        let start = i * seq_len;
+        let want: Vec<usize> = (start + 1..start + d.len())
+            .filter(|&s| s == second)
+            .map(|s| s - start)
+            .collect();
+        assert_eq!(d.doc_starts, want, "block {i}");
+        let targets: Vec<bool> = (0..d.len()).map(|j| j > 0 && !want.contains(&j)).collect();
+        assert_eq!(d.targets, targets, "block {i}");
+    }
+    let split = usize::from(!second.is_multiple_of(seq_len));
+    assert_eq!(docs.target_tokens, enc.target_tokens - split);
+
     // One block holding everything: eos after each text, none for the empty one.
-    let enc = encode_cpt(&tok, &records, 1024).unwrap();
-    assert_eq!(enc.examples.len(), 1);
-    assert_eq!(enc.examples[0].ids, stream);
-    assert_eq!(enc.examples[0].ids[a.len()], 2);
-    assert_eq!(
-        tok.decode(&enc.examples[0].ids).unwrap(),
-        "hello world<|im_end|>the quick brown fox jumps<|im_end|>"
+    for packing in [CptPacking::Wrapped, CptPacking::Documents] {
+        let enc = encode_cpt(&tok, &records, 1024, packing).unwrap();
+        assert_eq!(enc.examples.len(), 1);
+        assert_eq!(enc.examples[0].ids, stream);
+        assert_eq!(enc.examples[0].ids[a.len()], 2);
+        assert_eq!(
+            tok.decode(&enc.examples[0].ids).unwrap(),
+            "hello world<|im_end|>the quick brown fox jumps<|im_end|>"
+        );
+        assert_eq!(enc.tokens, a.len() + b.len() + 2);
+        match packing {
+            CptPacking::Wrapped => assert_eq!(enc.target_tokens, enc.tokens - 1),
+            CptPacking::Documents => {
+                assert_eq!(enc.examples[0].doc_starts, [second]);
+                assert!(!enc.examples[0].targets[second]);
+                assert_eq!(enc.target_tokens, enc.tokens - 2);
+            }
+        }
+    }
+
+    // Scoring documents one at a time: each alone, a long one in rolling windows; every
+    // token but a document's first scored once.
+    let docs = encode_documents(&tok, &records, seq_len).unwrap();
+    let mut want = Vec::new();
+    for d in [&stream[..second], &stream[second..]] {
+        want.extend_from_slice(&d[1..]);
+    }
+    let scored: Vec<u32> = docs.examples.iter().flat_map(Example::target_ids).collect();
+    assert_eq!(scored, want);
+    assert!(
+        docs.examples
+            .iter()
+            .all(|e| e.len() <= seq_len && e.doc_starts.is_empty())
     );
-    assert_eq!(enc.tokens, a.len() + b.len() + 2);
+    assert!(docs.examples.iter().all(|e| !e.targets[0]));
+    // No window mixes the two documents: the first document's last window ends at its eos,
+    // the next window is the second document's start.
+    let last = docs
+        .examples
+        .iter()
+        .position(|e| e.ids.last() == Some(&2))
+        .unwrap();
+    assert_eq!(docs.examples[last].ids, stream[second - seq_len..second]);
+    let next = &docs.examples[last + 1];
+    assert_eq!(next.ids, stream[second..second + next.len()]);
+    assert_eq!(docs.target_tokens, stream.len() - 2);
+    let whole = encode_documents(&tok, &records, 1024).unwrap();
+    assert_eq!(whole.examples.len(), 2);
+    assert_eq!(whole.examples[0].ids, stream[..second]);
+    assert_eq!(whole.examples[1].ids, stream[second..]);
 }
 
 // ---------------------------------------------------------------------------------------------

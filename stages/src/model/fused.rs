@@ -25,8 +25,9 @@
 //!   operands through strides and write fresh buffers, where flex's matmul zero-fills and then
 //!   copies every output, and the weight gradient of `x · Wᵀ` arrives as a transposed view that
 //!   is copied again before the optimizer.
-//! - [`causal_attention`]: `softmax(q·kᵀ + causal) · v` by blocks of query rows that skip the
-//!   keys the mask hides, saving only the probabilities for the backward.
+//! - [`causal_attention`]: `softmax(q·kᵀ + mask) · v` by blocks of query rows that skip the
+//!   keys the mask hides (causal, or causal within each document of a packed batch), saving
+//!   only the probabilities for the backward.
 //!
 //! On flex with f32 the forward and backward passes are the multi-threaded loops of
 //! [`kernels`], and on wgpu and CUDA burn's ops. Softmax, SiLU, cross-entropy and permute are
@@ -41,6 +42,7 @@
 //! time); any other backend gets the composed version.
 
 use std::any::Any;
+use std::sync::Arc;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -53,6 +55,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 
 use super::kernels;
+use super::llama::AttentionMask;
 
 /// `t` as a `U` when `T` and `U` are the same type.
 pub(crate) fn same<T: 'static, U: 'static>(t: T) -> Result<U, T> {
@@ -145,87 +148,118 @@ pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D>
     on_autodiff!(x, ad_softmax[, D], composed::<B, D>)
 }
 
-/// Attention's softmax under the causal mask: `softmax_last(scores + causal)` with the bias
-/// row of [`super::llama::causal_bias`] (`[1, groups·t·t]`). On flex the masked entries are
-/// skipped instead of added and exponentiated; the result is the same.
+/// Attention's softmax under its mask: `softmax_last(scores + mask.bias())` with the bias of
+/// [`AttentionMask::bias`]. On flex, for a causal mask, the masked entries are skipped instead of
+/// added and exponentiated; the result is the same. A mask with documents adds its bias.
 ///
 /// # Shapes
-/// - scores: `[batch, kv_heads, groups·t, t]`, causal: `[1, groups·t·t]` → same as scores
-pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, causal: &Tensor<B, 2>) -> Tensor<B, 4> {
-    fn composed<B: Backend>((scores, causal): (Tensor<B, 4>, Tensor<B, 2>)) -> Tensor<B, 4> {
+/// - scores: `[batch, kv_heads, groups·t, t]` → same
+pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, mask: &AttentionMask<B>) -> Tensor<B, 4> {
+    fn composed<B: Backend>((scores, mask): (Tensor<B, 4>, AttentionMask<B>)) -> Tensor<B, 4> {
         let [b, g, r, t] = scores.dims();
-        let scores = (scores.reshape([b * g, r * t]) + causal).reshape([b, g, r, t]);
+        let bias = mask.bias(); // [1 or b, groups·t·t]
+        let scores = match mask.docs() {
+            None => (scores.reshape([b * g, r * t]) + bias).reshape([b, g, r, t]),
+            // One bias row per batch row, shared by its key/value heads.
+            Some(_) => {
+                (scores.reshape([b, g, r * t]) + bias.unsqueeze_dim::<3>(1)).reshape([b, g, r, t])
+            }
+        };
         softmax_last(scores)
     }
     fn ad<I: Backend>(
-        (scores, causal): (Tensor<Autodiff<I>, 4>, Tensor<Autodiff<I>, 2>),
+        (scores, mask): (Tensor<Autodiff<I>, 4>, AttentionMask<Autodiff<I>>),
     ) -> Tensor<Autodiff<I>, 4> {
         let on_flex = flex::<I>(&scores.clone().into_primitive().tensor().primitive).is_some();
-        match on_flex {
+        match on_flex && mask.docs().is_none() {
             true => ad_softmax_with(scores, true),
-            false => composed((scores, causal)),
+            false => composed((scores, mask)),
         }
     }
-    on_autodiff!((scores, causal.clone()), ad[], composed::<B>)
+    on_autodiff!((scores, mask.clone()), ad[], composed::<B>)
 }
 
-/// Causal attention `softmax(q·kᵀ + causal) · v`, with `causal` the bias row of
-/// [`super::llama::causal_bias`]; each group of `t` query rows shares one key/value head. On
-/// flex one op ([`kernels::causal_attention`]): the products skip the key blocks that the mask
-/// hides from each block of query rows, and the backward saves only the probabilities.
-/// Elsewhere, [`matmul`], [`causal_softmax`] and [`matmul`].
+/// Masked attention `softmax(q·kᵀ + mask) · v` ([`AttentionMask`]: causal, or causal within
+/// each document of a packed batch); each group of `t` query rows shares one key/value head. On
+/// flex one op ([`kernels::causal_attention`], given the documents' starts, never a dense bias):
+/// the products skip the key blocks that the mask hides from each block of query rows, and the
+/// backward saves only the probabilities. Elsewhere, [`matmul`], [`causal_softmax`] and
+/// [`matmul`] ([`causal_attention_composed`]).
 ///
 /// # Shapes
-/// - q: `[b, kv_heads, groups·t, head_dim]`, k, v: `[b, kv_heads, t, head_dim]`,
-///   causal: `[1, groups·t·t]` → `[b, kv_heads, groups·t, head_dim]`
+/// - q: `[b, kv_heads, groups·t, head_dim]`, k, v: `[b, kv_heads, t, head_dim]`
+///   → `[b, kv_heads, groups·t, head_dim]`
 pub fn causal_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    causal: &Tensor<B, 2>,
+    mask: &AttentionMask<B>,
 ) -> Tensor<B, 4> {
-    on_autodiff!((q, k, v, causal.clone()), ad_causal_attention[], attention_composed::<B>)
+    on_autodiff!((q, k, v, mask.clone()), ad_causal_attention[], attention_composed::<B>)
+}
+
+/// [`causal_attention`] composed of [`matmul`], [`causal_softmax`] and [`matmul`]: what wgpu and
+/// CUDA run, and flex when its kernel does not take the shapes (public so that tests can hold
+/// the kernel to it). On plain flex (no autodiff) it still takes the kernel.
+///
+/// # Shapes
+/// - as [`causal_attention`]
+pub fn causal_attention_composed<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+) -> Tensor<B, 4> {
+    attention_composed((q, k, v, mask.clone()))
 }
 
 /// The operands of [`causal_attention`].
-type AttentionArgs<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 2>);
+type AttentionArgs<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, AttentionMask<B>);
 
-fn attention_composed<B: Backend>((q, k, v, causal): AttentionArgs<B>) -> Tensor<B, 4> {
+/// The documents' starts that [`kernels::causal_attention`] takes.
+fn starts<B: Backend>(mask: &AttentionMask<B>) -> Option<Arc<[usize]>> {
+    mask.docs().map(|d| d.starts().clone())
+}
+
+fn attention_composed<B: Backend>((q, k, v, mask): AttentionArgs<B>) -> Tensor<B, 4> {
     // Plain flex (inference) takes the same kernel.
     type Flex = burn::backend::Flex;
     if let Ok((qf, kf, vf, _)) =
-        same::<_, AttentionArgs<Flex>>((q.clone(), k.clone(), v.clone(), causal.clone()))
+        same::<_, AttentionArgs<Flex>>((q.clone(), k.clone(), v.clone(), mask.clone()))
         && let (Ok(qf), Ok(kf), Ok(vf)) = (
             flex_owned::<Flex>(qf.into_primitive().tensor()),
             flex_owned::<Flex>(kf.into_primitive().tensor()),
             flex_owned::<Flex>(vf.into_primitive().tensor()),
         )
-        && kernels::attention_fits(&qf, &kf, &vf)
+        && kernels::attention_fits(&qf, &kf, &vf, starts(&mask).as_deref())
     {
-        return back(inner::<Flex, 4>(kernels::causal_attention(&qf, &kf, &vf).0));
+        let (out, _) = kernels::causal_attention(&qf, &kf, &vf, starts(&mask).as_deref());
+        return back(inner::<Flex, 4>(out));
     }
     let scores = matmul(q, false, k, true); // [b, kv_heads, groups·t, t]
-    matmul(causal_softmax(scores, &causal), false, v, false)
+    matmul(causal_softmax(scores, &mask), false, v, false)
 }
 
 fn ad_causal_attention<I: Backend>(
-    (q, k, v, causal): AttentionArgs<Autodiff<I>>,
+    (q, k, v, mask): AttentionArgs<Autodiff<I>>,
 ) -> Tensor<Autodiff<I>, 4> {
     #[derive(Debug)]
     struct CausalAttention;
 
     impl<I: Backend> Backward<I, 3> for CausalAttention {
-        /// `q`, `k`, `v` and the probabilities.
-        type State = [I::FloatTensorPrimitive; 4];
+        /// `q`, `k`, `v`, the probabilities and the documents' starts.
+        type State = ([I::FloatTensorPrimitive; 4], Option<Arc<[usize]>>);
 
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
             let get = |p: &I::FloatTensorPrimitive| match flex::<I>(p) {
                 Some(t) => t.clone(),
                 None => unreachable!("the attention op is recorded only for flex f32 tensors"),
             };
-            let [q, k, v, p] = ops.state.each_ref().map(get);
+            let (state, starts) = ops.state;
+            let [q, k, v, p] = state.each_ref().map(get);
             let grad = get(&grads.consume::<I>(&ops.node));
-            let (dq, dk, dv) = kernels::causal_attention_backward(&q, &k, &v, &p, &grad);
+            let (dq, dk, dv) =
+                kernels::causal_attention_backward(&q, &k, &v, &p, &grad, starts.as_deref());
             for (parent, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
                 if let Some(node) = parent {
                     grads.register::<I>(node.id, back(g));
@@ -240,21 +274,23 @@ fn ad_causal_attention<I: Backend>(
         flex::<I>(&kp.primitive),
         flex::<I>(&vp.primitive),
     ) else {
-        return attention_composed((q, k, v, causal));
+        return attention_composed((q, k, v, mask));
     };
-    if !kernels::attention_fits(qf, kf, vf) {
-        return attention_composed((q, k, v, causal));
+    let starts = starts(&mask);
+    if !kernels::attention_fits(qf, kf, vf, starts.as_deref()) {
+        return attention_composed((q, k, v, mask));
     }
-    let (out, p) = kernels::causal_attention(qf, kf, vf);
+    let (out, p) = kernels::causal_attention(qf, kf, vf, starts.as_deref());
     let out: I::FloatTensorPrimitive = back(out);
     let out = match CausalAttention
         .prepare::<NoCheckpointing>([qp.node.clone(), kp.node.clone(), vp.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => {
-            prep.finish([qp.primitive, kp.primitive, vp.primitive, back(p)], out)
-        }
+        OpsKind::Tracked(prep) => prep.finish(
+            ([qp.primitive, kp.primitive, vp.primitive, back(p)], starts),
+            out,
+        ),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
@@ -457,7 +493,8 @@ pub fn permute<B: Backend, const D: usize>(x: Tensor<B, D>, axes: [usize; D]) ->
 /// is in `sin`).
 ///
 /// # Shapes
-/// - x: `[batch, seq, w]` (w = heads·head_dim); cos, sin: `[1, ≥ seq·w]` → `[batch, seq, w]`
+/// - x: `[batch, seq, w]` (w = heads·head_dim); cos, sin: `[1, ≥ seq·w]` (shared by the rows)
+///   or `[batch, seq·w]` (one table per row) → `[batch, seq, w]`
 pub fn rope<B: Backend>(
     x: Tensor<B, 3>,
     cos: &Tensor<B, 2>,

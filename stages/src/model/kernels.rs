@@ -10,7 +10,8 @@
 //! - copy permuted layouts one contiguous run at a time;
 //! - call gemm for matrix products through the operands' strides, straight into new buffers,
 //!   one single-threaded call per thread on its band of columns (or rows);
-//! - compute causal attention by blocks of query rows, each multiplying only the keys it sees;
+//! - compute causal attention by blocks of query rows, each multiplying only the keys it sees
+//!   (up to its last row, and from its first row's document on in packed batches);
 //! - write outputs into fresh buffers without zeroing them first.
 //!
 //! Determinism: each output element of the loops is computed by the same sequence of f32
@@ -528,10 +529,12 @@ pub(crate) fn permute(t: &FlexTensor, axes: &[usize]) -> FlexTensor {
 
 /// Rotary embedding of `x` with HF's split-half convention, `y = x ⊙ cos + [x₂, x₁] ⊙ sin` per
 /// head, or with `backward` its transpose `∂x = ∂y ⊙ cos + [(∂y ⊙ sin)₂, (∂y ⊙ sin)₁]`. The tables
-/// hold one row per position and head (`[1, ≥ t·w]`, the sign of `rotate_half` in `sin`).
+/// hold one row per position and head (the sign of `rotate_half` in `sin`), shared by the batch
+/// rows (`[1, ≥ t·w]`) or one per batch row (`[b, t·w]`, packed rows' own positions).
 ///
 /// # Shapes
-/// - x: `[b, t, w]` with `w` a multiple of `head_dim`; cos, sin: `[1, ≥ t·w]` → `[b, t, w]`
+/// - x: `[b, t, w]` with `w` a multiple of `head_dim`; cos, sin: `[1, ≥ t·w]` or `[b, t·w]`
+///   → `[b, t, w]`
 pub(crate) fn rope(
     x: &FlexTensor,
     cos: &FlexTensor,
@@ -540,8 +543,17 @@ pub(crate) fn rope(
     backward: bool,
 ) -> FlexTensor {
     let shape = x.layout().shape().clone();
-    let n = shape[1] * shape[2];
     let (xs, cs, ss) = (values(x), values(cos), values(sin));
+    // Elements of one table: one row shared by the batch rows, or a row per batch row.
+    let n = match cos.layout().shape()[0] {
+        1 => shape[1] * shape[2],
+        _ => xs.len(),
+    };
+    assert!(
+        cs.len() >= n && ss.len() >= n,
+        "rotary tables of {} for {n} elements",
+        cs.len().min(ss.len())
+    );
     let (cs, ss) = (&cs[..n], &ss[..n]);
     let (hd, half) = (head_dim, head_dim / 2);
     assert!(
@@ -957,43 +969,72 @@ unsafe fn gemm_on_thread(
     }
 }
 
-/// Whether [`causal_attention`] takes `q`, `k`, `v`: f32, `q` of `[b, h, g·t, d]` and `k`, `v`
-/// of `[b, h, t, d]`.
-pub(crate) fn attention_fits(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> bool {
+/// Whether [`causal_attention`] takes `q`, `k`, `v` and `starts`: f32, `q` of `[b, h, g·t, d]`
+/// and `k`, `v` of `[b, h, t, d]`; `starts`, when given, `b·t` document starts, each row's
+/// non-decreasing and each at or before its own position.
+pub(crate) fn attention_fits(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    starts: Option<&[usize]>,
+) -> bool {
     let (qd, kd, vd) = (q.layout().shape(), k.layout().shape(), v.layout().shape());
-    [q, k, v].iter().all(|t| is_f32(t))
+    let shapes = [q, k, v].iter().all(|t| is_f32(t))
         && qd.num_dims() == 4
         && kd == vd
         && kd.num_dims() == 4
         && (qd[0], qd[1], qd[3]) == (kd[0], kd[1], kd[3])
         && kd[2] > 0
-        && qd[2] % kd[2] == 0
+        && qd[2] % kd[2] == 0;
+    shapes
+        && starts.is_none_or(|s| {
+            let t = kd[2];
+            s.len() == kd[0] * t
+                && s.chunks(t).all(|row| {
+                    row.iter().enumerate().all(|(i, &st)| st <= i)
+                        && row.windows(2).all(|w| w[0] <= w[1])
+                })
+        })
+}
+
+/// The first key that query position `r` of head `i` sees: the start of its document in batch
+/// row `i / heads` (0 without documents).
+#[inline]
+fn first_key(starts: Option<&[usize]>, i: usize, heads: usize, t: usize, r: usize) -> usize {
+    starts.map_or(0, |s| s[i / heads * t + r])
 }
 
 /// Causal attention, `p = softmax(q·kᵀ)` with query row `r` of each group of `t` rows seeing
-/// the keys `0..=r mod t`, and `out = p·v`. Queries come in `g` groups of `t` rows that share
-/// one key/value head (grouped-query attention). Each block of [`ATTN_BLOCK`] query rows
-/// multiplies only the keys up to its last row: the blocks above the diagonal, which the mask
-/// zeroes, are never computed (about 3/8 of attention's products at 4 blocks). Every element
-/// is the same dot product as in the full product followed by the masked softmax, and the
-/// masked entries of `p` are 0.
+/// the keys `start(r)..=r` (with `r` its position `r mod t`), and `out = p·v`; `start(r)` is 0,
+/// or with `starts` (`[b·t]`, packed batches) where the document of position `r` of the batch
+/// row begins, which makes the mask block-diagonal. Queries come in `g` groups of `t` rows that
+/// share one key/value head (grouped-query attention). Each block of [`ATTN_BLOCK`] query rows
+/// multiplies only the keys from its first row's start to its last row: the blocks above the
+/// diagonal, and those before the block's documents, which the mask zeroes, are never computed
+/// (about 3/8 of attention's products at 4 blocks without documents). Every element is the same
+/// dot product as in the full product followed by the masked softmax, and the masked entries of
+/// `p` are 0.
 ///
 /// # Shapes
-/// - q: `[b, h, g·t, d]`, k, v: `[b, h, t, d]` → out: `[b, h, g·t, d]`, p: `[b, h, g·t, t]`
+/// - q: `[b, h, g·t, d]`, k, v: `[b, h, t, d]`, starts: `[b·t]`
+/// - output: out `[b, h, g·t, d]`, p `[b, h, g·t, t]`
 pub(crate) fn causal_attention(
     q: &FlexTensor,
     k: &FlexTensor,
     v: &FlexTensor,
+    starts: Option<&[usize]>,
 ) -> (FlexTensor, FlexTensor) {
     assert!(
-        attention_fits(q, k, v),
-        "attention of {:?}, {:?}, {:?}",
+        attention_fits(q, k, v, starts),
+        "attention of {:?}, {:?}, {:?} with {:?} document starts",
         q.layout().shape(),
         k.layout().shape(),
-        v.layout().shape()
+        v.layout().shape(),
+        starts.map(<[usize]>::len)
     );
     let (qd, kd) = (q.layout().shape().clone(), k.layout().shape());
     let (heads, rows, t, d) = (qd[0] * qd[1], qd[2], kd[2], kd[3]);
+    let kv_heads = qd[1];
     let (qs, ks, vs) = (values(q), values(k), values(v));
     let blocks = t.div_ceil(ATTN_BLOCK);
     let (mut p, mut out) = (
@@ -1012,33 +1053,44 @@ pub(crate) fn causal_attention(
         let (g, blk) = (rest / blocks, rest % blocks);
         let (r0, r1) = (blk * ATTN_BLOCK, ((blk + 1) * ATTN_BLOCK).min(t));
         let row = i * rows + g * t + r0; // first query row of the block, over all heads
-        let mut s = vec![0.0f32; (r1 - r0) * r1];
-        // SAFETY: q's rows `row..row + r1 − r0` and k's first `r1` rows lie inside their
-        // buffers; `s` holds `(r1 − r0)·r1` elements.
+        // The block sees keys `lo..r1`: from its first row's document start (starts never
+        // decrease along a row) to its last row.
+        let lo = first_key(starts, i, kv_heads, t, r0);
+        let firsts: Vec<usize> = match starts {
+            Some(_) => (r0..r1).map(|r| first_key(starts, i, kv_heads, t, r)).collect(),
+            None => Vec::new(),
+        };
+        let w = r1 - lo;
+        let mut s = vec![0.0f32; (r1 - r0) * w];
+        // SAFETY: q's rows `row..row + r1 − r0` and k's rows `lo..r1` lie inside their
+        // buffers; `s` holds `(r1 − r0)·(r1 − lo)` elements.
         unsafe {
             let q = Mat::at(qp as *const f32, row * d, d, false);
-            let kt = Mat::at(kp as *const f32, i * t * d, d, true);
-            gemm_on_thread(r1 - r0, r1, d, s.as_mut_ptr(), r1, q, kt, false);
+            let kt = Mat::at(kp as *const f32, i * t * d + lo * d, d, true);
+            gemm_on_thread(r1 - r0, w, d, s.as_mut_ptr(), w, q, kt, false);
         }
         // SAFETY: the block's rows of `p`, `(r1 − r0)·t` elements from `row·t`, belong to this
         // task alone and lie inside `p`'s capacity.
         let prows = unsafe {
             std::slice::from_raw_parts_mut((pp as *mut MaybeUninit<f32>).add(row * t), (r1 - r0) * t)
         };
-        simd!((prows: &mut [MaybeUninit<f32>] = prows, s: &[f32] = &s, t: usize = t, r0: usize = r0, r1: usize = r1) {
-            for (j, (dst, src)) in prows.chunks_mut(t).zip(s.chunks(r1)).enumerate() {
+        simd!((prows: &mut [MaybeUninit<f32>] = prows, s: &[f32] = &s, firsts: &[usize] = &firsts, t: usize = t, r0: usize = r0, lo: usize = lo, w: usize = w) {
+            for (j, (dst, src)) in prows.chunks_mut(t).zip(s.chunks(w)).enumerate() {
+                let first = firsts.get(j).copied().unwrap_or(0);
                 let keep = r0 + j + 1;
                 let (dst, masked) = dst.split_at_mut(keep);
-                softmax_row(&src[..keep], dst);
+                let (before, dst) = dst.split_at_mut(first);
+                softmax_row(&src[first - lo..keep - lo], dst);
+                before.fill(MaybeUninit::new(0.0));
                 masked.fill(MaybeUninit::new(0.0));
             }
         });
-        // SAFETY: the block's rows of `p` were all written just above; v's first `r1` rows and
+        // SAFETY: the block's rows of `p` were all written just above; v's rows `lo..r1` and
         // the block's rows of `out` (this task's alone) lie inside their buffers.
         unsafe {
-            let pb = Mat::at(pp as *const f32, row * t, t, false);
-            let v = Mat::at(vp as *const f32, i * t * d, d, false);
-            gemm_on_thread(r1 - r0, d, r1, (op as *mut f32).add(row * d), d, pb, v, false);
+            let pb = Mat::at(pp as *const f32, row * t + lo, t, false);
+            let v = Mat::at(vp as *const f32, i * t * d + lo * d, d, false);
+            gemm_on_thread(r1 - r0, d, w, (op as *mut f32).add(row * d), d, pb, v, false);
         }
     });
     // SAFETY: the tasks cover every block of rows of every group and head, and each wrote all
@@ -1051,13 +1103,15 @@ pub(crate) fn causal_attention(
     (from_vec(out, qd), from_vec(p, pshape))
 }
 
-/// Backward of [`causal_attention`] from its saved `p`: per head and group, with `∂p = ∂out·vᵀ`
-/// and `∂s = p ⊙ (∂p − Σ(∂p ⊙ p))` over each query row's visible keys, `∂q = ∂s·k`,
-/// `∂k = ∂sᵀ·q` and `∂v = pᵀ·∂out`, the groups' contributions to `∂k`, `∂v` added in group
-/// order. Blocks above the diagonal (where `p` and `∂s` are 0) are skipped as in the forward.
+/// Backward of [`causal_attention`] from its saved `p` (and the same `starts`): per head and
+/// group, with `∂p = ∂out·vᵀ` and `∂s = p ⊙ (∂p − Σ(∂p ⊙ p))` over each query row's visible
+/// keys, `∂q = ∂s·k`, `∂k = ∂sᵀ·q` and `∂v = pᵀ·∂out`, the groups' contributions to `∂k`, `∂v`
+/// added in group order. Blocks the mask hides (where `p` and `∂s` are 0) are skipped as in the
+/// forward: above the diagonal, before a block's documents, and for a key block the query rows
+/// of later documents.
 ///
 /// # Shapes
-/// - q, grad: `[b, h, g·t, d]`, k, v: `[b, h, t, d]`, p: `[b, h, g·t, t]`
+/// - q, grad: `[b, h, g·t, d]`, k, v: `[b, h, t, d]`, p: `[b, h, g·t, t]`, starts: `[b·t]`
 /// - output: `∂q` like q, `∂k`, `∂v` like k
 pub(crate) fn causal_attention_backward(
     q: &FlexTensor,
@@ -1065,15 +1119,17 @@ pub(crate) fn causal_attention_backward(
     v: &FlexTensor,
     p: &FlexTensor,
     grad: &FlexTensor,
+    starts: Option<&[usize]>,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     assert!(
-        attention_fits(q, k, v) && grad.layout().shape() == q.layout().shape(),
+        attention_fits(q, k, v, starts) && grad.layout().shape() == q.layout().shape(),
         "attention backward of {:?}, {:?}",
         q.layout().shape(),
         grad.layout().shape()
     );
     let (qd, kd) = (q.layout().shape().clone(), k.layout().shape().clone());
     let (heads, rows, t, d) = (qd[0] * qd[1], qd[2], kd[2], kd[3]);
+    let kv_heads = qd[1];
     assert_eq!(
         p.layout().num_elements(),
         heads * rows * t,
@@ -1107,40 +1163,46 @@ pub(crate) fn causal_attention_backward(
             pp as *const f32,
             gp as *const f32,
         );
-        // `∂s` of one group, `[t, t]`; only the blocks on and below the diagonal are used.
+        // The document starts of this head's batch row, `[t]`.
+        let row_starts = starts.map(|s| &s[i / kv_heads * t..(i / kv_heads + 1) * t]);
+        // `∂s` of one group, `[t, t]`; only the blocks the mask leaves are used. A block of
+        // rows writes the columns from its first key on, the same for every group: the columns
+        // before it stay 0 from here, as `p` is there (`∂k`, `∂v` read them).
         let mut ds = vec![0.0f32; t * t];
         for g in 0..rows / t {
             let row = i * rows + g * t; // the group's first query row, over all heads
             for blk in 0..blocks {
                 let (r0, r1) = (blk * ATTN_BLOCK, ((blk + 1) * ATTN_BLOCK).min(t));
+                let lo = first_key(starts, i, kv_heads, t, r0);
                 let dsb = &mut ds[r0 * t..r1 * t];
-                // SAFETY: grad's rows `row + r0..row + r1` and v's first `r1` rows lie inside
-                // their buffers; `dsb` holds `r1 − r0` rows of `t ≥ r1` elements.
+                // SAFETY: grad's rows `row + r0..row + r1` and v's rows `lo..r1` lie inside
+                // their buffers; `dsb` holds `r1 − r0` rows of `t ≥ r1` elements, written from
+                // column `lo`.
                 unsafe {
                     let go = Mat::at(gp, (row + r0) * d, d, false);
-                    let vt = Mat::at(vp, i * t * d, d, true);
-                    gemm_on_thread(r1 - r0, r1, d, dsb.as_mut_ptr(), t, go, vt, false);
+                    let vt = Mat::at(vp, i * t * d + lo * d, d, true);
+                    gemm_on_thread(r1 - r0, r1 - lo, d, dsb.as_mut_ptr().add(lo), t, go, vt, false);
                 }
                 let pb = &ps[(row + r0) * t..(row + r1) * t];
-                simd!((dsb: &mut [f32] = dsb, pb: &[f32] = pb, t: usize = t, r1: usize = r1) {
+                simd!((dsb: &mut [f32] = dsb, pb: &[f32] = pb, t: usize = t, lo: usize = lo, r1: usize = r1) {
                     for (dp, y) in dsb.chunks_mut(t).zip(pb.chunks(t)) {
-                        let (dp, y) = (&mut dp[..r1], &y[..r1]);
+                        let (dp, y) = (&mut dp[lo..r1], &y[lo..r1]);
                         let dot = dot(dp, y);
                         for (g, &y) in dp.iter_mut().zip(y) {
                             *g = y * (*g - dot);
                         }
                     }
                 });
-                // SAFETY: `ds`'s block rows (written above, `r1` columns), k's first `r1`
-                // rows, and `∂q`'s rows of this block (this task's alone) lie inside their
+                // SAFETY: `ds`'s block rows (written above, columns `lo..r1`), k's rows
+                // `lo..r1`, and `∂q`'s rows of this block (this task's alone) lie inside their
                 // buffers.
                 unsafe {
-                    let dsm = Mat::at(ds.as_ptr(), r0 * t, t, false);
-                    let km = Mat::at(kp, i * t * d, d, false);
+                    let dsm = Mat::at(ds.as_ptr(), r0 * t + lo, t, false);
+                    let km = Mat::at(kp, i * t * d + lo * d, d, false);
                     gemm_on_thread(
                         r1 - r0,
                         d,
-                        r1,
+                        r1 - lo,
                         (dqp as *mut f32).add((row + r0) * d),
                         d,
                         dsm,
@@ -1149,13 +1211,16 @@ pub(crate) fn causal_attention_backward(
                     );
                 }
             }
-            // Key block `[c0, c1)` is seen by the query rows `c0..t` of the group.
+            // Key block `[c0, c1)` is seen by the query rows `c0..hi` of the group: those whose
+            // document starts before `c1` (all of `c0..t` without documents).
             for blk in 0..blocks {
                 let (c0, c1) = (blk * ATTN_BLOCK, ((blk + 1) * ATTN_BLOCK).min(t));
-                // SAFETY: `ds` rows `c0..t` were written for columns `< c1` (rows of block `b ≥
-                // blk` have `r1 ≥ c1`), as were `p`'s; q's and grad's group rows `c0..t` and
-                // the head's `∂k`, `∂v` rows `c0..c1` (this task's alone, written by the first
-                // group before the others add to them) lie inside their buffers.
+                let hi = row_starts.map_or(t, |s| c0 + s[c0..].partition_point(|&st| st < c1));
+                // SAFETY: `ds` rows `c0..hi` hold columns `< c1` (rows of block `b ≥ blk` have
+                // `r1 ≥ c1`, and 0 before their block's first key), as do `p`'s;
+                // q's and grad's group rows `c0..hi` and the head's `∂k`, `∂v` rows `c0..c1`
+                // (this task's alone, written by the first group before the others add to
+                // them) lie inside their buffers.
                 unsafe {
                     let at = i * t * d + c0 * d;
                     let ds_t = Mat::at(ds.as_ptr(), c0 * t + c0, t, true);
@@ -1167,7 +1232,7 @@ pub(crate) fn causal_attention_backward(
                     // ∂k += ∂sᵀ·q, ∂v += pᵀ·∂out over the rows that see the block.
                     for (dst, a, b) in [(dkp, ds_t, qm), (dvp, p_t, gm)] {
                         let dst = (dst as *mut f32).add(at);
-                        gemm_on_thread(c1 - c0, d, t - c0, dst, d, a, b, g > 0);
+                        gemm_on_thread(c1 - c0, d, hi - c0, dst, d, a, b, g > 0);
                     }
                 }
             }

@@ -11,6 +11,10 @@
 //!   `inv_freq = θ^(-2i/d)` from the checkpoint's `rope_theta`;
 //! - grouped-query attention: query head `h` reads key/value head `h / (heads / kv_heads)`.
 
+use std::cell::OnceCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
 use super::fused;
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
@@ -136,26 +140,46 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
-/// Rotary position tables for one sequence length, laid out for the projections' own
-/// `[batch, seq, heads·head_dim]` layout.
+/// Rotary position tables, laid out for the projections' own `[batch, seq, heads·head_dim]`
+/// layout.
 ///
 /// HF's rotation is `x·cos + rotate_half(x)·sin` with `rotate_half(x) = [-x₂, x₁]`. The tables
-/// are repeated over heads and flattened to one row `[1, seq·heads·head_dim]`, and the sign of
-/// `rotate_half` is folded into `sin` (`sin_signed = [-sin₁, sin₂]`), so each product is a
-/// contiguous tensor times one shared row, the broadcast the CPU backend vectorizes. The query
-/// tables also carry attention's `1/√head_dim`, which saves a pass over the `[t, t]` scores.
+/// are repeated over heads and flattened to one row `[1, seq·heads·head_dim]` for positions
+/// `0..seq` ([`Rope::new`]), and the sign of `rotate_half` is folded into `sin`
+/// (`sin_signed = [-sin₁, sin₂]`), so each product is a contiguous tensor times one shared row,
+/// the broadcast the CPU backend vectorizes. Packed batches, whose positions restart at each
+/// document, get one such row per batch row ([`Rope::with_positions`]). The query tables also
+/// carry attention's `1/√head_dim`, which saves a pass over the `[t, t]` scores.
 pub struct Rope<B: Backend> {
-    /// `[1, seq·heads·head_dim]`, pre-scaled by `1/√head_dim`
+    /// `[1 or batch, seq·heads·head_dim]`, pre-scaled by `1/√head_dim`
     q_cos: Tensor<B, 2>,
     q_sin: Tensor<B, 2>,
-    /// `[1, seq·kv_heads·head_dim]`
+    /// `[1 or batch, seq·kv_heads·head_dim]`
     k_cos: Tensor<B, 2>,
     k_sin: Tensor<B, 2>,
     head_dim: usize,
 }
 
 impl<B: Backend> Rope<B> {
+    /// Tables for positions `0..seq`, shared by every batch row.
     pub fn new(cfg: &ModelConfig, seq: usize, device: &B::Device) -> Self {
+        let positions: Vec<usize> = (0..seq).collect();
+        Self::build(cfg, 1, &positions, device)
+    }
+
+    /// Tables for each token's own position (`positions[b·seq + i]` for token `i` of row `b`),
+    /// one row per batch row.
+    pub fn with_positions(
+        cfg: &ModelConfig,
+        batch: usize,
+        positions: &[usize],
+        device: &B::Device,
+    ) -> Self {
+        Self::build(cfg, batch, positions, device)
+    }
+
+    /// `rows` table rows, each of `positions.len() / rows` positions.
+    fn build(cfg: &ModelConfig, rows: usize, positions: &[usize], device: &B::Device) -> Self {
         let hd = cfg.head_dim;
         let half = hd / 2;
         // transformers computes inv_freq in f32; so do we, then the angles in f64.
@@ -175,19 +199,22 @@ impl<B: Backend> Rope<B> {
             }
             (cos, sin)
         };
-        let rows: Vec<_> = (0..seq).map(row).collect();
+        let distinct = positions.iter().max().map_or(0, |&p| p + 1);
+        let trig: Vec<_> = (0..distinct).map(row).collect();
+        let rows = rows.max(1);
         let table = |heads: usize, scale: f32| {
-            let n = seq * heads * hd;
+            let n = positions.len() * heads * hd;
             let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
-            for (c, s) in &rows {
+            for &p in positions {
+                let (c, s) = &trig[p];
                 for _ in 0..heads {
                     cos.extend(c.iter().map(|v| v * scale));
                     sin.extend(s.iter().map(|v| v * scale));
                 }
             }
             (
-                Tensor::from_data(TensorData::new(cos, [1, n]), device),
-                Tensor::from_data(TensorData::new(sin, [1, n]), device),
+                Tensor::from_data(TensorData::new(cos, [rows, n / rows]), device),
+                Tensor::from_data(TensorData::new(sin, [rows, n / rows]), device),
             )
         };
         let (q_cos, q_sin) = table(cfg.num_heads, 1.0 / (hd as f32).sqrt());
@@ -238,6 +265,145 @@ pub fn causal_bias<B: Backend>(seq: usize, groups: usize, device: &B::Device) ->
     Tensor::from_data(TensorData::new(bias, [1, n]), device)
 }
 
+/// Where the documents of a packed batch start. A token attends only to the tokens of its own
+/// document up to itself (a block-diagonal causal mask), and positions restart at 0 at each
+/// document's start, as transformers does for padding-free packing with `position_ids`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Documents {
+    /// `[batch·seq]`: for each token, the position in its row where its document starts.
+    starts: Arc<[usize]>,
+    batch: usize,
+    seq: usize,
+}
+
+impl Documents {
+    /// From each row's document starts after the first (increasing, each in `1..seq`; starts
+    /// outside are ignored). The tokens after a row's last start, right padding included,
+    /// belong to its last document.
+    pub fn new(rows: &[&[usize]], seq: usize) -> Self {
+        let mut starts = Vec::with_capacity(rows.len() * seq);
+        for row in rows {
+            let mut cur = 0;
+            let mut next = row.iter().copied().filter(|&s| s > 0 && s < seq).peekable();
+            for i in 0..seq {
+                while let Some(s) = next.next_if(|&s| s <= i) {
+                    cur = cur.max(s);
+                }
+                starts.push(cur);
+            }
+        }
+        Documents {
+            starts: starts.into(),
+            batch: rows.len(),
+            seq,
+        }
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn seq(&self) -> usize {
+        self.seq
+    }
+
+    /// For each token (`[batch·seq]`, row-major), the position where its document starts.
+    pub fn starts(&self) -> &Arc<[usize]> {
+        &self.starts
+    }
+
+    /// Each token's position within its document (`[batch·seq]`, row-major).
+    pub fn positions(&self) -> Vec<usize> {
+        self.starts
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| i % self.seq - s)
+            .collect()
+    }
+
+    /// Whether, in row `b`, the token at `query` attends to the one at `key`.
+    pub fn sees(&self, b: usize, query: usize, key: usize) -> bool {
+        key <= query && key >= self.starts[b * self.seq + query]
+    }
+}
+
+/// Additive block-diagonal causal mask `[batch, groups·seq·seq]`: 0 where a query sees a key
+/// ([`Documents::sees`]), −∞ elsewhere, repeated for the `groups` query heads that share a
+/// key/value head. Added to the scores flattened to `[batch, kv_heads, groups·seq·seq]` with the
+/// mask broadcast over the key/value heads.
+pub fn document_bias<B: Backend>(
+    docs: &Documents,
+    groups: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let t = docs.seq;
+    let mut bias = Vec::with_capacity(docs.batch * groups * t * t);
+    for b in 0..docs.batch {
+        let mut one = vec![f32::NEG_INFINITY; t * t];
+        for i in 0..t {
+            let start = docs.starts[b * t + i];
+            one[i * t + start..=i * t + i].fill(0.0);
+        }
+        for _ in 0..groups {
+            bias.extend_from_slice(&one);
+        }
+    }
+    Tensor::from_data(TensorData::new(bias, [docs.batch, groups * t * t]), device)
+}
+
+/// Which keys each query of attention sees: causal over the whole row, or causal within each
+/// document of a packed batch. The flex kernel reads the document starts; the composed path
+/// adds [`causal_bias`] or [`document_bias`], built on first use (so flex never builds the
+/// dense bias).
+#[derive(Clone)]
+pub struct AttentionMask<B: Backend> {
+    docs: Option<Documents>,
+    seq: usize,
+    groups: usize,
+    device: B::Device,
+    bias: Rc<OnceCell<Tensor<B, 2>>>,
+}
+
+impl<B: Backend> AttentionMask<B> {
+    /// Causal attention over rows of `seq` tokens, `groups` query heads per key/value head.
+    pub fn causal(seq: usize, groups: usize, device: &B::Device) -> Self {
+        AttentionMask {
+            docs: None,
+            seq,
+            groups,
+            device: device.clone(),
+            bias: Rc::default(),
+        }
+    }
+
+    /// Causal attention within each document of `docs`.
+    pub fn documents(docs: Documents, groups: usize, device: &B::Device) -> Self {
+        AttentionMask {
+            seq: docs.seq,
+            docs: Some(docs),
+            groups,
+            device: device.clone(),
+            bias: Rc::default(),
+        }
+    }
+
+    /// The documents, when the batch is packed.
+    pub fn docs(&self) -> Option<&Documents> {
+        self.docs.as_ref()
+    }
+
+    /// The additive bias: `[1, groups·seq·seq]` when causal, `[batch, groups·seq·seq]` with
+    /// documents.
+    pub fn bias(&self) -> Tensor<B, 2> {
+        self.bias
+            .get_or_init(|| match &self.docs {
+                None => causal_bias(self.seq, self.groups, &self.device),
+                Some(d) => document_bias(d, self.groups, &self.device),
+            })
+            .clone()
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     pub q_proj: Linear<B>,
@@ -255,7 +421,12 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → same
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, causal: &Tensor<B, 2>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: &AttentionMask<B>,
+    ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = nh / nkv; // query heads per key/value head
@@ -274,7 +445,7 @@ impl<B: Backend> Attention<B> {
             self.v_proj.forward(x).reshape([b, t, nkv, hd]),
             [0, 2, 1, 3],
         ); // [b, nkv, t, hd]
-        let out = fused::causal_attention(q, k, v, causal) // [b, nkv, rep*t, hd]
+        let out = fused::causal_attention(q, k, v, mask) // [b, nkv, rep*t, hd]
             .reshape([b, nh, t, hd]);
         let out = fused::permute(out, [0, 2, 1, 3]) // [b, t, nh, hd]
             .reshape([b, t, nh * hd]);
@@ -307,11 +478,16 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, causal: &Tensor<B, 2>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: &AttentionMask<B>,
+    ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, causal);
+                .forward(self.input_layernorm.forward(x), rope, mask);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -350,7 +526,16 @@ impl<B: Backend> CausalLm<B> {
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.head(self.hidden(ids))
+        self.forward_with(ids, None)
+    }
+
+    /// Next-token logits, each document of a packed batch on its own ([`Documents`]).
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`, docs: `batch` rows of `seq`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward_with(&self, ids: Tensor<B, 2, Int>, docs: Option<&Documents>) -> Tensor<B, 3> {
+        self.head(self.hidden_with(ids, docs))
     }
 
     /// The language-model head on final hidden states.
@@ -374,14 +559,44 @@ impl<B: Backend> CausalLm<B> {
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.hidden_with(ids, None)
+    }
+
+    /// Final hidden states after the last norm; with `docs`, positions restart at each
+    /// document and attention stays inside it. Without, one causal sequence per row sharing
+    /// one rotary table.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`, docs: `batch` rows of `seq`
+    /// - output: `[batch, seq, hidden]`
+    ///
+    /// # Panics
+    /// When `docs` is not `batch` rows of `seq`.
+    pub fn hidden_with(&self, ids: Tensor<B, 2, Int>, docs: Option<&Documents>) -> Tensor<B, 3> {
         let device = ids.device();
-        let [_, t] = ids.dims();
-        let rope = Rope::new(&self.config, t, &device);
+        let [b, t] = ids.dims();
         let groups = self.config.num_heads / self.config.num_kv_heads;
-        let causal = causal_bias::<B>(t, groups, &device); // [1, groups*t*t]
+        let (rope, mask) = match docs {
+            None => (
+                Rope::new(&self.config, t, &device),
+                AttentionMask::causal(t, groups, &device),
+            ),
+            Some(d) => {
+                assert!(
+                    d.batch() == b && d.seq() == t,
+                    "documents of {} rows of {} for a batch of {b} rows of {t}",
+                    d.batch(),
+                    d.seq()
+                );
+                (
+                    Rope::with_positions(&self.config, b, &d.positions(), &device),
+                    AttentionMask::documents(d.clone(), groups, &device),
+                )
+            }
+        };
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), ids); // [b, t, hidden]
         for layer in &self.model.layers {
-            x = layer.forward(x, &rope, &causal);
+            x = layer.forward(x, &rope, &mask);
         }
         self.model.norm.forward(x)
     }
@@ -399,10 +614,24 @@ impl<B: Backend> CausalLm<B> {
         ids: Tensor<B, 2, Int>,
         targets: Tensor<B, 2>,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        self.token_nll_with(ids, targets, None)
+    }
+
+    /// [`CausalLm::token_nll`], each document of a packed batch on its own ([`Documents`]).
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`, targets: `[batch, seq]` (0/1), docs: `batch` rows of `seq`
+    /// - output: (`nll [batch, seq-1]`, `weights [batch, seq-1]`)
+    pub fn token_nll_with(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2>,
+        docs: Option<&Documents>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let [b, t] = ids.dims();
         // The last position predicts nothing: drop it before the head, not after (the hidden
         // states are `vocab / hidden` times smaller than the logits).
-        let hidden = self.hidden(ids.clone()).narrow(1, 0, t - 1); // [b, t-1, hidden]
+        let hidden = self.hidden_with(ids.clone(), docs).narrow(1, 0, t - 1); // [b, t-1, hidden]
         let logits = self.head(hidden); // [b, t-1, vocab]
         let n = b * (t - 1);
         let logits = logits.reshape([n, self.config.vocab_size]); // [b*(t-1), vocab]

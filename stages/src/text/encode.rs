@@ -1,5 +1,12 @@
 //! Records → token sequences with loss masks: chat/instruction data for supervised fine-tuning
-//! ([`encode_sft`]), raw text for continued pretraining ([`encode_cpt`]), and packing ([`pack`]).
+//! ([`encode_sft`]), raw text for continued pretraining ([`encode_cpt`]) and for scoring it one
+//! document at a time ([`encode_documents`]), and packing ([`pack_bfd`], [`pack_wrapped`]).
+//!
+//! **Packing.** A packed example holds several documents back to back and says where each one
+//! starts ([`Example::doc_starts`]): the model then restarts positions at each start and lets a
+//! token attend only to the earlier tokens of its own document, so a packed document is scored
+//! as it would be alone (what transformers calls padding-free packing with `position_ids`).
+//! [`pack_wrapped`] instead cuts one long stream into blocks that are each one sequence.
 //!
 //! Masking works for any template: the whole conversation is rendered once; the assistant turn
 //! at message `i` starts where the rendering of `messages[..i]` with the generation prompt ends,
@@ -10,7 +17,11 @@
 //! tokenizer does not know as a special token, merged with the next turn's first characters) is
 //! still learned, so the model learns to end its turn.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::error::TextError;
 use super::template::ChatTemplate;
@@ -23,6 +34,10 @@ use crate::data::records::{ChatRecord, Message, Role, TextRecord};
 pub struct Example {
     pub ids: Vec<u32>,
     pub targets: Vec<bool>,
+    /// Where each document after the first starts, increasing, each in `1..len`: empty when the
+    /// example is one document. Attention stays inside a document and positions restart at its
+    /// start; the first token of a document is never a target.
+    pub doc_starts: Vec<usize>,
 }
 
 impl Example {
@@ -169,15 +184,19 @@ pub fn encode_chat_from(
         .enumerate()
         .map(|(i, &t)| i > 0 && (train_on_prompt || t))
         .collect();
-    Ok(Example { ids, targets })
+    Ok(Example {
+        ids,
+        targets,
+        doc_starts: Vec::new(),
+    })
 }
 
 /// Chat records (alpaca, prompt/completion, chat and sharegpt datasets all load as
 /// [`ChatRecord`]) → examples, one per record, cut to `seq_len` tokens. A record whose example
 /// has no target left (cut before its first assistant turn, or without one) is dropped; both
-/// count in `truncated`. With `pack`, the examples are then concatenated in order and cut into
-/// blocks of exactly `seq_len` tokens (the last one shorter); a block's first token is never a
-/// target, and blocks without targets are dropped.
+/// count in `truncated`. With `pack`, the examples are then packed into rows of at most
+/// `seq_len` tokens by best-fit decreasing ([`pack_bfd`]), each example whole and its own
+/// document.
 pub fn encode_sft(
     tok: &TextTokenizer,
     template: &ChatTemplate,
@@ -205,15 +224,92 @@ pub fn encode_sft(
         }
     }
     if pack {
-        examples = self::pack(examples, seq_len);
+        examples = pack_bfd(examples, seq_len);
     }
     Ok(Encoded::new(examples, truncated))
 }
 
+/// Best-fit-decreasing packing, TRL's `pack_dataset(..., strategy="bfd")` (`_pack_bfd`): the
+/// examples, longest first (a stable sort: equal lengths keep their order), each go into the
+/// open row with the least room that still holds it, or start a new row; among rows with the
+/// same room, the one that got that room first. Rows come out in the order they were started,
+/// their documents in the order they were put in; each example becomes one document
+/// ([`Example::doc_starts`]) and is never split. An example longer than `seq_len` is cut to it
+/// (callers cut and count them before). Empty examples are dropped; a `seq_len` of 0 returns
+/// the examples unchanged.
+///
+/// TRL packs within each `datasets.map` batch (1000 examples unless `map_kwargs` says
+/// otherwise); this packs all the examples at once, so on more than one such batch the rows
+/// can differ (they are never worse filled).
+pub fn pack_bfd(examples: Vec<Example>, seq_len: usize) -> Vec<Example> {
+    if seq_len == 0 {
+        return examples;
+    }
+    let mut examples: Vec<Example> = examples.into_iter().filter(|e| !e.is_empty()).collect();
+    for e in &mut examples {
+        e.ids.truncate(seq_len);
+        e.targets.truncate(seq_len);
+        e.doc_starts.retain(|&s| s < seq_len);
+    }
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].len()));
+    // Open rows by their room left (> 0), each list in the order the rows reached that room.
+    let mut by_room: BTreeMap<usize, VecDeque<usize>> = BTreeMap::new();
+    let mut rows: Vec<(Vec<usize>, usize)> = Vec::new(); // (examples, tokens)
+    for i in order {
+        let len = examples[i].len();
+        let best = by_room
+            .range_mut(len..)
+            .next()
+            .map(|(&room, q)| (room, q.pop_front()));
+        let row = match best {
+            Some((room, Some(row))) => {
+                if by_room.get(&room).is_some_and(VecDeque::is_empty) {
+                    by_room.remove(&room);
+                }
+                row
+            }
+            _ => {
+                rows.push((Vec::new(), 0));
+                rows.len() - 1
+            }
+        };
+        rows[row].0.push(i);
+        rows[row].1 += len;
+        let room = seq_len - rows[row].1;
+        if room > 0 {
+            by_room.entry(room).or_default().push_back(row);
+        }
+    }
+    let mut slots: Vec<Option<Example>> = examples.into_iter().map(Some).collect();
+    rows.into_iter()
+        .map(|(members, tokens)| {
+            let mut row = Example {
+                ids: Vec::with_capacity(tokens),
+                targets: Vec::with_capacity(tokens),
+                doc_starts: Vec::new(),
+            };
+            for i in members {
+                let Some(e) = slots[i].take() else { continue };
+                let at = row.ids.len();
+                if at > 0 {
+                    row.doc_starts.push(at);
+                }
+                row.doc_starts.extend(e.doc_starts.iter().map(|s| at + s));
+                row.ids.extend(e.ids);
+                row.targets.extend(e.targets);
+                row.targets[at] = false;
+            }
+            row
+        })
+        .collect()
+}
+
 /// Concatenate examples in order and cut the stream into blocks of exactly `seq_len` tokens
-/// (the last block shorter). Each block's first token is not a target; blocks left without
+/// (the last block shorter), each block one sequence that attends across the examples it holds
+/// (TRL's `wrapped` strategy). Each block's first token is not a target; blocks left without
 /// targets are dropped. A `seq_len` of 0 returns the examples unchanged.
-pub fn pack(examples: Vec<Example>, seq_len: usize) -> Vec<Example> {
+pub fn pack_wrapped(examples: Vec<Example>, seq_len: usize) -> Vec<Example> {
     if seq_len == 0 {
         return examples;
     }
@@ -239,16 +335,24 @@ pub fn pack(examples: Vec<Example>, seq_len: usize) -> Vec<Example> {
     blocks
 }
 
-/// Raw text for continued pretraining: each non-empty text encoded (after the bos token when
-/// the tokenizer adds one), followed by eos when the tokenizer has one, all concatenated and cut
-/// into blocks of `seq_len` tokens (a final partial block is kept when it has at least 2
-/// tokens). Every token but each block's first is a target.
-pub fn encode_cpt(
-    tok: &TextTokenizer,
-    records: &[TextRecord],
-    seq_len: usize,
-) -> Result<Encoded, TextError> {
-    check_seq_len(seq_len)?;
+/// How `train.cpt` lays raw text into `seq_len` blocks (manifest parameter `packing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CptPacking {
+    /// Each document is its own segment of its block: attention stays inside it, positions
+    /// restart at 0 at its start, and its first token is not a target. A document continued
+    /// from the previous block starts again at position 0, without the part that block holds.
+    #[default]
+    Documents,
+    /// Every block is one sequence: tokens attend across document boundaries, positions run
+    /// 0…seq_len−1 and every token but the block's first is a target (standard for some
+    /// pretraining setups).
+    Wrapped,
+}
+
+/// Each non-empty text's tokens: after the bos token when the tokenizer adds one, followed by
+/// eos when the tokenizer has one.
+fn documents(tok: &TextTokenizer, records: &[TextRecord]) -> Result<Vec<Vec<u32>>, TextError> {
     let texts: Vec<&str> = records
         .iter()
         .map(|r| r.text.as_str())
@@ -261,19 +365,166 @@ pub fn encode_cpt(
         None
     };
     let eos = tok.eos().map(|(_, id)| id);
-    let mut stream = Vec::with_capacity(encoded.iter().map(|e| e.len() + 2).sum());
-    for ids in encoded {
-        stream.extend(bos);
-        stream.extend(ids);
-        stream.extend(eos);
+    Ok(encoded
+        .into_iter()
+        .map(|ids| {
+            let mut doc = Vec::with_capacity(ids.len() + 2);
+            doc.extend(bos);
+            doc.extend(ids);
+            doc.extend(eos);
+            doc
+        })
+        .collect())
+}
+
+/// Raw text for continued pretraining: the documents (each non-empty text encoded after the
+/// bos token when the tokenizer adds one, followed by eos when the tokenizer has one)
+/// concatenated and cut into blocks of `seq_len` tokens (a final partial block is kept when it
+/// has at least 2 tokens).
+///
+/// With [`CptPacking::Documents`] each block records where its documents start
+/// ([`Example::doc_starts`]) and a document's first token is not a target; with
+/// [`CptPacking::Wrapped`] every token but each block's first is a target.
+pub fn encode_cpt(
+    tok: &TextTokenizer,
+    records: &[TextRecord],
+    seq_len: usize,
+    packing: CptPacking,
+) -> Result<Encoded, TextError> {
+    check_seq_len(seq_len)?;
+    let docs = documents(tok, records)?;
+    let total = docs.iter().map(Vec::len).sum();
+    let mut stream = Vec::with_capacity(total);
+    let mut starts = Vec::with_capacity(docs.len());
+    for doc in docs {
+        starts.push(stream.len());
+        stream.extend(doc);
     }
+    let mut next_start = starts.iter().copied().peekable();
     let examples = stream
         .chunks(seq_len)
-        .filter(|c| c.len() >= 2)
-        .map(|c| Example {
-            ids: c.to_vec(),
-            targets: (0..c.len()).map(|i| i > 0).collect(),
+        .enumerate()
+        .filter(|(_, c)| c.len() >= 2)
+        .map(|(k, c)| {
+            let (lo, hi) = (k * seq_len, k * seq_len + c.len());
+            let mut doc_starts = Vec::new();
+            while let Some(s) = next_start.next_if(|&s| s < hi) {
+                if s > lo && packing == CptPacking::Documents {
+                    doc_starts.push(s - lo);
+                }
+            }
+            let mut targets: Vec<bool> = (0..c.len()).map(|i| i > 0).collect();
+            for &s in &doc_starts {
+                targets[s] = false;
+            }
+            Example {
+                ids: c.to_vec(),
+                targets,
+                doc_starts,
+            }
         })
         .collect();
     Ok(Encoded::new(examples, 0))
+}
+
+/// Raw text scored one document at a time, for evaluation: each document (encoded as in
+/// [`encode_cpt`]) alone, never with context from another one. A document of up to `seq_len`
+/// tokens is one example; a longer one is scored in lm-evaluation-harness's rolling windows
+/// (`loglikelihood_rolling`, `context_len = 1`): the first window is its first `seq_len`
+/// tokens, each next one predicts the following `seq_len − 1` tokens from the one before them,
+/// and the last window ends at the document's end and reaches back a full `seq_len` tokens,
+/// its earlier tokens context only. Every token but the document's first is a target exactly
+/// once. A document of one token has no target and is left out.
+pub fn encode_documents(
+    tok: &TextTokenizer,
+    records: &[TextRecord],
+    seq_len: usize,
+) -> Result<Encoded, TextError> {
+    check_seq_len(seq_len)?;
+    let mut examples = Vec::new();
+    for doc in documents(tok, records)? {
+        examples.extend(rolling_windows(&doc, seq_len));
+    }
+    Ok(Encoded::new(examples, 0))
+}
+
+/// The rolling windows of [`encode_documents`] over one document (`seq_len ≥ 2`).
+fn rolling_windows(doc: &[u32], seq_len: usize) -> Vec<Example> {
+    let n = doc.len();
+    let mut out = Vec::new();
+    if n < 2 {
+        return out;
+    }
+    let first = n.min(seq_len);
+    out.push(Example {
+        ids: doc[..first].to_vec(),
+        targets: (0..first).map(|i| i > 0).collect(),
+        doc_starts: Vec::new(),
+    });
+    let mut predicted = first; // tokens `..predicted` are scored (or the first)
+    while predicted < n {
+        let end = (predicted + seq_len - 1).min(n);
+        let start = end - seq_len;
+        out.push(Example {
+            ids: doc[start..end].to_vec(),
+            targets: (start..end).map(|i| i >= predicted).collect(),
+            doc_starts: Vec::new(),
+        });
+        predicted = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(n: usize, tag: u32) -> Example {
+        Example {
+            ids: vec![tag; n],
+            targets: (0..n).map(|i| i > 0).collect(),
+            doc_starts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rolling_windows_score_every_token_once_with_full_windows() {
+        let doc: Vec<u32> = (0..10).collect();
+        let w = rolling_windows(&doc, 4);
+        let ids: Vec<&[u32]> = w.iter().map(|e| e.ids.as_slice()).collect();
+        // [0..4) scores 1, 2, 3; [3..7) scores 4, 5, 6 from 3; [6..10) scores 7, 8, 9;
+        assert_eq!(ids, [&[0, 1, 2, 3][..], &[3, 4, 5, 6], &[6, 7, 8, 9]]);
+        assert_eq!(w[1].targets, [false, true, true, true]);
+        // 11 tokens: the last window reaches back to 6 and scores only 10.
+        let doc: Vec<u32> = (0..11).collect();
+        let w = rolling_windows(&doc, 4);
+        assert_eq!(w.len(), 4);
+        assert_eq!(w[3].ids, [7, 8, 9, 10]);
+        assert_eq!(w[3].targets, [false, false, false, true]);
+        let scored: Vec<u32> = w.iter().flat_map(|e| e.target_ids()).collect();
+        assert_eq!(scored, (1..11).collect::<Vec<u32>>());
+        assert!(rolling_windows(&[5], 4).is_empty());
+        assert_eq!(rolling_windows(&[5, 6], 4)[0].targets, [false, true]);
+    }
+
+    #[test]
+    fn bfd_rows_keep_their_documents_whole() {
+        let rows = pack_bfd(vec![ex(3, 1), ex(9, 2), ex(0, 3), ex(5, 4)], 8);
+        let got: Vec<(&[u32], &[usize])> = rows
+            .iter()
+            .map(|r| (r.ids.as_slice(), r.doc_starts.as_slice()))
+            .collect();
+        // 9 is cut to 8 and fills a row; 5 starts the second row and 3 fills it; 0 is dropped.
+        assert_eq!(
+            got,
+            [
+                (&[2; 8][..], &[][..]),
+                (&[4, 4, 4, 4, 4, 1, 1, 1][..], &[5][..])
+            ]
+        );
+        assert_eq!(
+            rows[1].targets,
+            [false, true, true, true, true, false, true, true]
+        );
+    }
 }

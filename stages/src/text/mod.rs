@@ -5,7 +5,8 @@
 //!   `tokenizer_config.json`, `chat_template.jinja`) with its special tokens resolved.
 //! - [`ChatTemplate`]: the checkpoint's Jinja chat template or a built-in one ([`TemplateChoice`]),
 //!   rendered in a sandboxed minijinja environment.
-//! - [`encode_sft`], [`encode_chat`], [`encode_cpt`], [`pack`]: records → [`Example`]s.
+//! - [`encode_sft`], [`encode_chat`], [`encode_cpt`], [`encode_documents`], [`pack_bfd`],
+//!   [`pack_wrapped`]: records → [`Example`]s.
 //! - [`TrainTokenizerStage`]: `tokenizer.train`, a byte-level BPE tokenizer learned from a dataset.
 
 pub mod encode;
@@ -16,7 +17,10 @@ pub mod train_tokenizer;
 
 use burnish_engine::stage::Registry;
 
-pub use encode::{Encoded, Example, encode_chat, encode_chat_from, encode_cpt, encode_sft, pack};
+pub use encode::{
+    CptPacking, Encoded, Example, encode_chat, encode_chat_from, encode_cpt, encode_documents, encode_sft, pack_bfd,
+    pack_wrapped,
+};
 pub use error::TextError;
 pub use template::{ChatTemplate, TemplateChoice};
 pub use tokenizer::TextTokenizer;

@@ -5,12 +5,16 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::CausalLm;
+use crate::model::llama::Documents;
 use crate::text::Example;
 
 /// A padded batch: ids `[batch, seq]` and 0/1 target weights `[batch, seq]`.
 pub struct Batch<B: Backend> {
     pub ids: Tensor<B, 2, Int>,
     pub targets: Tensor<B, 2>,
+    /// Where the documents of packed examples start (`None` when every row is one document):
+    /// pass it to [`CausalLm::token_nll_with`] / [`CausalLm::forward_with`].
+    pub docs: Option<Documents>,
     /// Tokens in the batch (without padding).
     pub tokens: usize,
     /// Target tokens in the batch.
@@ -18,7 +22,9 @@ pub struct Batch<B: Backend> {
 }
 
 /// Right-pad `examples` to the longest one with `pad` (padding is never a target; causal
-/// attention keeps real tokens from seeing it).
+/// attention keeps real tokens from seeing it). Packed examples' document starts
+/// ([`Example::doc_starts`]) go into [`Batch::docs`], the padding joining each row's last
+/// document.
 pub fn make_batch<B: Backend>(examples: &[&Example], pad: u32, device: &B::Device) -> Batch<B> {
     let t = examples
         .iter()
@@ -40,7 +46,12 @@ pub fn make_batch<B: Backend>(examples: &[&Example], pad: u32, device: &B::Devic
             targets.push(if is_target { 1.0f32 } else { 0.0 });
         }
     }
+    let docs = examples.iter().any(|e| !e.doc_starts.is_empty()).then(|| {
+        let rows: Vec<&[usize]> = examples.iter().map(|e| e.doc_starts.as_slice()).collect();
+        Documents::new(&rows, t)
+    });
     Batch {
+        docs,
         ids: Tensor::from_data(TensorData::new(ids, [b, t]), device),
         targets: Tensor::from_data(TensorData::new(targets, [b, t]), device),
         tokens,
@@ -68,7 +79,8 @@ impl Score {
     }
 }
 
-/// Score `model` on `examples` (no gradients), `batch_size` at a time.
+/// Score `model` on `examples` (no gradients), `batch_size` at a time; packed examples with
+/// each document on its own.
 pub fn score<B: Backend>(
     model: &CausalLm<B>,
     examples: &[Example],
@@ -81,7 +93,9 @@ pub fn score<B: Backend>(
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = make_batch::<B>(&refs, pad, &device);
         let [b, t] = batch.ids.dims();
-        let logits = model.forward(batch.ids.clone()).narrow(1, 0, t - 1); // [b, t-1, v]
+        let logits = model
+            .forward_with(batch.ids.clone(), batch.docs.as_ref())
+            .narrow(1, 0, t - 1); // [b, t-1, v]
         let logp = log_softmax(logits, 2);
         let next = batch.ids.narrow(1, 1, t - 1); // [b, t-1]
         let picked = logp

@@ -129,7 +129,7 @@ impl Objective for LanguageModeling {
     ) -> (Tensor<B, 1>, BTreeMap<String, f64>) {
         let device = model.model.embed_tokens.weight.val().device();
         let batch = make_batch::<B>(items, self.pad_id, &device);
-        let (nll, w) = model.token_nll(batch.ids, batch.targets);
+        let (nll, w) = model.token_nll_with(batch.ids, batch.targets, batch.docs.as_ref());
         ((nll * w).sum(), BTreeMap::new())
     }
     fn eval<B: Backend>(

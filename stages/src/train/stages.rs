@@ -21,7 +21,7 @@ use crate::backend::{BackendTask, dispatch};
 use crate::data::records::{ChatRecord, TextRecord};
 use crate::data::{input_records, load_input};
 use crate::model::{self, Arch, ModelConfig, SizePreset, lora};
-use crate::text::{self, ChatTemplate, Encoded, TemplateChoice, TextTokenizer};
+use crate::text::{self, ChatTemplate, CptPacking, Encoded, TemplateChoice, TextTokenizer};
 
 fn texts(cx: &RunContext, field: &str) -> Result<Vec<TextRecord>, StageError> {
     input_records(cx, field)
@@ -47,15 +47,25 @@ const TRAINING: Sensitivity = Sensitivity {
 
 trainer_params! {
     /// Parameters of `train.cpt`: continued pretraining on raw text, packed into `seq_len` blocks.
-    pub struct CptParams {}
+    pub struct CptParams {
+        /// How documents share a block: `documents` (default: the stream is cut into `seq_len`
+        /// blocks, and within a block each document is its own segment, attending only to
+        /// itself with positions restarting at 0; a document continued from the previous block
+        /// starts again at position 0) or `wrapped` (each block one sequence attending across
+        /// documents, positions 0…seq_len−1: standard for some pretraining setups).
+        /// `eval_data` is scored one document at a time either way.
+        #[serde(default)]
+        pub packing: CptPacking,
+    }
 }
 
-/// `train.cpt`: next-token loss on every token of packed raw text.
+/// `train.cpt`: next-token loss on every token of packed raw text (but each document's first
+/// with `packing: documents`).
 pub struct CptStage;
 
 impl Stage for CptStage {
     const KIND: &'static str = "train.cpt";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "Continued pretraining on raw text (packed blocks), full or LoRA";
     type Params = CptParams;
 
@@ -74,9 +84,14 @@ impl Stage for CptStage {
     fn run(p: &CptParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let c = p.common();
         let tok = model_tokenizer(cx)?;
-        let train = text::encode_cpt(&tok, &texts(cx, "data")?, c.seq_len)?;
+        let train = text::encode_cpt(&tok, &texts(cx, "data")?, c.seq_len, p.packing)?;
+        // Held-out text: each document scored on its own, in rolling windows when long.
         let eval = match c.eval_data {
-            Some(_) => Some(text::encode_cpt(&tok, &texts(cx, "eval_data")?, c.seq_len)?),
+            Some(_) => Some(text::encode_documents(
+                &tok,
+                &texts(cx, "eval_data")?,
+                c.seq_len,
+            )?),
             None => None,
         };
         fit(Fit::lm(c, prepared(train, eval), &tok, cx))
@@ -108,9 +123,16 @@ trainer_params! {
         /// option, but for the first token, which nothing predicts).
         #[serde(default)]
         pub train_on_prompt: bool,
-        /// Concatenate examples into full `seq_len` blocks.
+        /// Pack examples into rows of up to `seq_len` tokens by best-fit decreasing (TRL's
+        /// `bfd`): an example is never split across rows (one longer than `seq_len` is
+        /// truncated, and counted), and each is its own document in its row, attending only to
+        /// itself with positions restarting at 0, so it trains as it would alone.
         #[serde(default)]
         pub packing: bool,
+        /// With `packing`, pack `eval_data` the same way (by default it is scored one example
+        /// per row; the loss is the same up to float rounding, packing only saves padding).
+        #[serde(default)]
+        pub eval_packing: bool,
     }
 }
 
@@ -119,7 +141,7 @@ pub struct SftStage;
 
 impl Stage for SftStage {
     const KIND: &'static str = "train.sft";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "Supervised fine-tuning on instructions or chats (alpaca, prompt_completion, chat, sharegpt), full or LoRA";
     type Params = SftParams;
 
@@ -140,21 +162,21 @@ impl Stage for SftStage {
         let tok = model_tokenizer(cx)?;
         let template = ChatTemplate::resolve(p.chat_template, &tok)?;
         cx.log(format!("chat template: {}", template.name()));
-        let enc = |records: &[ChatRecord]| {
-            text::encode_sft(
-                &tok,
-                &template,
-                records,
-                c.seq_len,
-                p.train_on_prompt,
-                p.packing,
-            )
+        let enc = |records: &[ChatRecord], pack: bool| {
+            text::encode_sft(&tok, &template, records, c.seq_len, p.train_on_prompt, pack)
         };
-        let train = enc(&chats(cx, "data")?)?;
+        let train = enc(&chats(cx, "data")?, p.packing)?;
         let eval = match c.eval_data {
-            Some(_) => Some(enc(&chats(cx, "eval_data")?)?),
+            Some(_) => Some(enc(&chats(cx, "eval_data")?, p.packing && p.eval_packing)?),
             None => None,
         };
+        if let Some(e) = &eval {
+            let docs: usize = e.examples.iter().map(|x| x.doc_starts.len() + 1).sum();
+            cx.log(format!(
+                "eval_data: {docs} examples in {} rows",
+                e.examples.len()
+            ));
+        }
         fit(Fit::lm(c, prepared(train, eval), &tok, cx))
     }
 }
@@ -448,7 +470,10 @@ fn default_metrics() -> Vec<EvalMetric> {
 pub struct EvalParams {
     /// A Model or an Adapter.
     pub model: StageRef,
-    /// Text (every token scored) or chat/instruction data (assistant tokens scored, as in SFT).
+    /// Text (every token scored but each document's first, each document on its own, one
+    /// longer than `seq_len` in rolling windows as lm-evaluation-harness's
+    /// `loglikelihood_rolling`) or chat/instruction data (assistant tokens scored, as in SFT,
+    /// one example per row).
     pub data: StageRef,
     #[serde(default = "default_metrics")]
     pub metrics: Vec<EvalMetric>,
@@ -469,7 +494,7 @@ pub struct EvalStage;
 
 impl Stage for EvalStage {
     const KIND: &'static str = "eval";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "Score a model on a dataset: perplexity, token accuracy";
     type Params = EvalParams;
 
@@ -523,7 +548,7 @@ impl Stage for EvalStage {
         let tok = model_tokenizer(cx)?;
         let ds = load_input(cx, "data")?;
         let examples = match ds.family {
-            DatasetFamily::Text => text::encode_cpt(&tok, &texts(cx, "data")?, p.seq_len)?,
+            DatasetFamily::Text => text::encode_documents(&tok, &texts(cx, "data")?, p.seq_len)?,
             _ => {
                 let template = ChatTemplate::resolve(p.chat_template, &tok)?;
                 text::encode_sft(
