@@ -18,8 +18,8 @@ pub mod train_tokenizer;
 use burnish_engine::stage::Registry;
 
 pub use encode::{
-    CptPacking, Encoded, Example, encode_chat, encode_chat_from, encode_cpt, encode_documents, encode_sft, pack_bfd,
-    pack_wrapped,
+    CptPacking, Encoded, Example, encode_chat, encode_chat_from, encode_cpt, encode_documents,
+    encode_sft, pack_bfd, pack_wrapped,
 };
 pub use error::TextError;
 pub use template::{ChatTemplate, TemplateChoice};
