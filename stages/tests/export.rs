@@ -1232,7 +1232,7 @@ fn a_pre_tokenizer_burnish_cannot_name_asks_for_the_parameter() {
 // llama.cpp itself, when its tools are at hand.
 
 /// llama.cpp's tools (`llama-tokenize`, `llama-perplexity`) from `BURNISH_LLAMA_CPP` (a
-/// directory, e.g. `llama-tools/bin` from `../shared/tools/build-llama-tools.sh llama-tools`).
+/// directory, e.g. `llama-tools/bin` from `benches/llama_tools.sh llama-tools`).
 fn llama_cpp_tools() -> Option<PathBuf> {
     let dir = PathBuf::from(std::env::var_os("BURNISH_LLAMA_CPP")?);
     dir.join("llama-perplexity").is_file().then_some(dir)
