@@ -849,6 +849,38 @@ fn fused_matmul_matches_f64_products_and_gradients_for_every_transpose_and_batch
     }
 }
 
+/// Holds head `h` of an attention run (`got`: the output and ∂q, ∂k, ∂v over every head, for
+/// the loss `Σ out ⊙ w`) to [`attention_f64`] on the same head of `[q, k, v, w]`, query row `i`
+/// seeing keys `first[i]..=i`; `[rows, t, d]`: query rows, keys and width per head.
+fn assert_head_matches_f64(
+    label: &str,
+    got: &[Vec<f32>; 4],
+    [q, k, v, w]: [&[f32]; 4],
+    first: &[usize],
+    h: usize,
+    [rows, t, d]: [usize; 3],
+) {
+    let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    let (qs, ks) = (h * rows * d..(h + 1) * rows * d, h * t * d..(h + 1) * t * d);
+    let want = attention_f64(
+        &f64s(&q[qs.clone()]),
+        &f64s(&k[ks.clone()]),
+        &f64s(&v[ks.clone()]),
+        &f64s(&w[qs.clone()]),
+        first,
+        d,
+    );
+    for (what, got, want) in [
+        ("out", &got[0][qs.clone()], &want[0]),
+        ("∂q", &got[1][qs.clone()], &want[1]),
+        ("∂k", &got[2][ks.clone()], &want[2]),
+        ("∂v", &got[3][ks.clone()], &want[3]),
+    ] {
+        let worst = max_abs_diff_f64(got, want);
+        assert!(worst < 1e-4, "{what} of {label}: off by {worst:e}");
+    }
+}
+
 /// Causal attention in f64 for one key/value head: `q` `[g·t, d]`, `k`, `v` `[t, d]`, and the
 /// gradients of `Σ out ⊙ w`; position `i` sees the keys `first[i]..=i`. Returns
 /// `(out, ∂q, ∂k, ∂v)`.
@@ -943,29 +975,10 @@ fn causal_attention_matches_f64_attention_and_its_gradients() {
             &AttentionMask::causal(t, groups, &dev),
         );
         assert_eq!(plain_out.into_data().to_vec::<f32>().unwrap(), got[0]);
-        let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
         for h in 0..heads {
-            let (qs, ks) = (h * rows * d..(h + 1) * rows * d, h * t * d..(h + 1) * t * d);
-            let want = attention_f64(
-                &f64s(&qv[qs.clone()]),
-                &f64s(&kv_[ks.clone()]),
-                &f64s(&vv[ks.clone()]),
-                &f64s(&wv[qs.clone()]),
-                &vec![0; t],
-                d,
-            );
-            for (what, got, want) in [
-                ("out", &got[0][qs.clone()], &want[0]),
-                ("∂q", &got[1][qs.clone()], &want[1]),
-                ("∂k", &got[2][ks.clone()], &want[2]),
-                ("∂v", &got[3][ks.clone()], &want[3]),
-            ] {
-                let worst = max_abs_diff_f64(got, want);
-                assert!(
-                    worst < 1e-4,
-                    "{what} of head {h}, {b}x{kv}x{groups}x{t}x{d}: off by {worst:e}"
-                );
-            }
+            let label = format!("head {h}, {b}x{kv}x{groups}x{t}x{d}");
+            let inputs = [&qv[..], &kv_[..], &vv[..], &wv[..]];
+            assert_head_matches_f64(&label, &got, inputs, &vec![0; t], h, [rows, t, d]);
         }
     }
 }
@@ -1070,34 +1083,15 @@ fn document_attention_matches_f64_and_the_composed_path_with_gradients() {
             &AttentionMask::documents(docs.clone(), groups, &dev),
         );
         assert_eq!(vals(plain_out.into_data()), fused_run[0]);
-        let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
         for h in 0..heads {
             let row = h / kv;
             let first: Vec<usize> = (0..t)
                 .map(|i| (0..=i).find(|&j| docs.sees(row, i, j)).unwrap())
                 .collect();
-            let (qs, ks) = (h * rows * d..(h + 1) * rows * d, h * t * d..(h + 1) * t * d);
-            let want = attention_f64(
-                &f64s(&qv[qs.clone()]),
-                &f64s(&kv_[ks.clone()]),
-                &f64s(&vv[ks.clone()]),
-                &f64s(&wv[qs.clone()]),
-                &first,
-                d,
-            );
             for (path, got) in [("fused", &fused_run), ("composed", &composed_run)] {
-                for (what, got, want) in [
-                    ("out", &got[0][qs.clone()], &want[0]),
-                    ("∂q", &got[1][qs.clone()], &want[1]),
-                    ("∂k", &got[2][ks.clone()], &want[2]),
-                    ("∂v", &got[3][ks.clone()], &want[3]),
-                ] {
-                    let worst = max_abs_diff_f64(got, want);
-                    assert!(
-                        worst < 1e-4,
-                        "{path} {what} of head {h}, {b}x{kv}x{groups}x{t}x{d}: off by {worst:e}"
-                    );
-                }
+                let label = format!("{path}, head {h}, {b}x{kv}x{groups}x{t}x{d}");
+                let inputs = [&qv[..], &kv_[..], &vv[..], &wv[..]];
+                assert_head_matches_f64(&label, got, inputs, &first, h, [rows, t, d]);
             }
         }
         // The first token of a document sees only itself: its output is its value row.
