@@ -38,8 +38,8 @@ use crate::data::{input_records, load_input};
 use crate::model::{self, lora};
 use crate::text::{ChatTemplate, TemplateChoice, TextError, TextTokenizer};
 use crate::train::{
-    BaseQuant, ComputeDType, Fit, TrainError, TrainerParams, fit, pad_id, precision,
-    start_precision, tokenizer_dir, trainer_check, trainer_inputs, trainer_outputs, trainer_params,
+    BaseQuant, ComputeDType, Fit, TrainError, TrainerParams, fit, pad_id, precision_of,
+    tokenizer_dir, trainer_check, trainer_inputs, trainer_outputs, trainer_params,
 };
 
 const LOGPROBS_FILE: &str = "logprobs.jsonl";
@@ -217,12 +217,7 @@ impl Stage for LogProbsStage {
                     &input_records::<LabeledRecord>(cx, "data")?,
                     p.seq_len,
                 )?;
-                if enc.same_prompt > 0 {
-                    cx.log(format!(
-                        "{} examples' KL companions share their prompt: every record has the same prompt",
-                        enc.same_prompt
-                    ));
-                }
+                log_same_prompt(cx, enc.same_prompt);
                 let task = Reference {
                     dir: model_art.dir.clone(),
                     batch: p.batch_size,
@@ -255,18 +250,18 @@ impl Stage for LogProbsStage {
         }
         write(&out.join(LOGPROBS_FILE), &text)?;
         let adapter = model::is_adapter_dir(&model_art.dir);
-        let recorded = if adapter {
-            lora::read_base_quant(&model_art.dir)
-                .map_err(|e| Box::new(TrainError::from(e)) as StageError)?
-        } else {
-            None
-        };
+        let precision = precision_of(
+            &model_art.dir,
+            p.quantize_base.is_some(),
+            p.dtype.bf16_on(cx.backend()),
+        )
+        .map_err(|e| Box::new(e) as StageError)?;
         let meta = LogProbsMeta {
             family,
             data: data_digest,
             model: model_art.digest.clone(),
             model_kind: if adapter { "adapter" } else { "model" }.to_owned(),
-            precision: precision(recorded.or(p.quantize_base), p.dtype.bf16_on(cx.backend())),
+            precision,
             chat_template: template.name().to_owned(),
             seq_len: p.seq_len,
             items: lines.len(),
@@ -354,17 +349,12 @@ fn read_reference(
         Ok(a) => ("reference_model", a),
         Err(_) => ("model", cx.input("model")?),
     };
-    let expected_precision = if field == "model" {
-        start_precision(common, &model_art.dir, cx.backend())
-    } else {
-        let recorded = if model::is_adapter_dir(&model_art.dir) {
-            lora::read_base_quant(&model_art.dir)?
-        } else {
-            None
-        };
-        Ok(precision(recorded, common.dtype.bf16_on(cx.backend())))
-    }
-    .map_err(|e| Box::new(e) as StageError)?;
+    // The policy's own base may be quantized by this stage (`qlora:`); another reference
+    // model is taken as it trained.
+    let quantize = field == "model" && common.quantize_base;
+    let expected_precision =
+        precision_of(&model_art.dir, quantize, common.dtype.bf16_on(cx.backend()))
+            .map_err(|e| Box::new(e) as StageError)?;
     let mut problems = Vec::new();
     if &meta.data != data {
         problems.push("was computed on different data than this stage's `data`".to_owned());
@@ -442,6 +432,15 @@ fn encode_inputs<R: FamilyRecord, T>(
         None => None,
     };
     Ok((train, eval))
+}
+
+/// Say when KTO's KL companions could not avoid the example's own prompt.
+fn log_same_prompt(cx: &mut RunContext, same_prompt: usize) {
+    if same_prompt > 0 {
+        cx.log(format!(
+            "{same_prompt} examples' KL companions share their prompt: every record has the same prompt"
+        ));
+    }
 }
 
 /// The `reference` (cached log-probs) and `reference_model` inputs, when given.
@@ -733,12 +732,7 @@ impl Stage for KtoStage {
             encode_labeled(&tok, &template, r, c.seq_len)
         })?;
         attach_reference(cx, &p.reference, &c, &template, &mut train.items)?;
-        if train.same_prompt > 0 {
-            cx.log(format!(
-                "{} examples' KL companions share their prompt: every record has the same prompt",
-                train.same_prompt
-            ));
-        }
+        log_same_prompt(cx, train.same_prompt);
         let n_d = train.items.iter().filter(|i| i.desirable).count();
         let n_u = train.items.len() - n_d;
         let (wd, wu) = match p.balance {

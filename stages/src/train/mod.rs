@@ -506,9 +506,9 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
         let loaded = model::load::<B>(&upstream, &device)?;
         let base_dir = loaded.model_dir.clone();
         let raw_config = loaded.raw_config.clone();
-        let start = start_policy(&c, loaded, seed, disable_dropout, cx)?;
+        let (net, start) = start_policy(&c, loaded, seed, disable_dropout, cx)?;
         if objective.needs_reference() {
-            let reference = reference_model::<B>(&c, &start, cx, &device)?;
+            let reference = reference_model(&net, &start, cx, &device)?;
             objective.prepare(&reference, &mut train, c.batch_size);
             if let Some(e) = eval.as_mut() {
                 objective.prepare(&reference, e, c.batch_size);
@@ -520,9 +520,8 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
                 looper::steps_for_epochs(train.len(), c.batch_size, c.grad_accum, e.unwrap_or(1.0))
             }
         };
-        let net = &start.net;
-        let trainable = net.num_params_where(|_| true) - frozen_count(net);
-        let total_params = net.config.num_params() + lora::adapter_param_count(net);
+        let trainable = net.num_params_where(|_| true) - frozen_count(&net);
+        let total_params = net.config.num_params() + lora::adapter_param_count(&net);
         cx.log(format!(
             "training {trainable} of {total_params} parameters for {steps} steps on {} examples ({} tokens, {} truncated)",
             train.len(), tokens, truncated
@@ -542,14 +541,9 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
             // `train_with` pads through the objective; only `looper::train` reads this.
             pad_id: 0,
         };
-        let result = looper::train_with(
-            start.net.clone(),
-            &objective,
-            &train,
-            eval.as_deref(),
-            &spec,
-            cx,
-        )?;
+        // The loop takes the net by value: nothing else keeps the starting weights alive while
+        // it trains (a full fine-tune would otherwise hold a second copy of every weight).
+        let result = looper::train_with(net, &objective, &train, eval.as_deref(), &spec, cx)?;
         let out = cx
             .output_dir(None)
             .map_err(|e| TrainError::Input {
@@ -588,10 +582,9 @@ fn input_dir(cx: &RunContext, field: &str) -> Result<PathBuf, TrainError> {
         })
 }
 
-/// The policy as it starts training: the upstream model with its adapters (continued or fresh),
-/// its base stored as it will be during training, in the compute dtype, with dropout set.
-pub(crate) struct Start<B: AutodiffBackend> {
-    pub net: model::CausalLm<B>,
+/// How the policy starts training, beside its weights: what trains, how the frozen base is
+/// stored, and the compute dtype.
+pub(crate) struct Start {
     /// The adapter being trained (written to the output), when adapters train.
     pub lora: Option<LoraParams>,
     /// How the frozen base is stored (recorded in an output adapter).
@@ -601,7 +594,7 @@ pub(crate) struct Start<B: AutodiffBackend> {
     pub bf16: bool,
 }
 
-impl<B: AutodiffBackend> Start<B> {
+impl Start {
     fn precision(&self) -> String {
         precision(self.base_quant, self.bf16)
     }
@@ -617,31 +610,27 @@ pub fn precision(base_quant: Option<model::BaseQuant>, bf16: bool) -> String {
     }
 }
 
-/// The precision a trainer's policy starts at, known before loading it: the upstream adapter's
-/// recorded base quantization (or this stage's `qlora:`/`quantize_base:`) and the compute dtype
-/// on `backend`.
-pub fn start_precision(c: &Common, upstream: &Path, backend: &str) -> Result<String, TrainError> {
-    let recorded = if model::is_adapter_dir(upstream) {
-        lora::read_base_quant(upstream)?
-    } else {
-        None
-    };
-    let quant = recorded.or(c.quantize_base.then_some(model::BaseQuant::Nf4));
-    Ok(precision(quant, c.dtype.bf16_on(backend)))
+/// The precision the Model or Adapter artifact in `dir` computes at, known before loading it:
+/// the base quantization an adapter recorded, else NF4 when `quantize_base` asks for it, and
+/// the compute dtype.
+pub fn precision_of(dir: &Path, quantize_base: bool, bf16: bool) -> Result<String, TrainError> {
+    let recorded = lora::read_base_quant(dir)?;
+    let quant = recorded.or(quantize_base.then_some(model::BaseQuant::Nf4));
+    Ok(precision(quant, bf16))
 }
 
 /// Decide what trains. An upstream adapter keeps training when `lora:` is absent or has its rank,
 /// alpha and targets (a `dropout` given there applies; a different shape is an error: merge the
 /// adapter first); a Model upstream gets fresh adapters with `lora:`, or trains every weight
 /// without it. Then the base is quantized (`qlora:`), the compute dtype set, and, with
-/// `disable_dropout`, the adapters' dropout turned off for training.
+/// `disable_dropout`, the adapters' dropout turned off for training. Returns the starting net.
 fn start_policy<B: AutodiffBackend>(
     c: &Common,
     loaded: model::Loaded<B>,
     seed: u64,
     disable_dropout: bool,
     cx: &mut RunContext,
-) -> Result<Start<B>, TrainError> {
+) -> Result<(model::CausalLm<B>, Start), TrainError> {
     let (net, lora_params) = match (&loaded.adapter, &c.lora) {
         (Some(up), None) => (loaded.model, Some(up.clone())),
         (Some(up), Some(mine)) if same_adapter(up, mine) => {
@@ -700,22 +689,22 @@ fn start_policy<B: AutodiffBackend>(
     } else {
         net
     };
-    Ok(Start {
-        net,
+    let start = Start {
         lora: lora_params,
         base_quant,
         base_bits,
         bf16,
-    })
+    };
+    Ok((net, start))
 }
 
 /// The frozen reference of a preference or RL objective, without gradients: by default the
-/// policy as it starts (upstream adapter included, same base storage and compute dtype, which is
+/// policy as it starts, `net` (upstream adapter included, same base storage and compute dtype:
 /// the same weights, not a copy); with `reference_model:`, that model, loaded as it trained and
 /// put in the policy's compute dtype.
 fn reference_model<B: AutodiffBackend>(
-    c: &Common,
-    start: &Start<B>,
+    net: &model::CausalLm<B>,
+    start: &Start,
     cx: &mut RunContext,
     device: &B::Device,
 ) -> Result<model::CausalLm<B::InnerBackend>, TrainError> {
@@ -728,23 +717,25 @@ fn reference_model<B: AutodiffBackend>(
         ));
         return Ok(loaded.model.set_bf16(start.bf16).valid());
     }
-    let _ = c;
     cx.log(format!(
         "reference: the policy's starting model ({}{}); reference log-probs computed in this stage unless `reference:` gives them",
         if start.lora.is_some() { "base + adapter, " } else { "" },
         start.precision()
     ));
-    Ok(start.net.valid())
+    Ok(net.valid())
 }
 
-/// What the `reference` metric says: which model the reference log-probs come from.
-fn reference_origin(cx: &RunContext) -> &'static str {
-    if cx.input("reference").is_ok() {
-        "logprobs artifact of the policy's starting model"
-    } else if cx.input("reference_model").is_ok() {
+/// What the `reference` metric says: which model the reference log-probs come from, and
+/// whether a `logprobs` artifact gave them.
+fn reference_origin(cx: &RunContext) -> String {
+    let model = if cx.input("reference_model").is_ok() {
         "reference_model"
     } else {
         "the policy's starting model"
+    };
+    match cx.input("reference") {
+        Ok(_) => format!("{model} (cached log-probs)"),
+        Err(_) => model.to_owned(),
     }
 }
 
@@ -752,7 +743,7 @@ fn reference_origin(cx: &RunContext) -> &'static str {
 /// quantization recorded) or a full Model, and the training log.
 fn write_trained<B: AutodiffBackend>(
     result: &looper::LoopResult<B>,
-    start: &Start<B>,
+    start: &Start,
     raw_config: &serde_json::Value,
     base_dir: &Path,
     out: &Path,
@@ -780,7 +771,7 @@ fn write_trained<B: AutodiffBackend>(
 fn report<B: AutodiffBackend>(
     mut outcome: StageOutcome,
     result: &looper::LoopResult<B>,
-    start: &Start<B>,
+    start: &Start,
     perplexity: bool,
     cx: &mut RunContext,
 ) -> StageOutcome {
