@@ -55,13 +55,26 @@ pub struct Loaded<B: Backend> {
     pub base_quant: Option<BaseQuant>,
 }
 
-/// Which base an adapter goes on when it is loaded.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which base an adapter goes on when it is loaded (also `merge`'s `base:`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum BaseChoice {
-    /// The base as the adapter trained on it: NF4 for a QLoRA adapter.
+    /// The base as the adapter trained on it: for a QLoRA adapter, the NF4 base dequantized
+    /// (the model whose numbers the adapter was trained and evaluated with).
     #[default]
     AsTrained,
-    /// The base weights as stored (f32), whatever the adapter recorded.
+    /// The original (unquantized) base weights, whatever the adapter recorded, as PEFT's
+    /// `merge_and_unload()` on a base loaded without quantization gives.
     Original,
 }
 

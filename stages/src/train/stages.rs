@@ -369,19 +369,6 @@ impl Stage for ModelStage {
 // ---------------------------------------------------------------------------------------------
 // merge
 
-/// Which base weights `merge` folds an adapter into.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum MergeBase {
-    /// The base as the adapter trained on it: for a QLoRA adapter, the NF4 base dequantized
-    /// (the model whose numbers the adapter was trained and evaluated with).
-    #[default]
-    AsTrained,
-    /// The original (unquantized) base weights, as PEFT's `merge_and_unload()` on a base loaded
-    /// without quantization gives.
-    Original,
-}
-
 /// Parameters of `merge`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -390,7 +377,7 @@ pub struct MergeParams {
     pub model: StageRef,
     /// `as_trained` (default) or `original`: differs only for a QLoRA adapter.
     #[serde(default)]
-    pub base: MergeBase,
+    pub base: model::BaseChoice,
 }
 
 /// `merge`: fold a LoRA adapter into its base model (`W + alpha/r · B·A`), giving a Model.
@@ -421,11 +408,7 @@ impl Stage for MergeStage {
     }
     fn run(p: &MergeParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let dir = cx.input("model")?.dir.clone();
-        let choice = match p.base {
-            MergeBase::AsTrained => model::BaseChoice::AsTrained,
-            MergeBase::Original => model::BaseChoice::Original,
-        };
-        let loaded = model::load_with::<Flex>(&dir, choice, &FlexDevice)?;
+        let loaded = model::load_with::<Flex>(&dir, p.base, &FlexDevice)?;
         let base = match loaded.base_quant {
             Some(q) => {
                 cx.log(format!(
