@@ -10,7 +10,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burnish_stages::data::records::{LabeledRecord, Message, PreferenceRecord};
 use burnish_stages::model::{self, CausalLm};
-use burnish_stages::pref::data::{encode_labeled, encode_pairs, logprobs, mismatched_index};
+use burnish_stages::pref::data::{encode_labeled, encode_pairs, logprobs, mismatched_indices};
 use burnish_stages::pref::objectives::{KtoObjective, OrpoNll, OrpoObjective, fill_reference};
 use burnish_stages::text::{ChatTemplate, TemplateChoice, TextTokenizer};
 use burnish_stages::train::Objective;
@@ -134,8 +134,9 @@ fn kto_companions_never_share_the_prompt_and_the_kl_estimate_matches() {
     for case in ["kto", "kto_from_pairs"] {
         let x = &r[case];
         let recs = kto_records(case);
+        let companions = mismatched_indices(&recs);
         for (i, want) in x["companions"].as_array().unwrap().iter().enumerate() {
-            let j = mismatched_index(&recs, i);
+            let j = companions[i];
             assert_eq!(j as u64, want.as_u64().unwrap(), "{case}: companion of {i}");
             assert_ne!(recs[j].prompt, recs[i].prompt, "{case}: {i} and {j}");
         }
@@ -177,6 +178,19 @@ fn kto_companions_never_share_the_prompt_and_the_kl_estimate_matches() {
             m["kl"]
         );
     }
+}
+
+#[test]
+fn kto_companions_skip_runs_of_one_prompt_and_wrap() {
+    let rec = |p: &str| labeled(&Value::from(p), &Value::from("x"), true);
+    // A A B A: both A's before B take B; B takes the A after it; the last A wraps round, past
+    // the first two A's, to B.
+    let recs: Vec<_> = ["A", "A", "B", "A"].into_iter().map(rec).collect();
+    assert_eq!(mismatched_indices(&recs), [2, 2, 3, 2]);
+    // One prompt everywhere: the next record, as there is no other prompt.
+    let recs: Vec<_> = ["A", "A", "A"].into_iter().map(rec).collect();
+    assert_eq!(mismatched_indices(&recs), [1, 2, 0]);
+    assert!(mismatched_indices(&[]).is_empty());
 }
 
 #[test]

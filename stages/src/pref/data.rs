@@ -138,8 +138,9 @@ pub fn encode_labeled(
     let mut dropped = 0;
     let mut tokens = 0;
     let mut same_prompt = 0;
+    let companions = mismatched_indices(records);
     for (index, r) in records.iter().enumerate() {
-        let j = mismatched_index(records, index);
+        let j = companions[index];
         same_prompt += usize::from(records[j].prompt == r.prompt);
         let next = &records[j];
         let e = encode_completion(tok, template, &r.prompt, &r.completion, seq_len)
@@ -168,14 +169,31 @@ pub fn encode_labeled(
     })
 }
 
-/// The record whose completion is `index`'s mismatched companion: the next one in dataset order
-/// (wrapping) with a different prompt; the next one when every record has the same prompt.
-pub fn mismatched_index(records: &[LabeledRecord], index: usize) -> usize {
+/// For each record, the record whose completion is its mismatched companion: the next one in
+/// dataset order (wrapping) with a different prompt; the next one when every record has the
+/// same prompt.
+///
+/// One backward pass over the records taken twice around, so a long run of one prompt costs
+/// no more than a short one: the first record after `k` whose prompt differs from `k`'s is
+/// `k + 1` when their prompts differ, else the one found for `k + 1`.
+pub fn mismatched_indices(records: &[LabeledRecord]) -> Vec<usize> {
     let n = records.len();
-    (1..n)
-        .map(|k| (index + k) % n)
-        .find(|&j| records[j].prompt != records[index].prompt)
-        .unwrap_or((index + 1) % n.max(1))
+    let prompt = |k: usize| &records[k % n].prompt;
+    // next[k], k < 2n: the first k' in (k, 2n) whose prompt differs from k's.
+    let mut next: Vec<Option<usize>> = vec![None; 2 * n];
+    for k in (0..(2 * n).saturating_sub(1)).rev() {
+        next[k] = if prompt(k + 1) != prompt(k) {
+            Some(k + 1)
+        } else {
+            next[k + 1]
+        };
+    }
+    (0..n)
+        .map(|i| match next[i] {
+            Some(j) if j < i + n => j % n,
+            _ => (i + 1) % n,
+        })
+        .collect()
 }
 
 /// Per-sequence completion log-probs as tensors (differentiable when `model` is).
