@@ -382,8 +382,15 @@ impl OrpoObjective {
                 Tensor::from_data(TensorData::new(mask, [n, t - 1]), &dev)
             }
         };
-        let tokens: f64 = floats(chosen_w.clone().sum().reshape([1]))[0];
-        let nll = (nll.narrow(0, 0, n) * chosen_w).sum() / tokens.max(1.0); // [1]
+        // The tokens the NLL averages over, counted on the host (no device round trip).
+        let tokens: usize = items
+            .iter()
+            .map(|p| match self.nll {
+                OrpoNll::AllTokens => p.chosen.ids.len().saturating_sub(1),
+                OrpoNll::Completion => p.chosen.target_count(),
+            })
+            .sum();
+        let nll = (nll.narrow(0, 0, n) * chosen_w).sum() / tokens.max(1) as f64; // [1]
         let nll_value = floats(nll.clone().detach())[0];
         (
             nll * n as f64 + out.ratio_losses.sum(),
