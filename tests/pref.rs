@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixtures, lock, metric, run, run_ok, write_manifest};
+use common::{find, fixtures, lock, metric, run, run_ok, write_manifest};
 
 /// The fixture model, preference and KTO data split into train/eval, and `body` stages.
 fn manifest(body: &str) -> String {
@@ -269,10 +269,37 @@ fn the_reference_is_the_policy_as_it_starts() {
     // from the different padding of the reference's and the policy's batches, not 32.6.
     let kl = metric(&l, "kto_adapter", "first_kl");
     assert!(kl.abs() < 1e-4, "KTO first kl {kl}");
-    // An adapter's log-probs are its merged model's.
+    // An adapter's log-probs are its merged model's, completion by completion.
     let a = metric(&l, "lp_adapter", "mean_logp");
     let b = metric(&l, "lp_merged", "mean_logp");
     assert!((a - b).abs() < 1e-5, "adapter {a} vs merged {b}");
+    let files = find(tmp.path(), "logprobs.jsonl");
+    assert_eq!(files.len(), 2, "{files:?}");
+    let read = |p: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (x, y) = (read(&files[0]), read(&files[1]));
+    assert_eq!(x.len(), y.len());
+    assert!(!x.is_empty());
+    for (p, q) in x.iter().zip(&y) {
+        assert_eq!(p["index"], q["index"]);
+        for side in ["a", "b"] {
+            let (u, v) = (
+                p[side]["sum"].as_f64().unwrap(),
+                q[side]["sum"].as_f64().unwrap(),
+            );
+            assert!(
+                (u - v).abs() < 1e-5,
+                "record {}: {side} {u} vs {v}",
+                p["index"]
+            );
+            assert_eq!(p[side]["tokens"], q[side]["tokens"]);
+        }
+    }
     assert_eq!(
         l["stages"]["lp_adapter"]["metrics"]["model_kind"],
         "adapter"

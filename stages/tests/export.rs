@@ -2,8 +2,9 @@
 //! `tiny-qwen2`: vocab 512, hidden 64, 2 layers, 4 heads / 2 kv heads, MLP 176).
 //!
 //! References the files are held against:
-//! - burnish's own GGUF reader for every key's exact type (GGUF.md: integers u32, floats f32),
-//!   the tokenizer arrays and the tensor table;
+//! - burnish's own GGUF reader for every key's exact type (the types llama.cpp's loader reads:
+//!   integer hyper-parameters as u32, floats as f32), the tokenizer arrays and the tensor
+//!   table;
 //! - llama.cpp's rules, restated by hand per tensor (`llama-quant.cpp`: the Q4_K_M mix, the
 //!   fallbacks for rows of 64 and 176) and for RoPE (ggml's pairwise rotation, written out here);
 //! - candle's `quantized_llama` / `quantized_qwen2` (an independent GGUF reader and runtime):
