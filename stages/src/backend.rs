@@ -7,7 +7,8 @@
 //! | `wgpu` | `Autodiff<Wgpu>`    | feature `wgpu` (default)      |
 //! | `cuda` | `Autodiff<Cuda>`    | feature `cuda` (default)      |
 //!
-//! Every backend computes in f32 here. The resolved name enters the fingerprint of every stage
+//! Parameters are f32 on every backend; trainers multiply matrices in bf16 when asked (`dtype`),
+//! where the backend can ([`has_bf16`]). The resolved name enters the fingerprint of every stage
 //! whose numbers depend on it.
 
 use burn::backend::Autodiff;
@@ -93,6 +94,12 @@ fn linux_gpu_device_present() -> bool {
         })
         .unwrap_or(false);
     render_node || std::path::Path::new("/dev/nvidia0").exists()
+}
+
+/// Whether the backend called `name` computes matrix products in bf16 (`dtype: bf16`): flex and
+/// CUDA do; wgpu's WGSL compiler has no bf16 type (cubecl-wgpu 0.10 panics on one).
+pub fn has_bf16(name: &str) -> bool {
+    name != "wgpu"
 }
 
 /// Run `task` on the backend called `name` (`cpu`, `wgpu` or `cuda`).

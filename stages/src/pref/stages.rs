@@ -192,7 +192,7 @@ impl Stage for LogProbsStage {
                     batch: p.batch_size,
                     pad,
                     quantize_base: p.quantize_base,
-                    bf16: p.dtype.bf16_on(cx.backend()),
+                    bf16: p.dtype.bf16_on(cx.backend())?,
                     items: Items::Pairs(std::mem::take(&mut enc.items)),
                 };
                 match run_reference(cx, task)? {
@@ -223,7 +223,7 @@ impl Stage for LogProbsStage {
                     batch: p.batch_size,
                     pad,
                     quantize_base: p.quantize_base,
-                    bf16: p.dtype.bf16_on(cx.backend()),
+                    bf16: p.dtype.bf16_on(cx.backend())?,
                     items: Items::Labeled(std::mem::take(&mut enc.items)),
                 };
                 match run_reference(cx, task)? {
@@ -253,7 +253,7 @@ impl Stage for LogProbsStage {
         let precision = precision_of(
             &model_art.dir,
             p.quantize_base.is_some(),
-            p.dtype.bf16_on(cx.backend()),
+            p.dtype.bf16_on(cx.backend())?,
         )
         .map_err(|e| Box::new(e) as StageError)?;
         let meta = LogProbsMeta {
@@ -352,9 +352,12 @@ fn read_reference(
     // The policy's own base may be quantized by this stage (`qlora:`); another reference
     // model is taken as it trained.
     let quantize = field == "model" && common.quantize_base;
-    let expected_precision =
-        precision_of(&model_art.dir, quantize, common.dtype.bf16_on(cx.backend()))
-            .map_err(|e| Box::new(e) as StageError)?;
+    let expected_precision = precision_of(
+        &model_art.dir,
+        quantize,
+        common.dtype.bf16_on(cx.backend())?,
+    )
+    .map_err(|e| Box::new(e) as StageError)?;
     let mut problems = Vec::new();
     if &meta.data != data {
         problems.push("was computed on different data than this stage's `data`".to_owned());

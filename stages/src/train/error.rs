@@ -57,6 +57,15 @@ pub enum TrainError {
         help("use `--backend cpu`, or build burnish with the `{backend}` feature")
     )]
     Backend { backend: String, message: String },
+
+    #[error("`dtype: bf16` cannot run on the `{backend}` backend: its shader compiler has no bf16")]
+    #[diagnostic(
+        code(burnish::train::bf16_unsupported),
+        help(
+            "use `dtype: auto` (bf16 on cuda, f32 elsewhere) or `dtype: f32`, or `--backend cuda` or `cpu`"
+        )
+    )]
+    Bf16Unsupported { backend: String },
 }
 
 impl TrainError {

@@ -204,12 +204,18 @@ pub enum ComputeDType {
 }
 
 impl ComputeDType {
-    /// Whether to compute in bf16 on `backend` (the resolved backend name).
-    pub fn bf16_on(self, backend: &str) -> bool {
+    /// Whether to compute in bf16 on `backend` (the resolved backend name); an error where
+    /// bf16 was asked for and the backend cannot compute in it ([`crate::backend::has_bf16`]).
+    pub fn bf16_on(self, backend: &str) -> Result<bool, TrainError> {
         match self {
-            ComputeDType::Auto => backend == "cuda",
-            ComputeDType::F32 => false,
-            ComputeDType::Bf16 => true,
+            ComputeDType::Auto => Ok(backend == "cuda"),
+            ComputeDType::F32 => Ok(false),
+            ComputeDType::Bf16 if !crate::backend::has_bf16(backend) => {
+                Err(TrainError::Bf16Unsupported {
+                    backend: backend.to_owned(),
+                })
+            }
+            ComputeDType::Bf16 => Ok(true),
         }
     }
 }
@@ -678,7 +684,7 @@ fn start_policy<B: AutodiffBackend>(
         }
         (None, false) => (net, None, None),
     };
-    let bf16 = c.dtype.bf16_on(cx.backend());
+    let bf16 = c.dtype.bf16_on(cx.backend())?;
     let net = net.set_bf16(bf16);
     cx.log(format!(
         "compute dtype: {}",
