@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use miette::{IntoDiagnostic, Result, miette};
 
 mod alloc;
+mod probe;
 mod testing;
 
 #[derive(Parser)]
@@ -149,6 +150,11 @@ enum Command {
         /// A .gguf file
         file: PathBuf,
     },
+    /// Check a backend against transformers' logits and the CPU backend; exit 1 on any FAIL
+    Selftest(probe::SelftestArgs),
+    /// Training throughput of a model made from a shape (the GPU lane's speed rows)
+    #[command(hide = true)]
+    BenchTrain(probe::BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -520,6 +526,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{}", inspect(&file)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Selftest(args) => probe::selftest(&args),
+        Command::BenchTrain(args) => probe::bench_train(&args),
     }
 }
 

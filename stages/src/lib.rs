@@ -7,6 +7,7 @@ pub mod data;
 pub mod export;
 pub mod model;
 pub mod pref;
+pub mod probe;
 pub mod text;
 pub mod train;
 

@@ -64,7 +64,10 @@ impl LoraTarget {
         Self::ALL.into_iter().find(|t| t.name() == s)
     }
 
-    fn linear_mut<B: Backend>(self, block: &mut super::llama::Block<B>) -> &mut Linear<B> {
+    pub(crate) fn linear_mut<B: Backend>(
+        self,
+        block: &mut super::llama::Block<B>,
+    ) -> &mut Linear<B> {
         match self {
             LoraTarget::QProj => &mut block.self_attn.q_proj,
             LoraTarget::KProj => &mut block.self_attn.k_proj,
