@@ -169,6 +169,16 @@ pub fn bench_train(args: &BenchArgs) -> Result<ExitCode> {
             "--steps and --batch must be at least 1, --seq at least 2 and --lora at least 1"
         ));
     }
+    let probe = checks::Options {
+        backend: args.backend.clone(),
+        models: PathBuf::new(),
+        allow_cpu_adapter: true,
+        from: 0,
+        stop_after_panic: false,
+    };
+    if let Some(why) = checks::unavailable(&probe) {
+        return Err(miette!("--backend {}: {why}", args.backend));
+    }
     if args.bf16 && !burnish_stages::backend::has_bf16(&args.backend) {
         return Err(miette!(
             "--bf16: the `{}` backend has no bf16 matrix products",

@@ -86,6 +86,18 @@ fn bench_train_prints_one_json_line() {
     assert_eq!(r["lora"], 2);
     assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
 
+    if !Path::new("/proc/driver/nvidia/version").exists() {
+        let out = burnish()
+            .args(["bench-train", "--backend", "cuda"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--backend cuda: no NVIDIA driver is loaded"),
+            "{stderr}"
+        );
+    }
     let out = burnish()
         .args(["bench-train", "--preset", "7b"])
         .output()
