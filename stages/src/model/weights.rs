@@ -1,23 +1,166 @@
 //! Reading and writing weights: Hugging Face safetensors checkpoints (single file or sharded
 //! index) in, safetensors out, and a walk over a module's parameters by their checkpoint names.
+//!
+//! [`TensorFiles`] reads only the headers when it opens a checkpoint and each tensor's bytes when
+//! it is asked for them, converting them to f32 a piece at a time: loading a model holds the
+//! model, not the model and its files, and an exporter can walk a checkpoint larger than memory
+//! one tensor (or one band of rows, [`TensorFiles::read_f32_range`]) at a time. Tensors are read
+//! with plain positioned reads rather than a memory map: the resident size then counts only what
+//! is being converted, and a file truncated under a reader is an I/O error naming the file and
+//! tensor, not a signal.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
+use safetensors::tensor::Metadata;
 
 use super::error::ModelError;
 
+/// The largest header a safetensors file may have (the `safetensors` crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Bytes read from disk per piece while converting a tensor to f32.
+const READ_PIECE: usize = 1 << 20;
+
+/// One safetensors file: its parsed header, and the file to read tensors from.
+struct Shard {
+    path: PathBuf,
+    file: Mutex<File>,
+    header: Metadata,
+    /// Where the data section starts: after the 8-byte header length and the header.
+    data_start: u64,
+}
+
+/// Where a checked tensor's bytes are.
+struct Located<'a> {
+    shard: &'a Shard,
+    dtype: Dtype,
+    /// Absolute offset of the tensor's first byte.
+    start: u64,
+    len: usize,
+}
+
 /// The tensors of a checkpoint, from `model.safetensors` or the shards an index names.
 pub struct TensorFiles {
-    files: Vec<(PathBuf, Vec<u8>)>,
-    /// tensor name → index into `files`
+    shards: Vec<Shard>,
+    /// tensor name → index into `shards`
     index: BTreeMap<String, usize>,
     used: Mutex<BTreeSet<String>>,
+}
+
+fn element_bytes(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+/// Append the values of `bytes` (whole elements of `dtype`, one of F32, F16, BF16) to `out`.
+fn extend_f32(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        Dtype::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        Dtype::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        _ => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+    }
+}
+
+impl Shard {
+    /// Open `path` and read its header, checking that the file holds exactly the data the header
+    /// describes (a truncated file fails here, before anything else is read).
+    fn open(path: &Path) -> Result<Shard, ModelError> {
+        let bad = |message: String| ModelError::Safetensors {
+            file: path.display().to_string(),
+            message,
+        };
+        let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+        if len < 8 {
+            return Err(bad(format!(
+                "the file is {len} bytes, too short for the 8-byte header length"
+            )));
+        }
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n)
+            .map_err(|e| ModelError::io(path, e))?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER_BYTES || n > len - 8 {
+            return Err(bad(format!(
+                "the header claims {n} bytes, the file holds {} after the header length \
+                 (and a header may have at most {MAX_HEADER_BYTES})",
+                len - 8
+            )));
+        }
+        let mut text = vec![0u8; n as usize];
+        file.read_exact(&mut text)
+            .map_err(|e| ModelError::io(path, e))?;
+        let header: Metadata = serde_json::from_slice(&text)
+            .map_err(|e| bad(format!("the header is not a valid safetensors header: {e}")))?;
+        let data_start = 8 + n;
+        let data = header.data_len() as u64;
+        if data_start + data != len {
+            return Err(bad(format!(
+                "the header describes {data} bytes of tensor data, the file holds {} \
+                 (truncated or padded)",
+                len - data_start
+            )));
+        }
+        Ok(Shard {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+            header,
+            data_start,
+        })
+    }
+
+    /// Read `len` bytes at `start` in pieces of at most [`READ_PIECE`] whole elements, converting
+    /// each into `out`.
+    fn read_into(
+        &self,
+        name: &str,
+        dtype: Dtype,
+        start: u64,
+        len: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let elem = element_bytes(dtype).unwrap_or(4);
+        let piece = READ_PIECE - READ_PIECE % elem;
+        let mut buf = vec![0u8; piece.min(len)];
+        // A File has no state a panic elsewhere could leave half-changed.
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = |e: std::io::Error| ModelError::Safetensors {
+            file: self.path.display().to_string(),
+            message: format!("reading tensor `{name}` ({len} bytes at offset {start}): {e}"),
+        };
+        file.seek(SeekFrom::Start(start)).map_err(failed)?;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len());
+            file.read_exact(&mut buf[..n]).map_err(failed)?;
+            extend_f32(dtype, &buf[..n], out);
+            left -= n;
+        }
+        Ok(())
+    }
 }
 
 impl TensorFiles {
@@ -57,23 +200,19 @@ impl TensorFiles {
         }
     }
 
-    /// Open the given safetensors files.
+    /// Open the given safetensors files (their headers are read; tensors are read on demand).
     pub fn open(paths: &[PathBuf]) -> Result<Self, ModelError> {
-        let mut files = Vec::new();
+        let mut shards = Vec::new();
         let mut index = BTreeMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-            let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
-                file: path.display().to_string(),
-                message: e.to_string(),
-            })?;
-            for name in st.names() {
-                index.insert(name.to_owned(), i);
+            let shard = Shard::open(path)?;
+            for name in shard.header.offset_keys() {
+                index.insert(name, i);
             }
-            files.push((path.clone(), bytes));
+            shards.push(shard);
         }
         Ok(TensorFiles {
-            files,
+            shards,
             index,
             used: Mutex::new(BTreeSet::new()),
         })
@@ -90,74 +229,115 @@ impl TensorFiles {
     /// The shape of tensor `name`, if present.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let &i = self.index.get(name)?;
-        let st = SafeTensors::deserialize(&self.files[i].1).ok()?;
-        st.tensor(name).ok().map(|v| v.shape().to_vec())
+        self.shards[i].header.info(name).map(|t| t.shape.clone())
     }
 
     fn file_of(&self, name: &str) -> String {
         match self.index.get(name) {
-            Some(&i) => self.files[i].0.display().to_string(),
+            Some(&i) => self.shards[i].path.display().to_string(),
             None => self
-                .files
+                .shards
                 .first()
-                .map(|f| f.0.display().to_string())
+                .map(|f| f.path.display().to_string())
                 .unwrap_or_default(),
         }
     }
 
-    /// A tensor's values as f32 with its shape, checked against `expected`.
-    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+    /// Where tensor `name` is, checked against `expected` and for a dtype we read.
+    fn locate(&self, name: &str, expected: &[usize]) -> Result<Located<'_>, ModelError> {
         let file = self.file_of(name);
-        let &i = self
-            .index
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                file: file.clone(),
-                name: name.to_owned(),
-            })?;
-        let st =
-            SafeTensors::deserialize(&self.files[i].1).map_err(|e| ModelError::Safetensors {
-                file: file.clone(),
-                message: e.to_string(),
-            })?;
-        let view = st.tensor(name).map_err(|e| ModelError::Safetensors {
+        let missing = || ModelError::MissingTensor {
             file: file.clone(),
-            message: e.to_string(),
-        })?;
-        if view.shape() != expected {
+            name: name.to_owned(),
+        };
+        let &i = self.index.get(name).ok_or_else(missing)?;
+        let shard = &self.shards[i];
+        let info = shard.header.info(name).ok_or_else(missing)?;
+        if info.shape != expected {
             return Err(ModelError::Shape {
                 file,
                 name: name.to_owned(),
                 expected: expected.to_vec(),
-                found: view.shape().to_vec(),
+                found: info.shape.clone(),
             });
         }
-        let data = view.data();
-        let values = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(ModelError::Dtype {
-                    file,
-                    name: name.to_owned(),
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
+        if element_bytes(info.dtype).is_none() {
+            return Err(ModelError::Dtype {
+                file,
+                name: name.to_owned(),
+                dtype: format!("{:?}", info.dtype),
+            });
+        }
+        let (s, e) = info.data_offsets;
+        Ok(Located {
+            shard,
+            dtype: info.dtype,
+            start: shard.data_start + s as u64,
+            len: e - s,
+        })
+    }
+
+    fn mark_used(&self, name: &str) {
         if let Ok(mut used) = self.used.lock() {
             used.insert(name.to_owned());
         }
-        Ok(values)
+    }
+
+    /// Check that tensor `name` exists with shape `expected` in a dtype that can be read, without
+    /// reading it, and count it as used (see [`TensorFiles::unused`]).
+    pub fn expect(&self, name: &str, expected: &[usize]) -> Result<(), ModelError> {
+        self.locate(name, expected)?;
+        self.mark_used(name);
+        Ok(())
+    }
+
+    /// The bytes tensor `name` takes in its file (its stored dtype), if present.
+    pub fn stored_bytes(&self, name: &str) -> Option<usize> {
+        let &i = self.index.get(name)?;
+        let (s, e) = self.shards[i].header.info(name)?.data_offsets;
+        Some(e - s)
+    }
+
+    /// A tensor's values as f32 with its shape, checked against `expected`.
+    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let n = expected.iter().product();
+        let mut out = Vec::with_capacity(n);
+        self.read_f32_range(name, expected, 0, n, &mut out)?;
+        Ok(out)
+    }
+
+    /// Values `start..start + count` (row-major) of tensor `name`, checked against `expected`,
+    /// converted to f32 and appended to `out`: a band of rows of a tensor too large to hold.
+    pub fn read_f32_range(
+        &self,
+        name: &str,
+        expected: &[usize],
+        start: usize,
+        count: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let t = self.locate(name, expected)?;
+        let elem = element_bytes(t.dtype).unwrap_or(4);
+        let n = t.len / elem;
+        if start.checked_add(count).is_none_or(|end| end > n) {
+            return Err(ModelError::Safetensors {
+                file: t.shard.path.display().to_string(),
+                message: format!(
+                    "tensor `{name}` has {n} values, values {start}..{} were asked for",
+                    start.saturating_add(count)
+                ),
+            });
+        }
+        out.reserve(count);
+        t.shard.read_into(
+            name,
+            t.dtype,
+            t.start + (start * elem) as u64,
+            count * elem,
+            out,
+        )?;
+        self.mark_used(name);
+        Ok(())
     }
 
     /// A tensor on `device`, checked against `shape`.
