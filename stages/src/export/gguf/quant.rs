@@ -8,10 +8,11 @@
 //! `ggml-base`, which gets no `-march` flags), so the results agree to the bit. The tests hold
 //! each type against bytes made by ggml's own C (`fixtures/gguf/make_golden.py`).
 //!
-//! Blocks are independent, so large tensors are split across threads; the bytes do not depend on
-//! the split.
+//! Blocks are independent, so large tensors are split over rayon's pool; the bytes do not depend
+//! on the split.
 
 use half::f16;
+use rayon::prelude::*;
 
 use super::types::QK_K;
 use super::{GgmlType, GgufError};
@@ -95,30 +96,29 @@ fn check_rows(ty: GgmlType, n: usize, row_len: usize) -> Result<(), GgufError> {
 /// Below this many values a tensor is quantized on the calling thread.
 const PARALLEL_MIN_VALUES: usize = 1 << 16;
 
-/// Run `kernel` on every block of `values`, on several threads for large tensors.
+/// Values per piece of work on rayon's pool (64 KiB of f32): small enough to balance the
+/// threads, large enough that scheduling costs nothing next to the blocks.
+const PIECE_VALUES: usize = 1 << 14;
+
+/// Run `kernel` on every block of `values`, over rayon's pool for large tensors. Each block is
+/// quantized on its own, so the bytes do not depend on the split.
 fn run_blocks(ty: GgmlType, values: &[f32], kernel: fn(&[f32], &mut [u8])) -> Vec<u8> {
     let (bs, ts) = (ty.block_size(), ty.type_size());
     let n_blocks = values.len() / bs;
     let mut out = vec![0u8; n_blocks * ts];
-    let threads = if values.len() < PARALLEL_MIN_VALUES {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    };
     let run = |x: &[f32], y: &mut [u8]| {
         for (xb, yb) in x.chunks_exact(bs).zip(y.chunks_exact_mut(ts)) {
             kernel(xb, yb);
         }
     };
-    if threads <= 1 {
+    if values.len() < PARALLEL_MIN_VALUES {
         run(values, &mut out);
     } else {
-        let per = n_blocks.div_ceil(threads);
-        std::thread::scope(|s| {
-            for (x, y) in values.chunks(per * bs).zip(out.chunks_mut(per * ts)) {
-                s.spawn(move || run(x, y));
-            }
-        });
+        let per = (PIECE_VALUES / bs).max(1);
+        values
+            .par_chunks(per * bs)
+            .zip(out.par_chunks_mut(per * ts))
+            .for_each(|(x, y)| run(x, y));
     }
     out
 }
