@@ -913,3 +913,85 @@ fn missing_tensor() {
         "tensor `v` needs 16 bytes at offset 256, only 0 remaining"
     );
 }
+
+// =============================================================================================
+// Streamed writes
+
+/// `burnish_file()` written as a stream: every other tensor only declared (its data given to
+/// the stream later, in two pieces), the rest added with their data. The file is byte for byte
+/// the golden one; too much data, data past the last tensor, and a stream finished early are
+/// errors naming the tensor, and an unfinished stream leaves no file behind.
+#[test]
+fn a_streamed_file_is_the_golden_file_and_bad_streams_fail_cleanly() {
+    let golden = read_fixture("burnish_written.gguf");
+    let parsed = GgufFile::parse(&golden).unwrap();
+    let data = |i: usize| {
+        parsed
+            .tensor_bytes(&golden, &parsed.tensors[i])
+            .unwrap()
+            .to_vec()
+    };
+    let source = burnish_file();
+    let streamed = || {
+        let mut w = GgufWriter::new();
+        for (k, v) in source.metadata() {
+            w.set(k, v.clone());
+        }
+        w.set_alignment(source.alignment());
+        for (i, t) in parsed.tensors.iter().enumerate() {
+            if i % 2 == 0 {
+                let bytes = w.declare_tensor(&t.name, &t.shape, t.ty).unwrap();
+                assert_eq!(bytes, t.n_bytes());
+            } else {
+                w.add_tensor(&t.name, &t.shape, t.ty, data(i)).unwrap();
+            }
+        }
+        w
+    };
+    let dir = tempfile::tempdir().unwrap();
+
+    let declared = streamed();
+    let e = declared.to_bytes().unwrap_err();
+    assert_eq!(code(&e), "burnish::gguf::no_data", "{e}");
+    let path = dir.path().join("streamed.gguf");
+    let mut s = declared.stream(&path).unwrap();
+    for i in (0..parsed.tensors.len()).step_by(2) {
+        assert_eq!(s.next_tensor(), Some(parsed.tensors[i].name.as_str()));
+        let d = data(i);
+        let (a, b) = d.split_at(d.len() / 3);
+        s.put(a).unwrap();
+        s.put(b).unwrap();
+    }
+    assert_eq!(s.next_tensor(), None);
+    let e = s.put(&[0]).unwrap_err();
+    assert_eq!(code(&e), "burnish::gguf::stream", "{e}");
+    assert!(e.to_string().contains("after the last of 9 tensors"), "{e}");
+    s.finish().unwrap();
+    assert!(std::fs::read(&path).unwrap() == golden);
+
+    let path = dir.path().join("too-much.gguf");
+    let mut s = streamed().stream(&path).unwrap();
+    let mut d = data(0);
+    d.push(0);
+    let e = s.put(&d).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("`f32.odd`") && msg.contains("takes 60 bytes, 61"),
+        "{msg}"
+    );
+    drop(s);
+    assert!(!path.exists());
+
+    let path = dir.path().join("short.gguf");
+    let mut s = streamed().stream(&path).unwrap();
+    s.put(&data(0)).unwrap();
+    s.put(&data(2)[..10]).unwrap();
+    let e = s.finish().unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("ended in tensor `q8_0.weight` after 10 of its 204 bytes (tensor 3 of 9)"),
+        "{msg}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+    assert_eq!(left.len(), 1, "only streamed.gguf: {left:?}");
+}

@@ -205,6 +205,17 @@ pub enum GgufError {
         block_size: usize,
     },
 
+    #[error("tensor `{name}` has no data: it was declared for a streamed write")]
+    #[diagnostic(
+        code(burnish::gguf::no_data),
+        help("write a file with declared tensors through `GgufWriter::stream`")
+    )]
+    NoData { name: String },
+
+    #[error("writing `{}`: {message}", path.display())]
+    #[diagnostic(code(burnish::gguf::stream))]
+    Stream { path: PathBuf, message: String },
+
     #[error("{n} values are not a whole number of rows of {row_len}")]
     #[diagnostic(code(burnish::gguf::value_count))]
     ValueCount { n: usize, row_len: usize },

@@ -46,7 +46,16 @@ struct PendingTensor {
     name: String,
     ne: Vec<u64>,
     ty: GgmlType,
-    data: Vec<u8>,
+    /// Bytes of data the shape and type take.
+    nbytes: u64,
+    /// The data, or `None` for a tensor declared for [`GgufWriter::stream`].
+    data: Option<Vec<u8>>,
+}
+
+impl PendingTensor {
+    fn shape(&self) -> Vec<usize> {
+        self.ne.iter().rev().map(|&d| d as usize).collect()
+    }
 }
 
 impl Default for GgufWriter {
@@ -114,6 +123,52 @@ impl GgufWriter {
         ty: GgmlType,
         data: Vec<u8>,
     ) -> Result<(), GgufError> {
+        let (ne, bytes) = self.check_tensor(name, shape, ty)?;
+        if data.len() as u64 != bytes {
+            return Err(GgufError::DataLength {
+                name: name.to_string(),
+                ty,
+                shape: shape.to_vec(),
+                expected: bytes as usize,
+                found: data.len(),
+            });
+        }
+        self.push(name, ne, ty, bytes, Some(data));
+        Ok(())
+    }
+
+    /// Declare a tensor whose data comes later, through the [`GgufStream`] that
+    /// [`GgufWriter::stream`] opens: the header needs only the name, shape and type. The same
+    /// checks as [`GgufWriter::add_tensor`]; returns the bytes of data the tensor takes.
+    pub fn declare_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ty: GgmlType,
+    ) -> Result<usize, GgufError> {
+        let (ne, bytes) = self.check_tensor(name, shape, ty)?;
+        self.push(name, ne, ty, bytes, None);
+        Ok(bytes as usize)
+    }
+
+    fn push(&mut self, name: &str, ne: Vec<u64>, ty: GgmlType, nbytes: u64, data: Option<Vec<u8>>) {
+        self.names.insert(name.to_string());
+        self.tensors.push(PendingTensor {
+            name: name.to_string(),
+            ne,
+            ty,
+            nbytes,
+            data,
+        });
+    }
+
+    /// The tensor's `ne` and bytes of data, or why it cannot be added.
+    fn check_tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        ty: GgmlType,
+    ) -> Result<(Vec<u64>, u64), GgufError> {
         if name.len() > MAX_TENSOR_NAME {
             return Err(GgufError::TensorName {
                 name: name.to_string(),
@@ -141,29 +196,14 @@ impl GgufWriter {
             reason,
             file: InFile::default(),
         })?;
-        if data.len() as u64 != bytes {
-            return Err(GgufError::DataLength {
-                name: name.to_string(),
-                ty,
-                shape: shape.to_vec(),
-                expected: bytes as usize,
-                found: data.len(),
-            });
-        }
-        self.names.insert(name.to_string());
-        self.tensors.push(PendingTensor {
-            name: name.to_string(),
-            ne,
-            ty,
-            data,
-        });
-        Ok(())
+        Ok((ne, bytes))
     }
 
-    /// Write the file: to `<name>.tmp` beside it, then renamed over `path`, so a reader never sees
-    /// half a file.
+    /// Write the file: to `<name>.tmp<pid>` beside it, then renamed over `path`, so a reader never
+    /// sees half a file. Every tensor must have its data ([`GgufWriter::add_tensor`]).
     pub fn write(&self, path: &Path) -> Result<(), GgufError> {
         self.check()?;
+        self.check_data()?;
         let tmp = tmp_path(path);
         let result = (|| {
             let file = File::create(&tmp)?;
@@ -182,13 +222,58 @@ impl GgufWriter {
         })
     }
 
-    /// The whole file in memory.
+    /// The whole file in memory. Every tensor must have its data.
     pub fn to_bytes(&self) -> Result<Vec<u8>, GgufError> {
         self.check()?;
+        self.check_data()?;
         let mut out = Vec::new();
         self.write_to(&mut out)
             .expect("writing to a Vec does not fail");
         Ok(out)
+    }
+
+    /// Start writing the file at `path` with the data of declared tensors still to come: the
+    /// header and the tensor table are written now (the offsets follow from the sizes), then
+    /// [`GgufStream::put`] appends each declared tensor's data in order, and
+    /// [`GgufStream::finish`] publishes the file. Like [`GgufWriter::write`], it goes to
+    /// `<name>.tmp<pid>` and is renamed into place only when complete; a stream dropped unfinished
+    /// removes it. Tensors added with their data are written when their turn comes (their data
+    /// moves into the stream).
+    pub fn stream(mut self, path: &Path) -> Result<GgufStream, GgufError> {
+        self.check()?;
+        let tmp = tmp_path(path);
+        let file = File::create(&tmp).map_err(|e| GgufError::io("write", &tmp, e))?;
+        let mut out = Counting {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            pos: 0,
+        };
+        if let Err(e) = self.write_header(&mut out) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(GgufError::io("write", &tmp, e));
+        }
+        let data = self.tensors.iter_mut().map(|t| t.data.take()).collect();
+        let mut stream = GgufStream {
+            out,
+            tensors: self.tensors,
+            data,
+            current: 0,
+            written: 0,
+            alignment: self.alignment as u64,
+            tmp,
+            path: path.to_path_buf(),
+            finished: false,
+        };
+        stream.write_ready()?;
+        Ok(stream)
+    }
+
+    fn check_data(&self) -> Result<(), GgufError> {
+        match self.tensors.iter().find(|t| t.data.is_none()) {
+            Some(t) => Err(GgufError::NoData {
+                name: t.name.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn check(&self) -> Result<(), GgufError> {
@@ -209,30 +294,29 @@ impl GgufWriter {
         Ok(())
     }
 
-    fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+    /// Header, metadata, tensor table and the padding after it.
+    fn write_header<W: Write>(&self, w: &mut Counting<W>) -> io::Result<()> {
         let alignment = self.alignment as u64;
         let alignment_kv = (self.alignment != DEFAULT_ALIGNMENT)
             .then(|| (ALIGNMENT_KEY.to_string(), MetaValue::U32(self.alignment)));
         let kvs: Vec<&(String, MetaValue)> =
             self.metadata.iter().chain(alignment_kv.as_ref()).collect();
 
-        let mut w = Counting { inner: w, pos: 0 };
         w.put(&GGUF_MAGIC.to_le_bytes())?;
         w.put(&GGUF_VERSION.to_le_bytes())?;
         w.put(&(self.tensors.len() as u64).to_le_bytes())?;
         w.put(&(kvs.len() as u64).to_le_bytes())?;
-        let mut buf = Vec::new();
+        // Straight into the writer: a vocabulary's arrays are megabytes.
         for (key, value) in kvs {
-            buf.clear();
-            put_string(&mut buf, key);
-            buf.extend_from_slice(&value.type_id().to_le_bytes());
-            put_value(&mut buf, value);
-            w.put(&buf)?;
+            put_string(w, key)?;
+            w.put(&value.type_id().to_le_bytes())?;
+            put_value(w, value)?;
         }
+        let mut buf = Vec::new();
         let mut offset = 0u64;
         for t in &self.tensors {
             buf.clear();
-            put_string(&mut buf, &t.name);
+            put_string(&mut buf, &t.name)?;
             buf.extend_from_slice(&(t.ne.len() as u32).to_le_bytes());
             for &d in &t.ne {
                 buf.extend_from_slice(&d.to_le_bytes());
@@ -240,24 +324,158 @@ impl GgufWriter {
             buf.extend_from_slice(&t.ty.id().to_le_bytes());
             buf.extend_from_slice(&offset.to_le_bytes());
             w.put(&buf)?;
-            offset += align_up(t.data.len() as u64, alignment);
+            offset += align_up(t.nbytes, alignment);
         }
-        w.pad(alignment)?;
+        w.pad(alignment)
+    }
+
+    fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let mut w = Counting { inner: w, pos: 0 };
+        self.write_header(&mut w)?;
         for t in &self.tensors {
-            w.put(&t.data)?;
-            w.pad(alignment)?;
+            w.put(t.data.as_deref().unwrap_or_default())?;
+            w.pad(self.alignment as u64)?;
         }
         w.inner.flush()
     }
 }
 
+/// A GGUF file being written tensor by tensor ([`GgufWriter::stream`]): the header is on disk,
+/// and the data of the declared tensors comes through [`GgufStream::put`] in tensor order.
+pub struct GgufStream {
+    out: Counting<BufWriter<File>>,
+    /// Every tensor of the file, in order, without its data.
+    tensors: Vec<PendingTensor>,
+    /// The data of the tensors added with it ([`GgufWriter::add_tensor`]), taken when written.
+    data: Vec<Option<Vec<u8>>>,
+    /// The tensor being written, and the bytes of it written so far.
+    current: usize,
+    written: u64,
+    alignment: u64,
+    tmp: PathBuf,
+    path: PathBuf,
+    finished: bool,
+}
+
+impl GgufStream {
+    /// The path the file is published at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tensor whose data [`GgufStream::put`] expects next, if any.
+    pub fn next_tensor(&self) -> Option<&str> {
+        self.tensors.get(self.current).map(|t| t.name.as_str())
+    }
+
+    fn fail(&self, message: String) -> GgufError {
+        GgufError::Stream {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    fn io(&self, e: io::Error) -> GgufError {
+        GgufError::io("write", &self.tmp, e)
+    }
+
+    /// Append `bytes` to the data of the current tensor: a tensor's data may come in several
+    /// pieces, and the next tensor starts once it has all its bytes.
+    pub fn put(&mut self, bytes: &[u8]) -> Result<(), GgufError> {
+        let Some(t) = self.tensors.get(self.current) else {
+            return Err(self.fail(format!(
+                "{} bytes of data after the last of {} tensors",
+                bytes.len(),
+                self.tensors.len()
+            )));
+        };
+        let total = self.written + bytes.len() as u64;
+        if total > t.nbytes {
+            return Err(self.fail(format!(
+                "tensor `{}` ({} {:?}) takes {} bytes, {total} were given",
+                t.name,
+                t.ty,
+                t.shape(),
+                t.nbytes
+            )));
+        }
+        self.out.put(bytes).map_err(|e| self.io(e))?;
+        self.written = total;
+        self.write_ready()
+    }
+
+    /// Close every complete tensor (with the padding after it) and write the tensors that follow
+    /// whose data was given up front.
+    fn write_ready(&mut self) -> Result<(), GgufError> {
+        while let Some(t) = self.tensors.get(self.current) {
+            if self.written == 0
+                && let Some(data) = self.data[self.current].take()
+            {
+                self.out.put(&data).map_err(|e| self.io(e))?;
+                self.written = data.len() as u64;
+            }
+            if self.written < t.nbytes {
+                break;
+            }
+            self.out.pad(self.alignment).map_err(|e| self.io(e))?;
+            self.current += 1;
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    /// Check that every tensor has all its data, then flush, sync and rename the file into place.
+    pub fn finish(mut self) -> Result<(), GgufError> {
+        if let Some(t) = self.tensors.get(self.current) {
+            return Err(self.fail(format!(
+                "the data ended in tensor `{}` after {} of its {} bytes (tensor {} of {})",
+                t.name,
+                self.written,
+                t.nbytes,
+                self.current + 1,
+                self.tensors.len()
+            )));
+        }
+        self.out.inner.flush().map_err(|e| self.io(e))?;
+        self.out
+            .inner
+            .get_ref()
+            .sync_all()
+            .map_err(|e| self.io(e))?;
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(|e| GgufError::io("write", &self.path, e))?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for GgufStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 /// A writer that knows how many bytes it has written, to pad to the alignment.
-struct Counting<'a, W> {
-    inner: &'a mut W,
+struct Counting<W> {
+    inner: W,
     pos: u64,
 }
 
-impl<W: Write> Counting<'_, W> {
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(bytes)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Counting<W> {
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.pos += bytes.len() as u64;
         self.inner.write_all(bytes)
@@ -281,41 +499,50 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn put_string(buf: &mut Vec<u8>, s: &str) {
-    buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    buf.extend_from_slice(s.as_bytes());
+fn put_string(w: &mut impl Write, s: &str) -> io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
 }
 
-fn put_value(buf: &mut Vec<u8>, value: &MetaValue) {
+/// Each element of `v` as its little-endian bytes.
+fn put_each<T: Copy, const N: usize>(
+    w: &mut impl Write,
+    v: &[T],
+    bytes: impl Fn(T) -> [u8; N],
+) -> io::Result<()> {
+    v.iter().try_for_each(|&x| w.write_all(&bytes(x)))
+}
+
+fn put_value(w: &mut impl Write, value: &MetaValue) -> io::Result<()> {
     match value {
-        MetaValue::U8(v) => buf.push(*v),
-        MetaValue::I8(v) => buf.push(*v as u8),
-        MetaValue::U16(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        MetaValue::I16(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        MetaValue::U32(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        MetaValue::I32(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        MetaValue::F32(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        MetaValue::Bool(v) => buf.push(*v as u8),
-        MetaValue::String(s) => put_string(buf, s),
-        MetaValue::U64(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        MetaValue::I64(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        MetaValue::F64(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        MetaValue::U8(v) => w.write_all(&[*v]),
+        MetaValue::I8(v) => w.write_all(&v.to_le_bytes()),
+        MetaValue::U16(v) => w.write_all(&v.to_le_bytes()),
+        MetaValue::I16(v) => w.write_all(&v.to_le_bytes()),
+        MetaValue::U32(v) => w.write_all(&v.to_le_bytes()),
+        MetaValue::I32(v) => w.write_all(&v.to_le_bytes()),
+        MetaValue::F32(v) => w.write_all(&v.to_le_bytes()),
+        MetaValue::Bool(v) => w.write_all(&[*v as u8]),
+        MetaValue::String(s) => put_string(w, s),
+        MetaValue::U64(v) => w.write_all(&v.to_le_bytes()),
+        MetaValue::I64(v) => w.write_all(&v.to_le_bytes()),
+        MetaValue::F64(v) => w.write_all(&v.to_le_bytes()),
         MetaValue::Array(a) => {
-            buf.extend_from_slice(&a.elem_type_id().to_le_bytes());
-            buf.extend_from_slice(&(a.len() as u64).to_le_bytes());
+            w.write_all(&a.elem_type_id().to_le_bytes())?;
+            w.write_all(&(a.len() as u64).to_le_bytes())?;
             match a {
-                MetaArray::U8(v) => buf.extend_from_slice(v),
-                MetaArray::I8(v) => buf.extend(v.iter().map(|&x| x as u8)),
-                MetaArray::U16(v) => v.iter().for_each(|x| buf.extend(x.to_le_bytes())),
-                MetaArray::I16(v) => v.iter().for_each(|x| buf.extend(x.to_le_bytes())),
-                MetaArray::U32(v) => v.iter().for_each(|x| buf.extend(x.to_le_bytes())),
-                MetaArray::I32(v) => v.iter().for_each(|x| buf.extend(x.to_le_bytes())),
-                MetaArray::F32(v) => v.iter().for_each(|x| buf.extend(x.to_le_bytes())),
-                MetaArray::Bool(v) => buf.extend(v.iter().map(|&x| x as u8)),
-                MetaArray::String(v) => v.iter().for_each(|s| put_string(buf, s)),
-                MetaArray::U64(v) => v.iter().for_each(|x| buf.extend(x.to_le_bytes())),
-                MetaArray::I64(v) => v.iter().for_each(|x| buf.extend(x.to_le_bytes())),
-                MetaArray::F64(v) => v.iter().for_each(|x| buf.extend(x.to_le_bytes())),
+                MetaArray::U8(v) => w.write_all(v),
+                MetaArray::I8(v) => put_each(w, v, i8::to_le_bytes),
+                MetaArray::U16(v) => put_each(w, v, u16::to_le_bytes),
+                MetaArray::I16(v) => put_each(w, v, i16::to_le_bytes),
+                MetaArray::U32(v) => put_each(w, v, u32::to_le_bytes),
+                MetaArray::I32(v) => put_each(w, v, i32::to_le_bytes),
+                MetaArray::F32(v) => put_each(w, v, f32::to_le_bytes),
+                MetaArray::Bool(v) => put_each(w, v, |x| [x as u8]),
+                MetaArray::String(v) => v.iter().try_for_each(|s| put_string(w, s)),
+                MetaArray::U64(v) => put_each(w, v, u64::to_le_bytes),
+                MetaArray::I64(v) => put_each(w, v, i64::to_le_bytes),
+                MetaArray::F64(v) => put_each(w, v, f64::to_le_bytes),
             }
         }
     }

@@ -2,6 +2,9 @@
 //! the exporter hands this module f32 rows and gets bytes back.
 //!
 //! - [`GgufWriter`] lays out a file; [`GgufFile`] reads and checks one (`burnish inspect`, tests).
+//!   A writer whose tensors are only declared (name, shape, type) writes the header first and
+//!   takes the data tensor by tensor through a [`GgufStream`]: the offsets follow from the sizes,
+//!   so a file far larger than memory is written with one tensor (or less) in memory.
 //! - [`quantize`] / [`dequantize`] convert whole tensors between f32 and a [`GgmlType`].
 //! - [`MetaValue`] / [`MetaArray`] are the typed metadata values.
 //!
@@ -39,7 +42,8 @@
 //!
 //! The writer lays files out as ggml's `gguf_write` does: padding after the info block and after
 //! every tensor (the last one included), `general.alignment` written only when it is not 32.
-//! [`GgufWriter::write`] writes `<file>.tmp<pid>` and renames it into place.
+//! [`GgufWriter::write`] and [`GgufStream::finish`] write `<file>.tmp<pid>` and rename it into
+//! place.
 //!
 //! # Quantizers
 //!
@@ -87,8 +91,8 @@ mod types;
 
 pub use error::{GgufError, InFile};
 pub use format::{
-    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GgufFile, GgufWriter, MAX_DIMS,
-    MAX_TENSOR_NAME, TensorInfo,
+    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GgufFile, GgufStream, GgufWriter,
+    MAX_DIMS, MAX_TENSOR_NAME, TensorInfo,
 };
 pub use meta::{MetaArray, MetaValue};
 pub use quant::{dequantize, quantize};
