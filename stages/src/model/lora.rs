@@ -79,7 +79,8 @@ impl LoraTarget {
         }
     }
 
-    fn module_path(self) -> &'static str {
+    /// The module of the layer this projection sits in (`self_attn` or `mlp`).
+    pub fn module_path(self) -> &'static str {
         match self {
             LoraTarget::QProj | LoraTarget::KProj | LoraTarget::VProj | LoraTarget::OProj => {
                 "self_attn"

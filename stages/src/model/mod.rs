@@ -4,6 +4,7 @@
 //! files) that transformers loads back. An Adapter artifact is a PEFT directory
 //! (`adapter_config.json`, `adapter_model.safetensors`) with its base model in `base/`.
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fused;
