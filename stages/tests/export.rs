@@ -21,9 +21,14 @@ use burn::module::Param;
 use burn::tensor::{Int, Tensor, TensorData};
 use burnish_engine::stage::{Artifact, ArtifactKind, ArtifactType, RunContext, Stage};
 use burnish_stages::export::gguf::{GgmlType, GgufFile, MetaArray, MetaValue};
+use burnish_stages::export::llama::{GgufOptions, to_gguf};
+use burnish_stages::export::stages::gguf_vocab;
+use burnish_stages::export::stream::write_gguf_in_bands;
 use burnish_stages::export::{GgufParams, GgufStage, HfParams, HfStage, Quant};
+use burnish_stages::model::checkpoint::Checkpoint;
 use burnish_stages::model::weights::{TensorFiles, tensor_f32};
-use burnish_stages::model::{self, LoraParams, LoraTarget, lora};
+use burnish_stages::model::{self, BaseQuant, LoraParams, LoraTarget, lora};
+use burnish_stages::text::TemplateChoice;
 use tempfile::TempDir;
 
 type B = Flex;
@@ -1746,4 +1751,200 @@ fn kquant_exports_equal_llama_quantize_output() {
             quant.name()
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming: `export.gguf` writes the file tensor by tensor from the checkpoint on disk.
+
+/// The file the in-memory conversion gives for the Model or Adapter artifact in `dir`: the
+/// artifact loaded (an adapter on its base as it trained), merged, converted by `to_gguf`, with
+/// the name and vocabulary the stage uses.
+fn in_memory_export(dir: &Path, quant: Quant) -> Vec<u8> {
+    let ck = Checkpoint::open(dir).unwrap();
+    let (vocab, _) = gguf_vocab(&ck, None, TemplateChoice::default()).unwrap();
+    let loaded = model::load::<B>(dir, &FlexDevice).unwrap();
+    let net = lora::merge(loaded.model);
+    let opts = GgufOptions {
+        quant,
+        name: "pipe-exp".into(),
+    };
+    to_gguf(&net, &vocab, &opts)
+        .unwrap()
+        .writer
+        .to_bytes()
+        .unwrap()
+}
+
+/// tiny-llama with tied embeddings (no `lm_head`), stored in three dtypes: the embedding in
+/// bf16, the projections in f16, the norms in f32.
+fn mixed_dtype_tied_llama() -> TempDir {
+    use safetensors::Dtype;
+    let src = fixture("tiny-llama");
+    let tmp = TempDir::new().unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = true.into();
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let hf = TensorFiles::open(&[src.join("model.safetensors")]).unwrap();
+    let mut stored = Vec::new();
+    for n in hf.names().filter(|n| *n != "lm_head.weight") {
+        let shape = hf.shape(n).unwrap();
+        let v = hf.read_f32(n, &shape).unwrap();
+        let (dtype, bytes): (Dtype, Vec<u8>) = if n.contains("embed") {
+            let b = v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes());
+            (Dtype::BF16, b.collect())
+        } else if n.ends_with("proj.weight") {
+            let b = v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes());
+            (Dtype::F16, b.collect())
+        } else {
+            (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        };
+        stored.push((n.to_owned(), dtype, shape, bytes));
+    }
+    let views: Vec<_> = stored
+        .iter()
+        .map(|(n, dtype, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).unwrap();
+    std::fs::write(tmp.path().join("model.safetensors"), bytes).unwrap();
+    tmp
+}
+
+/// The stage's streamed file — and the same written in bands of 100 values, a row (or a head of
+/// Q or K) at a time — equals the in-memory conversion of the loaded model byte for byte, at
+/// every quant: both fixtures, attention biases (permuted for Llama), a tied bf16/f16/f32
+/// checkpoint, a LoRA adapter and a QLoRA adapter (merged per tensor on its NF4 base).
+#[test]
+fn streamed_export_equals_the_in_memory_conversion_byte_for_byte() {
+    let ids = reference_ids(&fixture("tiny-llama"));
+    let (adapter, _) = adapter_artifact(&ids);
+    let (qlora, _) = adapter_artifact(&ids);
+    lora::write_base_quant(qlora.path(), Some(BaseQuant::Nf4)).unwrap();
+    let biased = biased_llama_dir();
+    let mixed = mixed_dtype_tied_llama();
+    let cases = [
+        (fixture("tiny-llama"), ArtifactKind::Model),
+        (fixture("tiny-qwen2"), ArtifactKind::Model),
+        (biased.path().to_path_buf(), ArtifactKind::Model),
+        (mixed.path().to_path_buf(), ArtifactKind::Model),
+        (adapter.path().to_path_buf(), ArtifactKind::Adapter),
+        (qlora.path().to_path_buf(), ArtifactKind::Adapter),
+    ];
+    let tmp = TempDir::new().unwrap();
+    for (i, (dir, kind)) in cases.iter().enumerate() {
+        let ck = Checkpoint::open(dir).unwrap();
+        let (vocab, _) = gguf_vocab(&ck, None, TemplateChoice::default()).unwrap();
+        for quant in Quant::ALL {
+            let (ran, _, streamed) = export(dir, *kind, quant);
+            let expected = in_memory_export(dir, quant);
+            assert!(streamed == expected, "case {i} ({kind:?}) at {quant}");
+            let f = GgufFile::parse(&streamed).unwrap();
+            assert_eq!(ran.metrics["tensors"], f.tensors.len(), "case {i}");
+
+            let opts = GgufOptions {
+                quant,
+                name: "pipe-exp".into(),
+            };
+            let path = tmp.path().join(format!("banded-{i}-{quant}.gguf"));
+            let mut reports = 0;
+            let written = write_gguf_in_bands(&ck, &vocab, &opts, &path, 100, &mut |p| {
+                reports += 1;
+                assert_eq!((p.done, p.total), (reports, f.tensors.len()));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(reports, f.tensors.len());
+            assert!(
+                std::fs::read(&path).unwrap() == expected,
+                "case {i} ({kind:?}) at {quant} in bands"
+            );
+            assert_eq!(written.params, ck.num_params());
+        }
+    }
+    // The merged model's parameter count, as the in-memory export reported it.
+    let loaded = model::load::<B>(qlora.path(), &FlexDevice).unwrap();
+    let ck = Checkpoint::open(qlora.path()).unwrap();
+    assert_eq!(ck.num_params(), lora::merge(loaded.model).num_params());
+}
+
+/// Bad checkpoints fail before anything is written, naming the file and the tensor: a
+/// truncated safetensors file, a tensor whose shape disagrees with config.json, and a tensor in
+/// a dtype burnish does not read.
+#[test]
+fn a_truncated_or_misshapen_checkpoint_fails_naming_file_and_tensor() {
+    let src = fixture("tiny-llama");
+    let copy = |edit: &dyn Fn(&Path)| {
+        let tmp = TempDir::new().unwrap();
+        model::link_model_dir(&src, tmp.path()).unwrap();
+        edit(tmp.path());
+        tmp
+    };
+    let code = |e: &dyn miette::Diagnostic| e.code().map(|c| c.to_string()).unwrap_or_default();
+
+    let truncated = copy(&|d| {
+        let p = d.join("model.safetensors");
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
+    });
+    let e = Checkpoint::open(truncated.path()).err().unwrap();
+    let msg = e.to_string();
+    assert_eq!(code(&e), "burnish::model::safetensors", "{msg}");
+    assert!(msg.contains("model.safetensors"), "{msg}");
+    assert!(msg.contains("the file holds"), "{msg}");
+
+    let header_only = copy(&|d| {
+        let p = d.join("model.safetensors");
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, &bytes[..12]).unwrap();
+    });
+    let e = Checkpoint::open(header_only.path()).err().unwrap();
+    assert_eq!(code(&e), "burnish::model::safetensors", "{e}");
+    assert!(e.to_string().contains("the header claims"), "{e}");
+
+    let misshapen = copy(&|d| {
+        let p = d.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        cfg["intermediate_size"] = 160.into();
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, cfg.to_string()).unwrap();
+    });
+    let e = Checkpoint::open(misshapen.path()).err().unwrap();
+    let msg = e.to_string();
+    assert_eq!(code(&e), "burnish::model::shape", "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("model.layers.0.mlp.gate_proj.weight"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[176, 64]") && msg.contains("[160, 64]"),
+        "{msg}"
+    );
+
+    // The stage reports the same error and leaves no file behind.
+    let p: GgufParams = serde_json::from_value(serde_json::json!({"model": "m"})).unwrap();
+    let tmp = TempDir::new().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut cx = RunContext::standalone("exp", tmp.path(), 0)
+        .with_pipeline("pipe")
+        .with_input("model", artifact(truncated.path(), ArtifactKind::Model))
+        .with_output("main", out.clone());
+    let e = GgufStage::run(&p, &mut cx).err().unwrap();
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
 }

@@ -313,11 +313,16 @@ pub struct GgufExport {
 impl GgufExport {
     /// Bits per stored weight over all tensors.
     pub fn bits_per_weight(&self) -> f64 {
-        if self.weights == 0 {
-            0.0
-        } else {
-            8.0 * self.data_bytes as f64 / self.weights as f64
-        }
+        bits_per_weight(self.data_bytes, self.weights)
+    }
+}
+
+/// `8 · bytes / weights` (0 for no weights).
+pub fn bits_per_weight(data_bytes: usize, weights: usize) -> f64 {
+    if weights == 0 {
+        0.0
+    } else {
+        8.0 * data_bytes as f64 / weights as f64
     }
 }
 
@@ -388,14 +393,13 @@ fn arch_metadata(w: &mut GgufWriter, cfg: &ModelConfig, arch: &str) -> Result<()
     Ok(())
 }
 
-/// Convert `model` (adapters already merged) with its tokenizer metadata `vocab` into a GGUF
-/// file in memory.
-pub fn to_gguf<B: Backend>(
-    model: &CausalLm<B>,
+/// A writer holding every metadata key of the file for `cfg` and `vocab` (no tensors yet),
+/// after checking that the vocabulary and the embedding agree.
+pub fn gguf_header(
+    cfg: &ModelConfig,
     vocab: &GgufVocab,
     opts: &GgufOptions,
-) -> Result<GgufExport, ExportError> {
-    let cfg = &model.config;
+) -> Result<GgufWriter, ExportError> {
     let arch = arch_name(cfg);
     if vocab.tokens.len() != cfg.vocab_size {
         return Err(ExportError::Convert {
@@ -415,9 +419,53 @@ pub fn to_gguf<B: Backend>(
     }
     arch_metadata(&mut w, cfg, arch)?;
     vocab.write(&mut w);
+    Ok(w)
+}
 
+/// The role and GGML type of a tensor of `shape` (PyTorch order) that plays `role` in `layer`:
+/// 1-D tensors are vectors, rows are the last dimension (see [`choose_type`]).
+pub fn tensor_type(
+    cfg: &ModelConfig,
+    quant: Quant,
+    role: Role,
+    layer: usize,
+    shape: &[usize],
+) -> (Role, GgmlType) {
+    let row_len = *shape.last().unwrap_or(&1);
+    let role = if shape.len() < 2 { Role::Vector } else { role };
+    let ty = choose_type(
+        quant,
+        role,
+        layer,
+        cfg.num_layers,
+        row_len,
+        cfg.tie_word_embeddings,
+    );
+    (role, ty)
+}
+
+/// The heads whose rows [`permute_rope_rows`] reorders in a tensor of `role`, or `None` when it
+/// is written as stored (not Q or K, or an architecture that rotates split halves itself).
+pub fn rope_heads(cfg: &ModelConfig, role: Role) -> Option<usize> {
+    match (cfg.arch, role) {
+        (Arch::Llama, Role::AttnQ) => Some(cfg.num_heads),
+        (Arch::Llama, Role::AttnK) => Some(cfg.num_kv_heads),
+        _ => None,
+    }
+}
+
+/// Convert `model` (adapters already merged) with its tokenizer metadata `vocab` into a GGUF
+/// file in memory. [`super::stream::write_gguf`] writes the same bytes from a checkpoint on disk
+/// without holding the model.
+pub fn to_gguf<B: Backend>(
+    model: &CausalLm<B>,
+    vocab: &GgufVocab,
+    opts: &GgufOptions,
+) -> Result<GgufExport, ExportError> {
+    let cfg = &model.config;
+    let arch = arch_name(cfg);
+    let w = gguf_header(cfg, vocab, opts)?;
     let tied = cfg.tie_word_embeddings;
-    let permute = cfg.arch == Arch::Llama;
     let mut out = GgufExport {
         writer: w,
         tensors: Vec::new(),
@@ -441,12 +489,7 @@ pub fn to_gguf<B: Backend>(
             return;
         };
         let mut values = tensor_f32(entry.value);
-        if permute && matches!(role, Role::AttnQ | Role::AttnK) {
-            let heads = if role == Role::AttnQ {
-                cfg.num_heads
-            } else {
-                cfg.num_kv_heads
-            };
+        if let Some(heads) = rope_heads(cfg, role) {
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
             values = permute_rope_rows(&values, shape[0], cols, heads);
         }
@@ -489,15 +532,7 @@ fn add(
     values: &[f32],
 ) -> Result<(), ExportError> {
     let row_len = *shape.last().unwrap_or(&1);
-    let role = if shape.len() < 2 { Role::Vector } else { role };
-    let ty = choose_type(
-        quant,
-        role,
-        layer,
-        cfg.num_layers,
-        row_len,
-        cfg.tie_word_embeddings,
-    );
+    let (_, ty) = tensor_type(cfg, quant, role, layer, shape);
     let bytes = quantize(ty, values, row_len)?;
     out.weights += values.len();
     out.data_bytes += bytes.len();

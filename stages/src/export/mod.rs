@@ -3,6 +3,8 @@
 //! - [`gguf`]: the GGUF container (reader, writer) and the GGML quantizers.
 //! - [`llama`]: a Llama/Qwen2 model → GGUF, named, laid out and quantized as llama.cpp's
 //!   converter and `llama-quantize` do (its module doc is the conversion's design).
+//! - [`stream`]: a checkpoint on disk → a GGUF file tensor by tensor (what `export.gguf` runs;
+//!   memory for a band of rows, not for the model).
 //! - [`vocab`]: the tokenizer as `tokenizer.ggml.*` metadata.
 //! - [`ollama`]: the `Modelfile` beside a GGUF file.
 //! - [`hf`]: Hugging Face model and PEFT adapter directories.
@@ -13,6 +15,7 @@ pub mod hf;
 pub mod llama;
 pub mod ollama;
 pub mod stages;
+pub mod stream;
 pub mod vocab;
 
 use std::path::Path;
@@ -60,6 +63,10 @@ pub enum ExportError {
     #[error("{message}")]
     #[diagnostic(code(burnish::export::convert))]
     Convert { message: String },
+
+    #[error("cancelled after {done} of {total} tensors; the unfinished file was removed")]
+    #[diagnostic(code(burnish::export::cancelled))]
+    Cancelled { done: usize, total: usize },
 
     #[error("cannot write {path}: {message}")]
     #[diagnostic(code(burnish::export::io))]

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use burn::backend::flex::{Flex, FlexDevice};
 use burnish_engine::stage::{
     Accepts, ArtifactKind, ArtifactType, FieldProblem, Input, OutputDecl, RunContext, Sensitivity,
     Stage, StageError, StageOutcome, StageRef,
@@ -13,10 +12,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::hf::{HfKind, export_hf};
-use super::llama::{GgufOptions, Quant, to_gguf};
-use super::vocab::{self, PRE_TOKENIZERS};
+use super::llama::{GgufOptions, Quant};
+use super::stream::{StreamProgress, write_gguf};
+use super::vocab::{self, GgufVocab, PRE_TOKENIZERS};
 use super::{ExportError, ollama};
-use crate::model::{self, lora};
+use crate::model::checkpoint::Checkpoint;
 use crate::text::{ChatTemplate, TemplateChoice, TextTokenizer};
 
 fn model_input(model: &StageRef) -> Vec<Input> {
@@ -118,9 +118,10 @@ impl Stage for GgufStage {
     }
     fn run(p: &GgufParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let dir = cx.input("model")?.dir.clone();
-        let loaded = model::load::<Flex>(&dir, &FlexDevice).map_err(ExportError::from)?;
-        if loaded.adapter.is_some() {
-            cx.log(match loaded.base_quant {
+        // Headers only: the weights are read tensor by tensor as the file is written.
+        let ck = Checkpoint::open(&dir).map_err(ExportError::from)?;
+        if ck.adapter().is_some() {
+            cx.log(match ck.base_quant {
                 Some(q) => format!(
                     "merging the adapter into the {} base it trained on",
                     q.name()
@@ -128,63 +129,27 @@ impl Stage for GgufStage {
                 None => "merging the adapter into its base".to_owned(),
             });
         }
-        let net = lora::merge(loaded.model);
-        let tok = TextTokenizer::from_dir(&loaded.model_dir).map_err(ExportError::from)?;
-        let template = ChatTemplate::resolve(p.chat_template, &tok).map_err(ExportError::from)?;
+        let (vocab, template) = gguf_vocab(&ck, p.pre_tokenizer.as_deref(), p.chat_template)?;
         cx.log(format!("chat template: {}", template.name()));
-        let tok_path = loaded
-            .model_dir
-            .join(crate::text::tokenizer::TOKENIZER_FILE);
-        let tok_json: Value = std::fs::read(&tok_path)
-            .map_err(|e| ExportError::io(&tok_path, e))
-            .and_then(|b| {
-                serde_json::from_slice(&b).map_err(|e| ExportError::Tokenizer {
-                    path: tok_path.display().to_string(),
-                    message: e.to_string(),
-                    help: None,
-                })
-            })?;
-        let vocab = vocab::build(
-            &tok,
-            &tok_json,
-            &loaded.raw_config,
-            net.config.vocab_size,
-            p.pre_tokenizer.as_deref(),
-            Some(template.source().to_owned()),
-        )?;
         for note in &vocab.notes {
             cx.log(note);
         }
         if let Some(pre) = &vocab.pre {
             cx.log(format!("tokenizer.ggml.pre = {pre}"));
         }
-
         let name = format!(
             "{}-{}",
             file_safe(cx.pipeline_name()),
             file_safe(cx.stage_name())
         );
         let file = gguf_file_name(cx.pipeline_name(), cx.stage_name(), p.quant);
-        let export = to_gguf(
-            &net,
-            &vocab,
-            &GgufOptions {
-                quant: p.quant,
-                name,
-            },
-        )?;
-        for t in &export.tensors {
-            cx.log(format!(
-                "{:<28} {:>14} {:<5} {} bytes",
-                t.name,
-                format!("{:?}", t.shape),
-                t.ty.name(),
-                t.bytes
-            ));
-        }
         let out = cx.output_dir(None)?.to_path_buf();
         let path = out.join(&file);
-        export.writer.write(&path).map_err(ExportError::from)?;
+        let opts = GgufOptions {
+            quant: p.quant,
+            name,
+        };
+        let export = write_gguf(&ck, &vocab, &opts, &path, &mut |s| report(cx, s))?;
         let file_bytes = std::fs::metadata(&path)
             .map_err(|e| ExportError::io(&path, e))?
             .len();
@@ -200,9 +165,78 @@ impl Stage for GgufStage {
             .metric("file", file)
             .metric("file_bytes", file_bytes)
             .metric("tensors", export.tensors.len())
-            .metric("params", net.num_params())
+            .metric("params", export.params)
             .metric("bits_per_weight", bpw))
     }
+}
+
+/// The tokenizer metadata and chat template `export.gguf` writes for the checkpoint `ck`.
+pub fn gguf_vocab(
+    ck: &Checkpoint,
+    pre_tokenizer: Option<&str>,
+    chat_template: TemplateChoice,
+) -> Result<(GgufVocab, ChatTemplate), ExportError> {
+    let tok = TextTokenizer::from_dir(&ck.model_dir)?;
+    let template = ChatTemplate::resolve(chat_template, &tok)?;
+    let tok_path = ck.model_dir.join(crate::text::tokenizer::TOKENIZER_FILE);
+    let tok_json: Value = std::fs::read(&tok_path)
+        .map_err(|e| ExportError::io(&tok_path, e))
+        .and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| ExportError::Tokenizer {
+                path: tok_path.display().to_string(),
+                message: e.to_string(),
+                help: None,
+            })
+        })?;
+    let vocab = vocab::build(
+        &tok,
+        &tok_json,
+        &ck.raw_config,
+        ck.config.vocab_size,
+        pre_tokenizer,
+        Some(template.source().to_owned()),
+    )?;
+    Ok((vocab, template))
+}
+
+/// One tensor written: its line in the log, tensors done / total and MB/s on the progress bar;
+/// a cancellation (Ctrl-C) stops the export between tensors.
+fn report(cx: &mut RunContext, s: &StreamProgress) -> Result<(), ExportError> {
+    let t = s.tensor;
+    cx.log(format!(
+        "{:<28} {:>14} {:<5} {} bytes",
+        t.name,
+        format!("{:?}", t.shape),
+        t.ty.name(),
+        t.bytes
+    ));
+    let bar = cx.progress();
+    if s.done == 1 {
+        bar.set_total(s.total as u64);
+    }
+    bar.set_position(s.done as u64);
+    bar.set_message(&format!(
+        "{}/{} tensors, {:.0} MB/s",
+        s.done,
+        s.total,
+        s.mb_per_s()
+    ));
+    if s.done == s.total {
+        cx.log(format!(
+            "{} tensors, {:.1} MB read in {:.2} s ({:.0} MB/s)",
+            s.total,
+            s.read_bytes as f64 / 1e6,
+            s.seconds,
+            s.mb_per_s()
+        ));
+    }
+    if cx.cancelled() {
+        return Err(ExportError::Cancelled {
+            done: s.done,
+            total: s.total,
+        });
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
