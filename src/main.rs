@@ -174,12 +174,34 @@ fn registry() -> Registry {
 fn main() -> ExitCode {
     alloc::keep_freed_memory();
     let cli = Cli::parse();
-    match dispatch(cli) {
+    let code = match dispatch(cli) {
         Ok(code) => code,
         Err(report) => {
             eprintln!("{report:?}");
             ExitCode::from(1)
         }
+    };
+    if std::env::var_os(REPORT_PEAK_RSS).is_some() {
+        report_peak_rss();
+    }
+    code
+}
+
+/// Set, the binary prints its peak resident size to stderr as it exits (the streaming export's
+/// memory test reads it).
+const REPORT_PEAK_RSS: &str = "BURNISH_REPORT_PEAK_RSS";
+
+/// `peak RSS: <kB> kB`: the process's high-water mark of resident memory (`VmHWM` in
+/// `/proc/self/status`), or a line saying it is unknown where there is no such file.
+fn report_peak_rss() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    match kb {
+        Some(kb) => eprintln!("peak RSS: {kb} kB"),
+        None => eprintln!("peak RSS: unknown (no VmHWM in /proc/self/status)"),
     }
 }
 
