@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::hf::{HfKind, export_hf};
 use super::llama::{GgufOptions, Quant};
-use super::stream::{StreamProgress, write_gguf};
+use super::stream::{StreamProgress, gguf_tensor_count, write_gguf};
 use super::vocab::{self, GgufVocab, PRE_TOKENIZERS};
 use super::{ExportError, ollama};
 use crate::model::checkpoint::Checkpoint;
@@ -149,6 +149,8 @@ impl Stage for GgufStage {
             quant: p.quant,
             name,
         };
+        cx.progress().set_total(gguf_tensor_count(&ck) as u64);
+        cx.progress().set_message("writing the header");
         let export = write_gguf(&ck, &vocab, &opts, &path, &mut |s| report(cx, s))?;
         let file_bytes = std::fs::metadata(&path)
             .map_err(|e| ExportError::io(&path, e))?
@@ -211,9 +213,6 @@ fn report(cx: &mut RunContext, s: &StreamProgress) -> Result<(), ExportError> {
         t.bytes
     ));
     let bar = cx.progress();
-    if s.done == 1 {
-        bar.set_total(s.total as u64);
-    }
     bar.set_position(s.done as u64);
     bar.set_message(&format!(
         "{}/{} tensors, {:.0} MB/s",

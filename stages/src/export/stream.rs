@@ -91,6 +91,11 @@ impl GgufWritten {
     }
 }
 
+/// How many tensors the GGUF file of `ck` holds (a tied output head counts).
+pub fn gguf_tensor_count(ck: &Checkpoint) -> usize {
+    ck.tensors().len() + usize::from(ck.config.tie_word_embeddings)
+}
+
 /// Every tensor of the file, in the order [`to_gguf`](super::llama::to_gguf) writes them.
 fn plan(ck: &Checkpoint, opts: &GgufOptions) -> Result<Vec<Planned>, ExportError> {
     let cfg = &ck.config;
@@ -168,6 +173,7 @@ pub fn write_gguf_in_bands(
 ) -> Result<GgufWritten, ExportError> {
     let mut writer = gguf_header(&ck.config, vocab, opts)?;
     let planned = plan(ck, opts)?;
+    debug_assert_eq!(planned.len(), gguf_tensor_count(ck));
     for p in &planned {
         let c = &p.choice;
         writer.declare_tensor(&c.name, &c.shape, c.ty)?;
