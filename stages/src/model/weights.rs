@@ -117,7 +117,7 @@ impl Shard {
             .map_err(|e| bad(format!("the header is not a valid safetensors header: {e}")))?;
         let data_start = 8 + n;
         let data = header.data_len() as u64;
-        if data_start + data != len {
+        if data_start.checked_add(data) != Some(len) {
             return Err(bad(format!(
                 "the header describes {data} bytes of tensor data, the file holds {} \
                  (truncated or padded)",
@@ -475,4 +475,71 @@ pub fn write_safetensors(
         message: e.to_string(),
     })?;
     burnish_engine::cache::write_atomic(path, &out).map_err(|e| ModelError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_raw(path: &Path, header: &str, data: &[u8]) {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn bands_read_what_the_whole_tensor_holds_and_no_further() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let values: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        write_safetensors(&path, &[("w".into(), vec![6, 4], values.clone())], None).unwrap();
+        let files = TensorFiles::open(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(files.read_f32("w", &[6, 4]).unwrap(), values);
+        let mut band = Vec::new();
+        files
+            .read_f32_range("w", &[6, 4], 8, 12, &mut band)
+            .unwrap();
+        assert_eq!(band, values[8..20]);
+        let e = files
+            .read_f32_range("w", &[6, 4], 20, 5, &mut band)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("has 24 values, values 20..25"),
+            "{e}"
+        );
+        let e = files.read_f32("w", &[4, 6]).unwrap_err();
+        assert!(matches!(e, ModelError::Shape { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_header_claiming_more_than_the_file_holds_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        // Eight u8 tensors of 2^61 − 1 bytes each: offsets that almost fill a u64.
+        let n = (1u64 << 61) - 1;
+        let tensors: Vec<String> = (0..8)
+            .map(|i| {
+                format!(
+                    r#""t{i}":{{"dtype":"U8","shape":[{n}],"data_offsets":[{},{}]}}"#,
+                    i * n,
+                    (i + 1) * n
+                )
+            })
+            .collect();
+        write_raw(&path, &format!("{{{}}}", tensors.join(",")), &[0; 16]);
+        let e = TensorFiles::open(std::slice::from_ref(&path))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("the file holds 16"), "{e}");
+
+        write_raw(&path, "{not json", &[]);
+        let e = TensorFiles::open(std::slice::from_ref(&path))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("not a valid safetensors header"),
+            "{e}"
+        );
+    }
 }
