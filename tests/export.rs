@@ -161,8 +161,17 @@ fn inspect_reports_a_broken_file_with_its_code() {
 /// Peak resident memory, in kB, of `burnish run` on `m` (only the stages not yet cached run),
 /// as the binary reports it with `BURNISH_REPORT_PEAK_RSS`.
 fn peak_rss_kb(m: &Path, cwd: &Path) -> u64 {
-    let out = burnish()
-        .args(["run", m.to_str().unwrap(), "-q"])
+    peak_rss_kb_until(m, cwd, None)
+}
+
+/// [`peak_rss_kb`] of `burnish run`, up to `until` when given.
+fn peak_rss_kb_until(m: &Path, cwd: &Path, until: Option<&str>) -> u64 {
+    let mut cmd = burnish();
+    cmd.args(["run", m.to_str().unwrap(), "-q"]);
+    if let Some(stage) = until {
+        cmd.args(["--until", stage]);
+    }
+    let out = cmd
         .env("BURNISH_REPORT_PEAK_RSS", "1")
         .current_dir(cwd)
         .output()
@@ -255,5 +264,60 @@ stages:
         extra < largest_kb * 3 / 4,
         "exporting the large-vocabulary model took {extra} kB more at peak, the bound is three \
          quarters of its {largest_kb} kB embedding"
+    );
+}
+
+/// `export.hf` writes a model one tensor at a time: its peak memory beyond the 512-token
+/// fixture's is about the largest tensor twice (its f32 values and their bytes), not the model
+/// and its serialized copy.
+#[test]
+fn export_hf_peak_memory_is_about_twice_the_largest_tensor() {
+    const BIG_VOCAB: usize = 262_144;
+    let largest_kb = (BIG_VOCAB * 64 * 4 / 1024) as u64;
+    let (mut peaks, mut base_peaks) = (Vec::new(), Vec::new());
+    for vocab in [512, BIG_VOCAB] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("model");
+        llama_with_vocab(&model, vocab);
+        let m = tmp.path().join("mem.yaml");
+        std::fs::write(
+            &m,
+            format!(
+                "pipeline: mem
+backend: cpu
+stages:
+  base: {{kind: model, from: {}}}
+  hf: {{kind: export.hf, model: base}}
+",
+                model.display()
+            ),
+        )
+        .unwrap();
+        // The model stage checks the checkpoint without reading its weights.
+        let base_kb = peak_rss_kb_until(&m, tmp.path(), Some("base"));
+        eprintln!("model stage peak RSS (vocab {vocab}): {base_kb} kB");
+        base_peaks.push(base_kb);
+        peaks.push(peak_rss_kb(&m, tmp.path()));
+        // The model stage's and the export's.
+        assert_eq!(
+            find(&tmp.path().join(".burnish"), "model.safetensors").len(),
+            2
+        );
+    }
+    let extra = peaks[1].saturating_sub(peaks[0]);
+    eprintln!(
+        "export.hf peak RSS: {} kB (vocab 512), {} kB (vocab {BIG_VOCAB}); {extra} kB more for a \
+         largest tensor of {largest_kb} kB",
+        peaks[0], peaks[1]
+    );
+    assert!(
+        extra < largest_kb * 5 / 2,
+        "exporting the large-vocabulary model took {extra} kB more at peak, the bound is 2.5 \
+         times its {largest_kb} kB embedding"
+    );
+    let base_extra = base_peaks[1].saturating_sub(base_peaks[0]);
+    assert!(
+        base_extra < largest_kb / 2,
+        "the model stage took {base_extra} kB more at peak for the large vocabulary"
     );
 }

@@ -1879,6 +1879,56 @@ fn streamed_export_equals_the_in_memory_conversion_byte_for_byte() {
     assert_eq!(ck.num_params(), lora::merge(loaded.model).num_params());
 }
 
+/// `merge` and `export.hf` write a model tensor by tensor (`save_checkpoint_dir`): the files are
+/// those the loaded, merged model gives (`save_model_dir`) byte for byte — both fixtures (one
+/// tied), a tied bf16/f16/f32 checkpoint, a LoRA adapter and a QLoRA adapter merged on its NF4
+/// base — and the adapter parameter count is the loaded model's.
+#[test]
+fn streamed_model_dir_equals_the_loaded_models_byte_for_byte() {
+    let ids = reference_ids(&fixture("tiny-llama"));
+    let (adapter, _) = adapter_artifact(&ids);
+    let (qlora, _) = adapter_artifact(&ids);
+    lora::write_base_quant(qlora.path(), Some(BaseQuant::Nf4)).unwrap();
+    let mixed = mixed_dtype_tied_llama();
+    let cases = [
+        fixture("tiny-llama"),
+        fixture("tiny-qwen2"),
+        mixed.path().to_path_buf(),
+        adapter.path().to_path_buf(),
+        qlora.path().to_path_buf(),
+    ];
+    let tmp = TempDir::new().unwrap();
+    for (i, dir) in cases.iter().enumerate() {
+        let loaded = model::load::<B>(dir, &FlexDevice).unwrap();
+        let adapter_params = lora::adapter_param_count(&loaded.model);
+        let merged = lora::merge(loaded.model);
+        let (want, got) = (
+            tmp.path().join(format!("want{i}")),
+            tmp.path().join(format!("got{i}")),
+        );
+        model::save_model_dir(&merged, &loaded.raw_config, &loaded.model_dir, &want).unwrap();
+        let ck = Checkpoint::open(dir).unwrap();
+        model::save_checkpoint_dir(&ck, &got).unwrap();
+        for name in ["model.safetensors", "config.json", "tokenizer.json"] {
+            let (a, b) = (
+                std::fs::read(want.join(name)).unwrap(),
+                std::fs::read(got.join(name)).unwrap(),
+            );
+            assert!(a == b, "case {i}: {name} differs");
+        }
+        assert_eq!(ck.adapter_params(), adapter_params, "case {i}");
+        assert_eq!(ck.num_params(), merged.num_params(), "case {i}");
+        // Nothing but the files themselves is left behind.
+        let mut names: Vec<String> = std::fs::read_dir(&got)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert!(names.iter().all(|n| !n.contains(".tmp.")), "{names:?}");
+    }
+    assert!(cases.len() == 5);
+}
+
 /// Bad checkpoints fail before anything is written, naming the file and the tensor: a
 /// truncated safetensors file, a tensor whose shape disagrees with config.json, and a tensor in
 /// a dtype burnish does not read.

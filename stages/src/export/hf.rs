@@ -3,8 +3,9 @@
 //! directory (`adapter_config.json` + `adapter_model.safetensors`, PEFT's key names, the base
 //! model in `base/` as the trainers write it), or an Adapter merged into a Model.
 //!
-//! Everything is read back through the model loader first, so a directory that would not load
-//! in burnish is refused rather than copied.
+//! Everything is checked as the model loader checks it first, so a directory that would not
+//! load in burnish is refused rather than copied. A Model, or an Adapter merged, is written one
+//! tensor at a time ([`model::save_checkpoint_dir`]): memory for a tensor, not the model.
 
 use std::path::Path;
 
@@ -37,15 +38,19 @@ pub struct HfSummary {
 pub fn export_hf(dir: &Path, merge: bool, out: &Path) -> Result<HfSummary, ExportError> {
     // An adapter exported as an adapter keeps its f32 base and its record of the base's
     // quantization; a merged export folds it into the base as it trained (NF4 for QLoRA).
-    let base = if merge {
-        model::BaseChoice::AsTrained
-    } else {
-        model::BaseChoice::Original
-    };
-    let loaded = model::load_with::<Flex>(dir, base, &FlexDevice)?;
+    if merge || !model::is_adapter_dir(dir) {
+        let ck = model::Checkpoint::open_with(dir, model::BaseChoice::AsTrained)?;
+        model::save_checkpoint_dir(&ck, out)?;
+        return Ok(HfSummary {
+            kind: HfKind::Model,
+            params: ck.num_params(),
+            adapter_params: ck.adapter_params(),
+        });
+    }
+    let loaded = model::load_with::<Flex>(dir, model::BaseChoice::Original, &FlexDevice)?;
     let adapter_params = lora::adapter_param_count(&loaded.model);
-    match (&loaded.adapter, merge) {
-        (Some(params), false) => {
+    match &loaded.adapter {
+        Some(params) => {
             std::fs::create_dir_all(out).map_err(|e| ExportError::io(out, e))?;
             lora::write_adapter(&loaded.model, params, model::ADAPTER_BASE_DIR, out)?;
             lora::write_base_quant(out, lora::read_base_quant(dir)?)?;
@@ -56,14 +61,8 @@ pub fn export_hf(dir: &Path, merge: bool, out: &Path) -> Result<HfSummary, Expor
                 adapter_params,
             })
         }
-        _ => {
-            let merged = lora::merge(loaded.model);
-            model::save_model_dir(&merged, &loaded.raw_config, &loaded.model_dir, out)?;
-            Ok(HfSummary {
-                kind: HfKind::Model,
-                params: merged.num_params(),
-                adapter_params,
-            })
-        }
+        None => Err(ExportError::Convert {
+            message: format!("{}: not an adapter directory", dir.display()),
+        }),
     }
 }

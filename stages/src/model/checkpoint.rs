@@ -221,6 +221,16 @@ impl Checkpoint {
         self.adapter.as_ref().map(|a| &a.params)
     }
 
+    /// Parameters of the adapter (`rank × (in + out)` per targeted projection; 0 for a model).
+    pub fn adapter_params(&self) -> usize {
+        let Some(a) = &self.adapter else { return 0 };
+        self.tensors
+            .iter()
+            .filter(|t| projection_of(&t.name).is_some_and(|(_, target)| a.has(target)))
+            .map(|t| a.params.rank * t.shape.iter().sum::<usize>())
+            .sum()
+    }
+
     /// Parameters of the merged model.
     pub fn num_params(&self) -> usize {
         self.tensors.iter().map(CheckpointTensor::len).sum()

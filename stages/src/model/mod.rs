@@ -21,6 +21,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde_json::Value;
 
+pub use checkpoint::Checkpoint;
 pub use config::{Arch, ModelConfig, SizePreset};
 pub use error::ModelError;
 pub use llama::CausalLm;
@@ -316,6 +317,37 @@ pub fn save_model_dir<B: Backend>(
         &checkpoint_tensors(model),
         Some(meta),
     )?;
+    write_config_and_tokenizer(raw_config, tokenizer_dir, out)
+}
+
+/// [`save_model_dir`] for a [`Checkpoint`]: the same files, byte for byte, with the weights
+/// read (and an adapter merged) one tensor at a time as they are written, so that memory holds
+/// one tensor, not the model.
+pub fn save_checkpoint_dir(ck: &Checkpoint, out: &Path) -> Result<(), ModelError> {
+    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_owned(), "pt".to_owned());
+    let tensors = ck.tensors();
+    let layout: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
+    weights::write_safetensors_streamed(
+        &out.join("model.safetensors"),
+        &layout,
+        Some(meta),
+        |i| ck.read(&tensors[i]),
+    )?;
+    write_config_and_tokenizer(&ck.raw_config, &ck.model_dir, out)
+}
+
+/// `config.json` (`raw_config` with the dtype f32, as the weights are written) and the tokenizer
+/// files from `tokenizer_dir`.
+fn write_config_and_tokenizer(
+    raw_config: &Value,
+    tokenizer_dir: &Path,
+    out: &Path,
+) -> Result<(), ModelError> {
     let mut config = raw_config.clone();
     if let Some(obj) = config.as_object_mut() {
         // Weights are written as f32 whatever the base stored.

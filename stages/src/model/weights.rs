@@ -445,6 +445,103 @@ pub fn tensor_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 
 /// Write `(name, shape, values)` as an f32 safetensors file, with string metadata, atomically
 /// (a temporary file renamed into place).
+/// A tensor written by [`write_safetensors_streamed`]: its bytes are made only when the writer
+/// reaches it (safetensors' `serialize_to_file` asks each view for its data once, in header
+/// order), so one tensor is held at a time. A read error is kept and reported after the write.
+struct LazyTensor<'a, F> {
+    shape: Vec<usize>,
+    index: usize,
+    read: &'a F,
+    error: &'a std::cell::RefCell<Option<ModelError>>,
+}
+
+impl<F: Fn(usize) -> Result<Vec<f32>, ModelError>> safetensors::View for LazyTensor<'_, F> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let n = self.data_len();
+        match (self.read)(self.index) {
+            Ok(v) if v.len() * 4 == n => {
+                let mut b = Vec::with_capacity(n);
+                for x in v {
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
+                b.into()
+            }
+            Ok(v) => {
+                self.error
+                    .borrow_mut()
+                    .get_or_insert(ModelError::Safetensors {
+                        file: String::new(),
+                        message: format!(
+                            "tensor {} gave {} values for {}",
+                            self.index,
+                            v.len(),
+                            n / 4
+                        ),
+                    });
+                vec![0; n].into()
+            }
+            Err(e) => {
+                self.error.borrow_mut().get_or_insert(e);
+                vec![0; n].into()
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * 4
+    }
+}
+
+/// Write f32 tensors named and shaped by `layout` to `path` as [`write_safetensors`] does (the
+/// same bytes), asking `read(i)` for tensor `i`'s values only when it is written: memory for
+/// one tensor, not the model. The file appears atomically; on any error no file is left.
+pub fn write_safetensors_streamed(
+    path: &Path,
+    layout: &[(String, Vec<usize>)],
+    metadata: Option<HashMap<String, String>>,
+    read: impl Fn(usize) -> Result<Vec<f32>, ModelError>,
+) -> Result<(), ModelError> {
+    let error = std::cell::RefCell::new(None);
+    let views: Vec<(String, LazyTensor<'_, _>)> = layout
+        .iter()
+        .enumerate()
+        .map(|(index, (name, shape))| {
+            let view = LazyTensor {
+                shape: shape.clone(),
+                index,
+                read: &read,
+                error: &error,
+            };
+            (name.clone(), view)
+        })
+        .collect();
+    let tmp = path.with_extension(format!("safetensors.tmp.{}", std::process::id()));
+    let written = safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| {
+        ModelError::Safetensors {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        }
+    });
+    let synced = written.and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| ModelError::io(path, e))
+    });
+    let result = match (synced, error.into_inner()) {
+        (Err(e), _) | (Ok(()), Some(e)) => Err(e),
+        (Ok(()), None) => std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e)),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<f32>)],

@@ -20,7 +20,7 @@ use super::{
 use crate::backend::{BackendTask, dispatch};
 use crate::data::records::{ChatRecord, TextRecord};
 use crate::data::{input_records, load_input};
-use crate::model::{self, Arch, ModelConfig, SizePreset, lora};
+use crate::model::{self, Arch, ModelConfig, SizePreset};
 use crate::text::{self, ChatTemplate, CptPacking, Encoded, TemplateChoice, TextTokenizer};
 
 fn texts(cx: &RunContext, field: &str) -> Result<Vec<TextRecord>, StageError> {
@@ -304,14 +304,23 @@ impl Stage for ModelStage {
         let out = cx.output_dir(None)?.to_path_buf();
         if p.from.is_some() {
             let dir = cx.file("from")?.to_path_buf();
-            // Load it once on the CPU: every tensor is read, shape-checked and converted.
-            let loaded = model::load_model_dir::<Flex>(&dir, &FlexDevice)?;
+            if model::is_adapter_dir(&dir) {
+                return Err(Box::new(TrainError::Input {
+                    message: format!(
+                        "{}: `from` is an adapter directory; a model stage takes a model",
+                        dir.display()
+                    ),
+                }));
+            }
+            // Checked as the loader checks it (config, every tensor's name, shape and dtype,
+            // the files' lengths) without reading the weights: memory for the headers only.
+            let ck = model::Checkpoint::open(&dir)?;
             let tok = TextTokenizer::from_dir(&dir)?;
             model::link_model_dir(&dir, &out)?;
-            let cfg = &loaded.model.config;
+            let cfg = &ck.config;
             return Ok(StageOutcome::default()
                 .metric("arch", cfg.arch.model_type())
-                .metric("params", loaded.model.num_params())
+                .metric("params", ck.num_params())
                 .metric("vocab_size", tok.vocab_size())
                 .metric("layers", cfg.num_layers)
                 .metric("hidden_size", cfg.hidden_size));
@@ -408,8 +417,9 @@ impl Stage for MergeStage {
     }
     fn run(p: &MergeParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let dir = cx.input("model")?.dir.clone();
-        let loaded = model::load_with::<Flex>(&dir, p.base, &FlexDevice)?;
-        let base = match loaded.base_quant {
+        // Read, merged and written one tensor at a time: memory for a tensor, not the model.
+        let ck = model::Checkpoint::open_with(&dir, p.base)?;
+        let base = match ck.base_quant {
             Some(q) => {
                 cx.log(format!(
                     "merging into the {} base the adapter trained on (`base: original` merges into the unquantized weights)",
@@ -419,14 +429,12 @@ impl Stage for MergeStage {
             }
             None => "f32",
         };
-        let adapter_params = lora::adapter_param_count(&loaded.model);
-        let merged = lora::merge(loaded.model);
         let out = cx.output_dir(None)?.to_path_buf();
-        model::save_model_dir(&merged, &loaded.raw_config, &loaded.model_dir, &out)?;
+        model::save_checkpoint_dir(&ck, &out)?;
         Ok(StageOutcome::default()
-            .metric("merged_adapter_params", adapter_params)
+            .metric("merged_adapter_params", ck.adapter_params())
             .metric("base", base)
-            .metric("params", merged.num_params()))
+            .metric("params", ck.num_params()))
     }
 }
 
