@@ -213,57 +213,64 @@ fn llama_with_vocab(dir: &Path, vocab: usize) {
     model::save_model_dir(&net, &raw, &tokenizer, dir).unwrap();
 }
 
-/// The export's memory is bounded by a band of rows, not the model: exporting a model whose
-/// embedding is 64 MiB (262144 × 64 f32, tied, so also the output head) at f32 and q4_k_m costs
-/// less than three quarters of that tensor in peak resident memory beyond what exporting the
-/// 512-token fixture costs (the binary, the tokenizer). What it does cost is a band of rows and
-/// its quantized bytes, and the metadata of 262144 tokens (about half the tensor in all).
-/// Converting the loaded model in memory held the checkpoint's bytes, the model, a copy of the
-/// embedding and every quantized tensor at once: five times the tensor at f32. The model stage
-/// (which loads the model) runs first, unmeasured.
-#[test]
-fn export_gguf_peak_memory_is_a_fraction_of_the_largest_tensor() {
-    const BIG_VOCAB: usize = 262_144;
-    let largest_kb = (BIG_VOCAB * 64 * 4 / 1024) as u64;
+/// The vocabulary that makes the test model's embedding (tied, so also the output head) the
+/// largest tensor by far: 262144 × 64 f32 = 64 MiB.
+const BIG_VOCAB: usize = 262_144;
+const LARGEST_KB: u64 = (BIG_VOCAB * 64 * 4 / 1024) as u64;
+
+/// Peak RSS (kB) of the model stage alone, then of the rest of a pipeline whose other stages are
+/// `stages` (YAML, on `base`), for the 512-token model and the [`BIG_VOCAB`] one; and what each
+/// costs beyond the small one. `check` looks at each run's cache.
+fn peaks_beyond_the_small_model(stages: &str, check: impl Fn(&Path)) -> (u64, u64) {
     let mut peaks = Vec::new();
     for vocab in [512, BIG_VOCAB] {
         let tmp = tempfile::tempdir().unwrap();
         let model = tmp.path().join("model");
         llama_with_vocab(&model, vocab);
         let m = tmp.path().join("mem.yaml");
-        std::fs::write(
-            &m,
-            format!(
-                "pipeline: mem
-backend: cpu
-stages:
-  base: {{kind: model, from: {}}}
-  gguf:
-    kind: export.gguf
-    model: base
-    matrix: {{quant: [f32, q4_k_m]}}
-",
-                model.display()
-            ),
-        )
-        .unwrap();
-        run_ok(
-            &["run", m.to_str().unwrap(), "-q", "--until", "base"],
-            tmp.path(),
+        let manifest = format!(
+            "pipeline: mem\nbackend: cpu\nstages:\n  base: {{kind: model, from: {}}}\n{stages}",
+            model.display()
         );
-        peaks.push(peak_rss_kb(&m, tmp.path()));
-        assert_eq!(find(&tmp.path().join(".burnish"), "Modelfile").len(), 2);
+        std::fs::write(&m, manifest).unwrap();
+        let base = peak_rss_kb_until(&m, tmp.path(), Some("base"));
+        let rest = peak_rss_kb(&m, tmp.path());
+        eprintln!("vocab {vocab}: peak RSS {base} kB (model stage), {rest} kB (the rest)");
+        check(&tmp.path().join(".burnish"));
+        peaks.push((base, rest));
     }
-    let extra = peaks[1].saturating_sub(peaks[0]);
+    (
+        peaks[1].0.saturating_sub(peaks[0].0),
+        peaks[1].1.saturating_sub(peaks[0].1),
+    )
+}
+
+/// The export's memory is bounded by a band of rows, not the model: exporting a model whose
+/// embedding is 64 MiB at f32 and q4_k_m costs less than three quarters of that tensor in peak
+/// resident memory beyond what exporting the 512-token fixture costs (the binary, the
+/// tokenizer). What it does cost is a band of rows and its quantized bytes, and the metadata of
+/// 262144 tokens (about half the tensor in all). Converting the loaded model in memory held the
+/// checkpoint's bytes, the model, a copy of the embedding and every quantized tensor at once:
+/// five times the tensor at f32. The model stage checks the checkpoint without reading its
+/// weights: its own peak does not grow with the tensor.
+#[test]
+fn export_gguf_peak_memory_is_a_fraction_of_the_largest_tensor() {
+    let stages =
+        "  gguf:\n    kind: export.gguf\n    model: base\n    matrix: {quant: [f32, q4_k_m]}\n";
+    let (base, extra) = peaks_beyond_the_small_model(stages, |cache| {
+        assert_eq!(find(cache, "Modelfile").len(), 2);
+    });
     eprintln!(
-        "peak RSS: {} kB (vocab 512), {} kB (vocab {BIG_VOCAB}); {extra} kB more for a largest \
-         tensor of {largest_kb} kB",
-        peaks[0], peaks[1]
+        "{base} kB (model stage) and {extra} kB (export) more for a largest tensor of {LARGEST_KB} kB"
     );
     assert!(
-        extra < largest_kb * 3 / 4,
+        extra < LARGEST_KB * 3 / 4,
         "exporting the large-vocabulary model took {extra} kB more at peak, the bound is three \
-         quarters of its {largest_kb} kB embedding"
+         quarters of its {LARGEST_KB} kB embedding"
+    );
+    assert!(
+        base < LARGEST_KB / 2,
+        "the model stage took {base} kB more at peak for the large vocabulary"
     );
 }
 
@@ -272,52 +279,15 @@ stages:
 /// and its serialized copy.
 #[test]
 fn export_hf_peak_memory_is_about_twice_the_largest_tensor() {
-    const BIG_VOCAB: usize = 262_144;
-    let largest_kb = (BIG_VOCAB * 64 * 4 / 1024) as u64;
-    let (mut peaks, mut base_peaks) = (Vec::new(), Vec::new());
-    for vocab in [512, BIG_VOCAB] {
-        let tmp = tempfile::tempdir().unwrap();
-        let model = tmp.path().join("model");
-        llama_with_vocab(&model, vocab);
-        let m = tmp.path().join("mem.yaml");
-        std::fs::write(
-            &m,
-            format!(
-                "pipeline: mem
-backend: cpu
-stages:
-  base: {{kind: model, from: {}}}
-  hf: {{kind: export.hf, model: base}}
-",
-                model.display()
-            ),
-        )
-        .unwrap();
-        // The model stage checks the checkpoint without reading its weights.
-        let base_kb = peak_rss_kb_until(&m, tmp.path(), Some("base"));
-        eprintln!("model stage peak RSS (vocab {vocab}): {base_kb} kB");
-        base_peaks.push(base_kb);
-        peaks.push(peak_rss_kb(&m, tmp.path()));
-        // The model stage's and the export's.
-        assert_eq!(
-            find(&tmp.path().join(".burnish"), "model.safetensors").len(),
-            2
-        );
-    }
-    let extra = peaks[1].saturating_sub(peaks[0]);
-    eprintln!(
-        "export.hf peak RSS: {} kB (vocab 512), {} kB (vocab {BIG_VOCAB}); {extra} kB more for a \
-         largest tensor of {largest_kb} kB",
-        peaks[0], peaks[1]
-    );
+    let (_, extra) =
+        peaks_beyond_the_small_model("  hf: {kind: export.hf, model: base}\n", |cache| {
+            // The model stage's and the export's.
+            assert_eq!(find(cache, "model.safetensors").len(), 2);
+        });
+    eprintln!("{extra} kB more for a largest tensor of {LARGEST_KB} kB");
     assert!(
-        extra < largest_kb * 5 / 2,
+        extra < LARGEST_KB * 5 / 2,
         "exporting the large-vocabulary model took {extra} kB more at peak, the bound is 2.5 \
-         times its {largest_kb} kB embedding"
-    );
-    let base_extra = base_peaks[1].saturating_sub(base_peaks[0]);
-    assert!(
-        base_extra < largest_kb / 2,
-        "the model stage took {base_extra} kB more at peak for the large vocabulary"
+         times its {LARGEST_KB} kB embedding"
     );
 }
