@@ -291,3 +291,33 @@ fn export_hf_peak_memory_is_about_twice_the_largest_tensor() {
          times its {LARGEST_KB} kB embedding"
     );
 }
+
+/// `max_shard_size` on `export.hf` and `merge`, as transformers reads it: a bad size is a
+/// validation error at its line; "100KB" splits the fixture into shards with an index.
+#[test]
+fn export_hf_max_shard_size_splits_and_a_bad_size_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("shard.yaml");
+    let manifest = |size: &str| {
+        format!(
+            "pipeline: shard\nbackend: cpu\nstages:\n  base: {{kind: model, from: {}}}\n  hf:\n    kind: export.hf\n    model: base\n    max_shard_size: {size}\n",
+            fixtures().join("models/tiny-llama").display()
+        )
+    };
+    std::fs::write(&m, manifest("5GiB")).unwrap();
+    let out = burnish()
+        .args(["validate", m.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`5GiB` has no unit KB, MB, GB or TB"), "{err}");
+    assert!(err.contains("shard.yaml:8"), "{err}");
+
+    std::fs::write(&m, manifest("100KB")).unwrap();
+    run_ok(&["run", m.to_str().unwrap(), "-q"], tmp.path());
+    let cache = tmp.path().join(".burnish");
+    assert_eq!(find(&cache, "model.safetensors.index.json").len(), 1);
+    // The model stage's single file; the export's are shards.
+    assert_eq!(find(&cache, "model.safetensors").len(), 1);
+}

@@ -1908,7 +1908,7 @@ fn streamed_model_dir_equals_the_loaded_models_byte_for_byte() {
         );
         model::save_model_dir(&merged, &loaded.raw_config, &loaded.model_dir, &want).unwrap();
         let ck = Checkpoint::open(dir).unwrap();
-        model::save_checkpoint_dir(&ck, &got).unwrap();
+        model::save_checkpoint_dir(&ck, &got, model::shard::DEFAULT_SHARD_BYTES).unwrap();
         for name in ["model.safetensors", "config.json", "tokenizer.json"] {
             let (a, b) = (
                 std::fs::read(want.join(name)).unwrap(),
@@ -1997,4 +1997,117 @@ fn a_truncated_or_misshapen_checkpoint_fails_naming_file_and_tensor() {
     let e = GgufStage::run(&p, &mut cx).err().unwrap();
     assert!(e.to_string().contains("model.safetensors"), "{e}");
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
+
+/// Past `max_shard_size` a model directory is split as transformers splits it: the 128 KiB
+/// embedding alone (over the 100 kB limit), the rest filling shards in parameter order, each
+/// `model-0000k-of-0000n.safetensors`, with an index mapping every tensor; burnish loads the
+/// directory back to the same model.
+#[test]
+fn a_model_past_the_shard_size_is_split_with_an_index_and_loads_back() {
+    let dir = fixture("tiny-llama");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let tmp = TempDir::new().unwrap();
+    model::save_checkpoint_dir(&ck, tmp.path(), 100_000).unwrap();
+    assert!(!tmp.path().join("model.safetensors").exists());
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let sizes: Vec<u64> = ck.tensors().iter().map(|t| t.len() as u64 * 4).collect();
+    assert_eq!(index["metadata"]["total_size"], sizes.iter().sum::<u64>());
+    assert_eq!(index["metadata"]["total_parameters"], ck.num_params());
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map.len(), ck.tensors().len());
+    let shards = model::shard::split(&sizes, 100_000);
+    assert!(shards.len() > 2, "{shards:?}");
+    assert_eq!(shards[0], vec![0], "the embedding, over the limit, alone");
+    for (k, members) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, shards.len());
+        assert!(tmp.path().join(&file).is_file(), "{file}");
+        for &i in members {
+            assert_eq!(map[&ck.tensors()[i].name], file.as_str());
+        }
+        if members.len() > 1 {
+            assert!(members.iter().map(|&i| sizes[i]).sum::<u64>() <= 100_000);
+        }
+    }
+    // Loaded back: the same weights.
+    let a = model::load_model_dir::<B>(&dir, &FlexDevice).unwrap().model;
+    let b = model::load_model_dir::<B>(tmp.path(), &FlexDevice)
+        .unwrap()
+        .model;
+    let ids = reference_ids(&dir);
+    assert_eq!(
+        tensor_f32(a.forward(ids_tensor(&ids))),
+        tensor_f32(b.forward(ids_tensor(&ids)))
+    );
+}
+
+/// The shards are those huggingface_hub's `split_state_dict_into_shards_factory` (what
+/// transformers' `save_pretrained` calls) makes of the same sizes, when it is importable
+/// (`BURNISH_PYTHON`; `BURNISH_REQUIRE_PY=1` turns its absence into a failure).
+#[test]
+fn shards_match_huggingface_hubs_splitter() {
+    let python = std::env::var("BURNISH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let cases: [(&[u64], u64); 4] = [
+        (&[6, 6, 2, 6, 2, 2], 10),
+        (&[3, 12, 3, 9, 1], 10),
+        (
+            &[
+                131072, 16384, 8192, 8192, 16384, 135168, 135168, 135168, 256,
+            ],
+            100_000,
+        ),
+        (&[5, 5, 5], 100),
+    ];
+    let script = r#"
+import json, sys
+try:
+    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
+except ImportError:
+    print("NO_HUB"); sys.exit(0)
+for sizes, limit in json.loads(sys.argv[1]):
+    sd = {f"t{i:03d}": s for i, s in enumerate(sizes)}
+    split = split_state_dict_into_shards_factory(
+        sd, get_storage_size=lambda s: s, filename_pattern="model{suffix}.safetensors",
+        max_shard_size=limit)
+    print(json.dumps([[int(k[1:]) for k in keys] for keys in split.filename_to_tensors.values()]))
+"#;
+    let arg = serde_json::to_string(&cases).unwrap();
+    let out = std::process::Command::new(&python)
+        .args(["-c", script, &arg])
+        .output();
+    let require = std::env::var("BURNISH_REQUIRE_PY").is_ok_and(|v| v == "1");
+    let stdout = match &out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        _ => {
+            assert!(
+                !require,
+                "BURNISH_REQUIRE_PY=1 but {python} failed: {out:?}"
+            );
+            eprintln!("skipping: {python} does not run the splitter");
+            return;
+        }
+    };
+    if stdout.trim() == "NO_HUB" {
+        assert!(
+            !require,
+            "BURNISH_REQUIRE_PY=1 but huggingface_hub is not importable"
+        );
+        eprintln!("skipping: huggingface_hub is not importable");
+        return;
+    }
+    let theirs: Vec<Vec<Vec<usize>>> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for ((sizes, limit), want) in cases.iter().zip(&theirs) {
+        assert_eq!(
+            &model::shard::split(sizes, *limit),
+            want,
+            "{sizes:?} under {limit}"
+        );
+    }
+    assert_eq!(theirs.len(), cases.len());
 }

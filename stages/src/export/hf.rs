@@ -34,13 +34,18 @@ pub struct HfSummary {
 }
 
 /// Export the Model or Adapter artifact in `dir` into `out`: an adapter stays an adapter unless
-/// `merge`.
-pub fn export_hf(dir: &Path, merge: bool, out: &Path) -> Result<HfSummary, ExportError> {
+/// `merge`; a model's weights are split into shards of at most `max_shard_bytes`.
+pub fn export_hf(
+    dir: &Path,
+    merge: bool,
+    max_shard_bytes: u64,
+    out: &Path,
+) -> Result<HfSummary, ExportError> {
     // An adapter exported as an adapter keeps its f32 base and its record of the base's
     // quantization; a merged export folds it into the base as it trained (NF4 for QLoRA).
     if merge || !model::is_adapter_dir(dir) {
         let ck = model::Checkpoint::open_with(dir, model::BaseChoice::AsTrained)?;
-        model::save_checkpoint_dir(&ck, out)?;
+        model::save_checkpoint_dir(&ck, out, max_shard_bytes)?;
         return Ok(HfSummary {
             kind: HfKind::Model,
             params: ck.num_params(),

@@ -251,6 +251,11 @@ pub struct HfParams {
     /// stays a PEFT adapter directory).
     #[serde(default)]
     pub merge: bool,
+    /// For a model directory: split the weights into files of at most this size, with
+    /// `model.safetensors.index.json`, as transformers' `save_pretrained(max_shard_size=)`
+    /// (default "50GB", transformers' own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shard_size: Option<crate::model::shard::ShardSize>,
 }
 
 /// `export.hf`: a Hugging Face model directory, or a PEFT adapter directory.
@@ -287,7 +292,11 @@ impl Stage for HfStage {
     fn run(p: &HfParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let dir = cx.input("model")?.dir.clone();
         let out = cx.output_dir(None)?.to_path_buf();
-        let s = export_hf(&dir, p.merge, &out)?;
+        let max_shard = p
+            .max_shard_size
+            .as_ref()
+            .map_or(crate::model::shard::DEFAULT_SHARD_BYTES, |s| s.bytes());
+        let s = export_hf(&dir, p.merge, max_shard, &out)?;
         let mut outcome = StageOutcome::default()
             .metric(
                 "format",

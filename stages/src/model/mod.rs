@@ -12,6 +12,7 @@ pub(crate) mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod nf4;
+pub mod shard;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -323,21 +324,47 @@ pub fn save_model_dir<B: Backend>(
 /// [`save_model_dir`] for a [`Checkpoint`]: the same files, byte for byte, with the weights
 /// read (and an adapter merged) one tensor at a time as they are written, so that memory holds
 /// one tensor, not the model.
-pub fn save_checkpoint_dir(ck: &Checkpoint, out: &Path) -> Result<(), ModelError> {
+///
+/// Past `max_shard_bytes` the weights are split into shards with an index, as transformers'
+/// `save_pretrained(max_shard_size=)` splits them ([`shard`]).
+pub fn save_checkpoint_dir(
+    ck: &Checkpoint,
+    out: &Path,
+    max_shard_bytes: u64,
+) -> Result<(), ModelError> {
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_owned(), "pt".to_owned());
     let tensors = ck.tensors();
-    let layout: Vec<(String, Vec<usize>)> = tensors
-        .iter()
-        .map(|t| (t.name.clone(), t.shape.clone()))
-        .collect();
-    weights::write_safetensors_streamed(
-        &out.join("model.safetensors"),
-        &layout,
-        Some(meta),
-        |i| ck.read(&tensors[i]),
-    )?;
+    let sizes: Vec<u64> = tensors.iter().map(|t| t.len() as u64 * 4).collect();
+    let shards = shard::split(&sizes, max_shard_bytes);
+    let mut weight_map = serde_json::Map::new();
+    for (k, members) in shards.iter().enumerate() {
+        let file = shard::file_name(k, shards.len());
+        let layout: Vec<(String, Vec<usize>)> = members
+            .iter()
+            .map(|&i| (tensors[i].name.clone(), tensors[i].shape.clone()))
+            .collect();
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_owned(), "pt".to_owned());
+        weights::write_safetensors_streamed(&out.join(&file), &layout, Some(meta), |j| {
+            ck.read(&tensors[members[j]])
+        })?;
+        for &i in members {
+            weight_map.insert(tensors[i].name.clone(), Value::String(file.clone()));
+        }
+    }
+    if shards.len() > 1 {
+        // serde_json's maps keep keys sorted, as transformers' `sort_keys=True`.
+        let index = serde_json::json!({
+            "metadata": {
+                "total_parameters": ck.num_params(),
+                "total_size": sizes.iter().sum::<u64>(),
+            },
+            "weight_map": weight_map,
+        });
+        let text = serde_json::to_string_pretty(&index).unwrap_or_default() + "\n";
+        let path = out.join("model.safetensors.index.json");
+        std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))?;
+    }
     write_config_and_tokenizer(&ck.raw_config, &ck.model_dir, out)
 }
 

@@ -387,6 +387,10 @@ pub struct MergeParams {
     /// `as_trained` (default) or `original`: differs only for a QLoRA adapter.
     #[serde(default)]
     pub base: model::BaseChoice,
+    /// Split the weights into files of at most this size, with `model.safetensors.index.json`,
+    /// as transformers' `save_pretrained(max_shard_size=)` (default "50GB", transformers' own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shard_size: Option<model::shard::ShardSize>,
 }
 
 /// `merge`: fold a LoRA adapter into its base model (`W + alpha/r · B·A`), giving a Model.
@@ -430,7 +434,11 @@ impl Stage for MergeStage {
             None => "f32",
         };
         let out = cx.output_dir(None)?.to_path_buf();
-        model::save_checkpoint_dir(&ck, &out)?;
+        let max_shard = p
+            .max_shard_size
+            .as_ref()
+            .map_or(model::shard::DEFAULT_SHARD_BYTES, |s| s.bytes());
+        model::save_checkpoint_dir(&ck, &out, max_shard)?;
         Ok(StageOutcome::default()
             .metric("merged_adapter_params", ck.adapter_params())
             .metric("base", base)
