@@ -111,14 +111,9 @@ fn main() {
     );
 }
 
-/// The process's peak resident set size, from `/proc/self/status` (0 where there is none).
+/// The process's peak resident set size in MiB (0 where Linux does not report it).
 fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
+    let kib = burnish_stages::probe::peak_rss_kb().unwrap_or(0) as f64;
     (kib / 1024.0 * 10.0).round() / 10.0
 }
 

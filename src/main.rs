@@ -191,15 +191,10 @@ fn main() -> ExitCode {
 /// memory test reads it).
 const REPORT_PEAK_RSS: &str = "BURNISH_REPORT_PEAK_RSS";
 
-/// `peak RSS: <kB> kB`: the process's high-water mark of resident memory (`VmHWM` in
-/// `/proc/self/status`), or a line saying it is unknown where there is no such file.
+/// `peak RSS: <kB> kB`: the process's high-water mark of resident memory, or a line saying it
+/// is unknown where Linux does not report it.
 fn report_peak_rss() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-    match kb {
+    match burnish_stages::probe::peak_rss_kb() {
         Some(kb) => eprintln!("peak RSS: {kb} kB"),
         None => eprintln!("peak RSS: unknown (no VmHWM in /proc/self/status)"),
     }

@@ -12,3 +12,13 @@
 
 pub mod checks;
 pub mod speed;
+
+/// The process's peak resident memory in kB (`VmHWM` in `/proc/self/status`), where Linux
+/// reports it.
+pub fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

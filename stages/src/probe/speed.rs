@@ -189,10 +189,10 @@ impl BackendTask for Bench<'_> {
         let targets = (o.batch * (o.seq - 1)) as f64;
         let (mut times, mut losses) = (Vec::new(), Vec::new());
         let began = Instant::now();
-        let mut warmup_s = 0.0;
+        let mut warmup_s = None;
         for (i, ids) in batches.into_iter().enumerate() {
             if i == o.warmup {
-                warmup_s = began.elapsed().as_secs_f64();
+                warmup_s = Some(began.elapsed().as_secs_f64());
             }
             let t0 = Instant::now();
             let ones = Tensor::<B, 2>::ones([o.batch, o.seq], &device);
@@ -213,9 +213,6 @@ impl BackendTask for Bench<'_> {
                 value.into_scalar(),
             ));
         }
-        if o.warmup >= o.warmup + o.steps {
-            warmup_s = began.elapsed().as_secs_f64();
-        }
         times.sort_by(f64::total_cmp);
         let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
         Report {
@@ -234,10 +231,11 @@ impl BackendTask for Bench<'_> {
             step_ms_median: median * 1e3,
             step_ms_min: times.first().copied().unwrap_or(f64::NAN) * 1e3,
             tokens_per_s: (o.batch * o.seq) as f64 / median,
-            warmup_s,
+            // No timed step (steps 0): everything was warmup.
+            warmup_s: warmup_s.unwrap_or_else(|| began.elapsed().as_secs_f64()),
             loss_first: losses.first().copied().unwrap_or(f64::NAN),
             loss_last: losses.last().copied().unwrap_or(f64::NAN),
-            peak_rss_mb: peak_rss_mb(),
+            peak_rss_mb: super::peak_rss_kb().map(|kb| kb as f64 / 1024.0),
         }
     }
 }
@@ -258,12 +256,4 @@ fn token_batches<B: Backend>(o: &Options, device: &B::Device) -> Vec<Tensor<B, 2
             Tensor::from_data(TensorData::new(ids, [o.batch, o.seq]), device)
         })
         .collect()
-}
-
-/// Peak resident set size of this process in MiB (Linux `VmHWM`).
-pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
