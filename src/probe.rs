@@ -67,7 +67,8 @@ pub fn selftest(args: &SelftestArgs) -> Result<ExitCode> {
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&results).into_diagnostic()?;
-        write_atomic(path, &text)?;
+        burnish_engine::cache::write_atomic(path, text.as_bytes())
+            .map_err(|e| miette!("{}: {e}", path.display()))?;
     }
     Ok(if fail > 0 {
         ExitCode::FAILURE
@@ -169,14 +170,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<ExitCode> {
             "--steps and --batch must be at least 1, --seq at least 2 and --lora at least 1"
         ));
     }
-    let probe = checks::Options {
-        backend: args.backend.clone(),
-        models: PathBuf::new(),
-        allow_cpu_adapter: true,
-        from: 0,
-        stop_after_panic: false,
-    };
-    if let Some(why) = checks::unavailable(&probe) {
+    if let Some(why) = checks::unavailable(&args.backend, true) {
         return Err(miette!("--backend {}: {why}", args.backend));
     }
     if args.bf16 && !burnish_stages::backend::has_bf16(&args.backend) {
@@ -198,13 +192,4 @@ pub fn bench_train(args: &BenchArgs) -> Result<ExitCode> {
     })?;
     println!("{}", serde_json::to_string(&report).into_diagnostic()?);
     Ok(ExitCode::SUCCESS)
-}
-
-/// Write `text` to `path` through a temporary file beside it, so that no half-written file is
-/// left behind.
-fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("json.partial");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| miette!("{}: {e}", path.display()))
 }

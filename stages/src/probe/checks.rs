@@ -25,7 +25,8 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
@@ -424,31 +425,45 @@ fn fmt_values(v: &[f64]) -> String {
     shown.join(", ")
 }
 
-/// The panics seen while a guarded check runs, first first (a backend's worker thread often
-/// panics with the cause before the caller panics on the broken channel).
+/// The panics seen while guarded checks run, first first (a backend's worker thread often
+/// panics with the cause before the caller panics on the broken channel), and how many guards
+/// are active. Panics while none is active go to the hook that was there before.
 static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static GUARDS: AtomicUsize = AtomicUsize::new(0);
+
+/// Install, once, a panic hook that records panics while a guard is active and otherwise
+/// defers to the previous hook (so the process's own panics still print as they did).
+fn install_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDS.load(Ordering::SeqCst) == 0 {
+                return previous(info);
+            }
+            let mut text = info.to_string().replace('\n', " ");
+            if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+                text.push_str(&format!("\n{}", std::backtrace::Backtrace::force_capture()));
+            }
+            if let Ok(mut seen) = PANICS.lock() {
+                seen.push(text);
+            }
+        }));
+    });
+}
 
 /// Run `f`, turning a panic into an error that carries the first panic's message and place
 /// (and its backtrace when `RUST_BACKTRACE` is set), and the last one's when it differs.
 fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, Panicked> {
-    if let Ok(mut seen) = PANICS.lock() {
-        seen.clear();
-    }
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|info| {
-        let mut text = info.to_string().replace('\n', " ");
-        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
-            text.push_str(&format!("\n{}", std::backtrace::Backtrace::force_capture()));
-        }
-        if let Ok(mut seen) = PANICS.lock() {
-            seen.push(text);
-        }
-    }));
+    install_hook();
+    let start = PANICS.lock().map(|s| s.len()).unwrap_or(0);
+    GUARDS.fetch_add(1, Ordering::SeqCst);
     let out = catch_unwind(AssertUnwindSafe(f));
-    std::panic::set_hook(previous);
-    let seen = PANICS
+    GUARDS.fetch_sub(1, Ordering::SeqCst);
+    // Only panics are kept, one line each: the list stays as short as the panics were few.
+    let seen: Vec<String> = PANICS
         .lock()
-        .map(|mut s| std::mem::take(&mut *s))
+        .map(|s| s.get(start..).map(<[String]>::to_vec).unwrap_or_default())
         .unwrap_or_default();
     match out {
         Ok(r) => r.map_err(|message| Panicked {
@@ -495,16 +510,16 @@ pub struct Options {
     pub stop_after_panic: bool,
 }
 
-/// Why the backend cannot be checked here, if it cannot.
-pub fn unavailable(opts: &Options) -> Option<String> {
-    if !backend::available().contains(&opts.backend.as_str()) {
+/// Why the backend called `name` cannot run here, if it cannot (`allow_cpu_adapter`: wgpu on
+/// a CPU adapter counts).
+pub fn unavailable(name: &str, allow_cpu_adapter: bool) -> Option<String> {
+    if !backend::available().contains(&name) {
         return Some(format!(
-            "backend `{}` is not in this build (it has {})",
-            opts.backend,
+            "backend `{name}` is not in this build (it has {})",
             backend::available().join(", ")
         ));
     }
-    match opts.backend.as_str() {
+    match name {
         "cuda" if !Path::new("/proc/driver/nvidia/version").exists() => {
             Some("no NVIDIA driver is loaded (/proc/driver/nvidia/version is missing)".into())
         }
@@ -514,7 +529,7 @@ pub fn unavailable(opts: &Options) -> Option<String> {
             let gpu = adapters.iter().any(|(_, kind)| kind != "Cpu");
             if adapters.is_empty() {
                 Some("no wgpu adapter (no Vulkan loader or driver)".into())
-            } else if !gpu && !opts.allow_cpu_adapter {
+            } else if !gpu && !allow_cpu_adapter {
                 let names: Vec<&str> = adapters.iter().map(|(n, _)| n.as_str()).collect();
                 Some(format!(
                     "only CPU adapters ({}); --allow-cpu-adapter checks on them",
@@ -537,7 +552,7 @@ pub fn count() -> usize {
 /// the next (a panic does when `opts.stop_after_panic`).
 pub fn run(opts: &Options, mut on_result: impl FnMut(&CheckResult)) -> Vec<CheckResult> {
     let mut out = Vec::new();
-    let skip_all = unavailable(opts);
+    let skip_all = unavailable(&opts.backend, opts.allow_cpu_adapter);
     let plan = MODELS
         .iter()
         .flat_map(|&name| Probe::ALL.map(|probe| (name, probe)));
@@ -675,4 +690,30 @@ fn compare(probe: Probe, dir: &Path, got: Observed) -> Result<(f64, String), Str
         _ => format!("{} vs {source} {}", fmt_values(values), fmt_values(&want)),
     };
     Ok((measured, detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_is_an_error_naming_the_first_panic_and_its_place() {
+        let e = guarded::<()>(|| panic!("boom {}", 7)).err().unwrap();
+        assert!(e.panicked);
+        assert!(e.message.contains("boom 7"), "{}", e.message);
+        assert!(e.message.contains("checks.rs:"), "{}", e.message);
+        // A worker thread panics with the cause, then the caller on the broken channel.
+        let e = guarded::<()>(|| {
+            let _ = std::thread::spawn(|| panic!("the cause")).join();
+            panic!("the channel broke")
+        })
+        .err()
+        .unwrap();
+        let first = e.message.find("the cause").unwrap();
+        let then = e.message.find("; then").unwrap();
+        assert!(first < then && e.message.contains("the channel broke"), "{}", e.message);
+        // An error is not a panic.
+        let e = guarded::<()>(|| Err("no".into())).err().unwrap();
+        assert!(!e.panicked && e.message == "no");
+    }
 }
