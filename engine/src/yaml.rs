@@ -264,6 +264,9 @@ pub fn parse(text: &str, file: FileId) -> Result<Node, SyntaxError> {
     let options = serde_saphyr::options! {
         // Duplicates reach the validator, which reports both places.
         duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::PassThrough,
+        // YAML 1.2 booleans only: under YAML 1.1 the key `n` (generate's sample count) and values
+        // such as `no` or `off` would silently read as `false`.
+        strict_booleans: true,
         budget: serde_saphyr::budget! {
             max_depth: 24,
             max_nodes: 200_000,
@@ -528,6 +531,22 @@ mod tests {
         assert_eq!(&text[c.span.offset..c.span.offset + c.span.len], "hello");
         let k = n.get("b").unwrap().get_key("c").unwrap();
         assert_eq!(&text[k.span.offset..k.span.offset + k.span.len], "c");
+    }
+
+    #[test]
+    fn only_yaml_1_2_spellings_are_booleans() {
+        let n = parse("n: 2\ny: no\nc: off\nd: True\ne: FALSE", 0).unwrap();
+        let keys: Vec<&str> = n
+            .as_map()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.name.as_str())
+            .collect();
+        assert_eq!(keys, ["n", "y", "c", "d", "e"]);
+        assert_eq!(n.get("y").unwrap().value, Value::Str("no".into()));
+        assert_eq!(n.get("c").unwrap().value, Value::Str("off".into()));
+        assert_eq!(n.get("d").unwrap().value, Value::Bool(true));
+        assert_eq!(n.get("e").unwrap().value, Value::Bool(false));
     }
 
     #[test]
