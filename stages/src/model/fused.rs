@@ -198,6 +198,64 @@ pub fn causal_attention<B: Backend>(
     on_autodiff!((q, k, v, mask.clone()), ad_causal_attention[], attention_composed::<B>)
 }
 
+/// Attention of each batch row's newest position against a key/value cache (generation's
+/// decode step): the query heads grouped per key/value head see the cached keys
+/// `firsts[row]..len`, the row's tokens without its left padding. Inference only (no autodiff
+/// op): on flex one loop ([`kernels::decode_attention`]) reading the cache in place; elsewhere
+/// burn's matmul and softmax over the filled part of the cache with the padding masked.
+///
+/// # Shapes
+/// - q: `[b, kv_heads, groups, head_dim]`, k, v: `[b, kv_heads, cap, head_dim]` (positions
+///   `0..len` filled), firsts: `[b]` → `[b, kv_heads, groups, head_dim]`
+pub fn decode_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    len: usize,
+    firsts: &[usize],
+) -> Tensor<B, 4> {
+    type Flex = burn::backend::Flex;
+    type Args<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+    if let Ok((qf, kf, vf)) = same::<_, Args<Flex>>((q.clone(), k.clone(), v.clone()))
+        && let (Ok(qf), Ok(kf), Ok(vf)) = (
+            flex_owned::<Flex>(qf.into_primitive().tensor()),
+            flex_owned::<Flex>(kf.into_primitive().tensor()),
+            flex_owned::<Flex>(vf.into_primitive().tensor()),
+        )
+        && kernels::decode_fits(&qf, &kf, &vf, len, firsts)
+    {
+        let out = kernels::decode_attention(&qf, &kf, &vf, len, firsts);
+        return back(inner::<Flex, 4>(out));
+    }
+    decode_attention_composed(q, k, v, len, firsts)
+}
+
+/// [`decode_attention`] of burn's ops (what wgpu and CUDA run; public so that tests can hold the
+/// flex loop to it).
+///
+/// # Shapes
+/// - as [`decode_attention`]
+pub fn decode_attention_composed<B: Backend>(
+    q: Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    len: usize,
+    firsts: &[usize],
+) -> Tensor<B, 4> {
+    let [b, _, _, _] = q.dims();
+    let device = q.device();
+    let k = k.clone().narrow(2, 0, len); // [b, h, len, d]
+    let v = v.clone().narrow(2, 0, len);
+    let scores = q.matmul(k.swap_dims(2, 3)); // [b, h, g, len]
+    let mut bias = vec![0.0f32; b * len];
+    for (row, &first) in bias.chunks_mut(len).zip(firsts) {
+        row[..first].fill(f32::NEG_INFINITY);
+    }
+    let bias =
+        Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(bias, [b, 1, 1, len]), &device);
+    activation::softmax(scores + bias, 3).matmul(v)
+}
+
 /// [`causal_attention`] composed of [`matmul`], [`causal_softmax`] and [`matmul`]: what wgpu and
 /// CUDA run, and flex when its kernel does not take the shapes (public so that tests can hold
 /// the kernel to it). On plain flex (no autodiff) it still takes the kernel.

@@ -1103,6 +1103,89 @@ pub(crate) fn causal_attention(
     (from_vec(out, qd), from_vec(p, pshape))
 }
 
+/// Whether [`decode_attention`] takes `q`, `k`, `v`: f32, `q` of `[b, h, g, d]`, `k` and `v` of
+/// `[b, h, cap, d]` with `len ≤ cap` positions filled, and `firsts` one first key per batch row,
+/// each before `len`.
+pub(crate) fn decode_fits(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    len: usize,
+    firsts: &[usize],
+) -> bool {
+    let (qd, kd, vd) = (q.layout().shape(), k.layout().shape(), v.layout().shape());
+    [q, k, v].iter().all(|t| is_f32(t))
+        && qd.num_dims() == 4
+        && kd == vd
+        && kd.num_dims() == 4
+        && (qd[0], qd[1], qd[3]) == (kd[0], kd[1], kd[3])
+        && len <= kd[2]
+        && firsts.len() == qd[0]
+        && firsts.iter().all(|&f| f < len)
+}
+
+/// Attention of one new position per batch row against its cached keys and values: for each
+/// key/value head, its `g` query rows (the query heads that share it) see the keys
+/// `firsts[row]..len` — the row's own tokens, not its left padding — so `out = softmax(q·kᵀ)·v`
+/// over those keys. The cache holds `cap ≥ len` positions; the rest are never read. The shape
+/// generation's decode steps have (one query row per head, many keys), where the prefill's
+/// [`causal_attention`] has as many queries as keys.
+///
+/// # Shapes
+/// - q: `[b, h, g, d]`, k, v: `[b, h, cap, d]`, firsts: `[b]`
+/// - output: `[b, h, g, d]`
+pub(crate) fn decode_attention(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    len: usize,
+    firsts: &[usize],
+) -> FlexTensor {
+    assert!(
+        decode_fits(q, k, v, len, firsts),
+        "decode attention of {:?} against {:?}, {:?} at length {len} with first keys {firsts:?}",
+        q.layout().shape(),
+        k.layout().shape(),
+        v.layout().shape(),
+    );
+    let qd = q.layout().shape().clone();
+    let (heads, g, d, cap) = (qd[1], qd[2], qd[3], k.layout().shape()[2]);
+    let (qs, ks, vs) = (values(q), values(k), values(v));
+    let (qp, kp, vp) = (
+        qs.as_ptr() as usize,
+        ks.as_ptr() as usize,
+        vs.as_ptr() as usize,
+    );
+    let mut out = vec![0.0f32; qd[0] * heads * g * d];
+    // One task per (batch row, key/value head).
+    out.par_chunks_mut(g * d).enumerate().for_each(|(i, o)| {
+        let first = firsts[i / heads];
+        let w = len - first;
+        let mut s = vec![0.0f32; g * w];
+        // SAFETY: q's rows `i·g..(i + 1)·g` and this head's cached rows `first..len` lie inside
+        // their buffers; `s` holds `g·w` elements.
+        unsafe {
+            let q = Mat::at(qp as *const f32, i * g * d, d, false);
+            let kt = Mat::at(kp as *const f32, (i * cap + first) * d, d, true);
+            gemm_on_thread(g, w, d, s.as_mut_ptr(), w, q, kt, false);
+        }
+        let mut p: Vec<MaybeUninit<f32>> = Vec::with_capacity(g * w);
+        // SAFETY: `softmax_row` writes every element of each row before `p` is read.
+        unsafe { p.set_len(g * w) };
+        for (dst, src) in p.chunks_mut(w).zip(s.chunks(w)) {
+            softmax_row(src, dst);
+        }
+        // SAFETY: `p` is `g × w`, fully written; v's cached rows `first..len` of this head lie
+        // inside its buffer; `o` is this task's `g × d` block.
+        unsafe {
+            let pm = Mat::at(p.as_ptr() as *const f32, 0, w, false);
+            let vm = Mat::at(vp as *const f32, (i * cap + first) * d, d, false);
+            gemm_on_thread(g, d, w, o.as_mut_ptr(), d, pm, vm, false);
+        }
+    });
+    from_vec(out, qd)
+}
+
 /// Backward of [`causal_attention`] from its saved `p` (and the same `starts`): per head and
 /// group, with `∂p = ∂out·vᵀ` and `∂s = p ⊙ (∂p − Σ(∂p ⊙ p))` over each query row's visible
 /// keys, `∂q = ∂s·k`, `∂k = ∂sᵀ·q` and `∂v = pᵀ·∂out`, the groups' contributions to `∂k`, `∂v`

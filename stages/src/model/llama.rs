@@ -140,6 +140,67 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
+/// The rotary angles of positions `0..len`: per position, `[head_dim]` cos and signed sin (the
+/// first half negated, for `rotate_half`). Built once — for a training batch from its longest
+/// position, for generation up to the prompt plus the new tokens — and read per forward.
+pub struct RopeTable {
+    /// `[len, 2, head_dim]`: cos then signed sin of each position.
+    trig: Vec<f32>,
+    head_dim: usize,
+    heads: usize,
+    kv_heads: usize,
+}
+
+impl RopeTable {
+    pub fn new(cfg: &ModelConfig, len: usize) -> Self {
+        let hd = cfg.head_dim;
+        let half = hd / 2;
+        // transformers computes inv_freq in f32; so do we, then the angles in f64.
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
+            .collect();
+        let mut trig = Vec::with_capacity(len * 2 * hd);
+        for p in 0..len {
+            for part in 0..2 {
+                for sign in [-1.0f32, 1.0] {
+                    for f in &inv {
+                        let angle = (p as f32 * f) as f64;
+                        trig.push(match part {
+                            0 => angle.cos() as f32,
+                            _ => sign * angle.sin() as f32,
+                        });
+                    }
+                }
+            }
+        }
+        RopeTable {
+            trig,
+            head_dim: hd,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+        }
+    }
+
+    /// Positions covered.
+    pub fn len(&self) -> usize {
+        self.trig.len() / (2 * self.head_dim).max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Position `p`'s cos and signed sin rows.
+    ///
+    /// # Panics
+    /// When `p` is past the table.
+    fn row(&self, p: usize) -> (&[f32], &[f32]) {
+        let hd = self.head_dim;
+        let at = p * 2 * hd;
+        (&self.trig[at..at + hd], &self.trig[at + hd..at + 2 * hd])
+    }
+}
+
 /// Rotary position tables, laid out for the projections' own `[batch, seq, heads·head_dim]`
 /// layout.
 ///
@@ -180,33 +241,25 @@ impl<B: Backend> Rope<B> {
 
     /// `rows` table rows, each of `positions.len() / rows` positions.
     fn build(cfg: &ModelConfig, rows: usize, positions: &[usize], device: &B::Device) -> Self {
-        let hd = cfg.head_dim;
-        let half = hd / 2;
-        // transformers computes inv_freq in f32; so do we, then the angles in f64.
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
-            .collect();
-        // One position's `[head_dim]` row of cos and of signed sin.
-        let row = |p: usize| -> (Vec<f32>, Vec<f32>) {
-            let mut cos = Vec::with_capacity(hd);
-            let mut sin = Vec::with_capacity(hd);
-            for sign in [-1.0f32, 1.0] {
-                for f in &inv {
-                    let angle = (p as f32 * f) as f64;
-                    cos.push(angle.cos() as f32);
-                    sin.push(sign * angle.sin() as f32);
-                }
-            }
-            (cos, sin)
-        };
         let distinct = positions.iter().max().map_or(0, |&p| p + 1);
-        let trig: Vec<_> = (0..distinct).map(row).collect();
+        Self::from_table(&RopeTable::new(cfg, distinct), rows, positions, device)
+    }
+
+    /// Tables for `positions` (`rows` table rows of `positions.len() / rows` positions each) from
+    /// the precomputed angles of `table`, which must reach every position.
+    pub fn from_table(
+        table: &RopeTable,
+        rows: usize,
+        positions: &[usize],
+        device: &B::Device,
+    ) -> Self {
+        let hd = table.head_dim;
         let rows = rows.max(1);
-        let table = |heads: usize, scale: f32| {
+        let tensors = |heads: usize, scale: f32| {
             let n = positions.len() * heads * hd;
             let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
             for &p in positions {
-                let (c, s) = &trig[p];
+                let (c, s) = table.row(p);
                 for _ in 0..heads {
                     cos.extend(c.iter().map(|v| v * scale));
                     sin.extend(s.iter().map(|v| v * scale));
@@ -217,8 +270,8 @@ impl<B: Backend> Rope<B> {
                 Tensor::from_data(TensorData::new(sin, [rows, n / rows]), device),
             )
         };
-        let (q_cos, q_sin) = table(cfg.num_heads, 1.0 / (hd as f32).sqrt());
-        let (k_cos, k_sin) = table(cfg.num_kv_heads, 1.0);
+        let (q_cos, q_sin) = tensors(table.heads, 1.0 / (hd as f32).sqrt());
+        let (k_cos, k_sin) = tensors(table.kv_heads, 1.0);
         Rope {
             q_cos,
             q_sin,
@@ -428,6 +481,22 @@ impl<B: Backend> Attention<B> {
         mask: &AttentionMask<B>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
+        let (q, k, v) = self.project(x, rope);
+        self.output(fused::causal_attention(q, k, v, mask), b, t)
+    }
+
+    /// Queries (rotated, scaled by `1/√head_dim`, grouped per key/value head), rotated keys
+    /// and values.
+    ///
+    /// # Shapes
+    /// - x: `[b, t, hidden]`
+    /// - output: q `[b, kv_heads, groups·t, head_dim]`, k and v `[b, kv_heads, t, head_dim]`
+    pub(crate) fn project(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = nh / nkv; // query heads per key/value head
         // Rotary embedding on the projections' contiguous layout, before the heads move.
@@ -445,8 +514,16 @@ impl<B: Backend> Attention<B> {
             self.v_proj.forward(x).reshape([b, t, nkv, hd]),
             [0, 2, 1, 3],
         ); // [b, nkv, t, hd]
-        let out = fused::causal_attention(q, k, v, mask) // [b, nkv, rep*t, hd]
-            .reshape([b, nh, t, hd]);
+        (q, k, v)
+    }
+
+    /// The output projection of attention's result.
+    ///
+    /// # Shapes
+    /// - out: `[b, kv_heads, groups·t, head_dim]` → `[b, t, hidden]`
+    pub(crate) fn output(&self, out: Tensor<B, 4>, b: usize, t: usize) -> Tensor<B, 3> {
+        let (nh, hd) = (self.num_heads, self.head_dim);
+        let out = out.reshape([b, nh, t, hd]);
         let out = fused::permute(out, [0, 2, 1, 3]) // [b, t, nh, hd]
             .reshape([b, t, nh * hd]);
         self.o_proj.forward(out)
@@ -484,10 +561,19 @@ impl<B: Backend> Block<B> {
         rope: &Rope<B>,
         mask: &AttentionMask<B>,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask);
+        self.around(x, |h| self.self_attn.forward(h, rope, mask))
+    }
+
+    /// The block around its attention: `h = x + attend(norm(x))`, then `h + mlp(norm(h))`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` → same; `attend` maps `[batch, seq, hidden]` to the same
+    pub(crate) fn around(
+        &self,
+        x: Tensor<B, 3>,
+        attend: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + attend(self.input_layernorm.forward(x));
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod fused;
 pub(crate) mod kernels;
@@ -24,6 +25,7 @@ use serde_json::Value;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Arch, ModelConfig, SizePreset};
+pub use decode::KvCache;
 pub use error::ModelError;
 pub use llama::CausalLm;
 pub use lora::{BaseQuant, LoraParams, LoraTarget};
