@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use miette::{IntoDiagnostic, Result, miette};
 
 mod alloc;
+mod generate;
 mod probe;
 mod testing;
 
@@ -150,6 +151,8 @@ enum Command {
         /// A .gguf file
         file: PathBuf,
     },
+    /// Sample completions of a prompt from a model directory
+    Generate(generate::GenerateArgs),
     /// Check a backend against transformers' logits and the CPU backend; exit 1 on any FAIL
     Selftest(probe::SelftestArgs),
     /// Training throughput of a model made from a shape (the GPU lane's speed rows)
@@ -543,6 +546,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{}", inspect(&file)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Generate(args) => generate::generate(&args),
         Command::Selftest(args) => probe::selftest(&args),
         Command::BenchTrain(args) => probe::bench_train(&args),
     }

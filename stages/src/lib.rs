@@ -5,9 +5,11 @@
 pub mod backend;
 pub mod data;
 pub mod export;
+pub mod generate;
 pub mod model;
 pub mod pref;
 pub mod probe;
+pub mod rl;
 pub mod text;
 pub mod train;
 
@@ -24,6 +26,7 @@ pub fn registry() -> Registry {
     train::register_train(&mut reg);
     pref::register_pref(&mut reg);
     export::register_export(&mut reg);
+    generate::register_generate(&mut reg);
     reg.set_uri_resolver(|uri| data::resolve_hf(uri).map_err(|e| e.to_string()));
     reg
 }
