@@ -1,5 +1,6 @@
 //! The data stage kinds: `dataset` (load and normalize a file), `data.split`, `data.filter`,
-//! `data.dedup`, `data.select`, `data.mix`, `data.convert`.
+//! `data.dedup`, `data.select`, `data.mix`, `data.convert`, and `data.generate` (seeded synthetic
+//! problems with known answers, see [`problems`]).
 //!
 //! Every one of them yields a Dataset artifact: `records.jsonl` of one record family (see
 //! [`records`]) and `dataset.json`.
@@ -12,6 +13,7 @@ pub mod filter;
 pub mod formats;
 pub mod hf;
 pub mod mix;
+pub mod problems;
 pub mod records;
 pub(crate) mod rng;
 pub mod select;
@@ -47,7 +49,8 @@ pub fn register_data(reg: &mut Registry) {
         .register::<DedupStage>()
         .register::<SelectStage>()
         .register::<MixStage>()
-        .register::<ConvertStage>();
+        .register::<ConvertStage>()
+        .register::<problems::ProblemsStage>();
 }
 
 /// Neither seed- nor backend-sensitive.
