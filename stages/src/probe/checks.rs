@@ -711,7 +711,11 @@ mod tests {
         .unwrap();
         let first = e.message.find("the cause").unwrap();
         let then = e.message.find("; then").unwrap();
-        assert!(first < then && e.message.contains("the channel broke"), "{}", e.message);
+        assert!(
+            first < then && e.message.contains("the channel broke"),
+            "{}",
+            e.message
+        );
         // An error is not a panic.
         let e = guarded::<()>(|| Err("no".into())).err().unwrap();
         assert!(!e.panicked && e.message == "no");
