@@ -90,7 +90,8 @@ pub fn shape(name: &str) -> Option<Shape> {
 }
 
 impl Shape {
-    fn config(&self, seq: usize) -> ModelConfig {
+    /// The configuration of a Llama of this shape for sequences of up to `seq` tokens.
+    pub fn config(&self, seq: usize) -> ModelConfig {
         ModelConfig {
             arch: Arch::Llama,
             vocab_size: self.vocab,
