@@ -11,6 +11,20 @@
 //! timing. `llama-quantize` on the f32 file is the reference to compare with (same machine, as
 //! many threads as burnish used): `BURNISH_BENCH_KEEP=DIR` keeps each file as
 //! `DIR/bench-<quant>.gguf`, then `time llama-quantize DIR/bench-f32.gguf out.gguf Q4_K_M 2`.
+//!
+//! ## At real size, against `llama-quantize`
+//!
+//!     BURNISH_LLAMA_CPP=llama-tools/bin cargo bench --bench export_gguf -- --tinyllama
+//!
+//! [`tinyllama`]: a TinyLlama-1.1B-shaped checkpoint (vocab 32000, hidden 2048, 22 layers, 32
+//! heads / 4 kv heads, MLP 5632) with seeded random weights, stored in bf16 as the real one is
+//! (2.2 GB, made once under `$BURNISH_BENCH_DIR`, default the temp directory), exported by the
+//! streaming path `export.gguf` runs, in a fresh process per export, to q4_k_m and q8_0; then
+//! `llama-quantize` (from `benches/llama_tools.sh`) makes the same quants from the bf16 GGUF of
+//! the same weights, with as many threads. Rounds alternate the two tools back to back
+//! (`--rounds N`, default 3). Printed: wall time (median) and peak resident memory (largest) per
+//! tool and quant, the speed ratio, and the memory bound the streaming export promises — twice
+//! the largest tensor (as f32) plus 100 MB.
 
 #[path = "../src/alloc.rs"]
 mod alloc; // the `burnish` binary's allocator and its settings
@@ -24,8 +38,18 @@ use burnish_stages::export::llama::{GgufOptions, to_gguf};
 use burnish_stages::export::vocab::{GgufVocab, VocabKind};
 use burnish_stages::model::{self, Arch, ModelConfig};
 
+#[path = "export_gguf/tinyllama.rs"]
+mod tinyllama;
+
 fn main() {
     alloc::keep_freed_memory();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == tinyllama::CHILD) {
+        return tinyllama::child(&args[i + 1..]);
+    }
+    if args.iter().any(|a| a == "--tinyllama") {
+        return tinyllama::run(&args);
+    }
     let filter = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
