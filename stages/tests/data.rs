@@ -720,6 +720,64 @@ fn filter_by_length_and_fields() {
 }
 
 #[test]
+fn filter_by_comparisons() {
+    // scored.jsonl: scores 0.0, 0.37, 0.74, … (20 rows), sources alternating web, books.
+    let scored = load_ok("scored.jsonl", "text", Value::Null);
+    let kept = |cond: Value| {
+        let r = run::<FilterStage>(
+            json!({"data": "s", "where": cond}),
+            1,
+            &[("data", scored.artifact("main"))],
+            &[],
+            &["main"],
+        )
+        .unwrap();
+        (r.metric("kept"), r.metric("dropped"))
+    };
+    // Counted by hand from the fixture.
+    assert_eq!(kept(json!({"meta.score": {"ge": 0.5}})), (9, 11));
+    assert_eq!(
+        kept(json!({"meta.score": {"ge": 0.5}, "meta.source": "web"})),
+        (5, 15)
+    );
+    assert_eq!(
+        kept(json!({"meta.score": {"gt": 0.2, "le": 0.74}, "meta.source": {"ne": "web"}})),
+        (5, 15)
+    );
+    assert_eq!(kept(json!({"meta.score": {"lt": 0.1}})), (3, 17));
+    assert_eq!(
+        kept(json!({"meta.source": {"in": ["books", "tv"]}})),
+        (10, 10)
+    );
+    // `eq` compares numbers by value; a text field fails a numeric bound.
+    assert_eq!(kept(json!({"meta.score": {"eq": 0.7}})), (1, 19));
+    let r = run::<FilterStage>(
+        json!({"data": "s", "where": {"text": {"ge": 0}}}),
+        1,
+        &[("data", scored.artifact("main"))],
+        &[],
+        &["main"],
+    );
+    assert_eq!(
+        err_text(r).0,
+        "data.filter left no records: all 20 records were dropped by text ≥ 0"
+    );
+}
+
+#[test]
+fn filter_check_reports_empty_comparisons() {
+    let p: burnish_stages::data::FilterParams = params(json!(
+        {"data": "s", "where": {"meta.a": {}, "meta.b": {"ge": 1}, "meta.c": {"other": 1}}}
+    ));
+    // `{other: 1}` is not a comparison map: it is a value to equal.
+    let fields: Vec<String> = FilterStage::check(&p)
+        .into_iter()
+        .map(|f| f.field)
+        .collect();
+    assert_eq!(fields, ["where.meta.a"]);
+}
+
+#[test]
 fn dedup_exact_and_normalized() {
     let dedup = load_ok("dedup.jsonl", "text", Value::Null);
     let exact = run::<DedupStage>(
@@ -1088,6 +1146,46 @@ fn convert_preference_to_kto_doubles() {
 }
 
 #[test]
+fn convert_reasoning_to_chat_round_trips_gsm8k() {
+    let r = load_ok("gsm8k.jsonl", "reasoning", Value::Null);
+    let c = run::<ConvertStage>(
+        json!({"data": "g", "to": "chat"}),
+        1,
+        &[("data", r.artifact("main"))],
+        &[],
+        &["main"],
+    )
+    .unwrap();
+    let rows = c.json("main");
+    // The default completion is GSM8K's own answer field again.
+    let first = &rows[0];
+    assert_eq!(first["messages"][0]["role"], "user");
+    assert_eq!(
+        first["messages"][1]["content"],
+        "Mia has 3 + 5 = <<3+5=8>>8 marbles.\nShe buys 8 * 2 = <<8*2=16>>16 marbles.\n#### 16"
+    );
+    assert_eq!(first["meta"]["answer"], "16");
+    assert_eq!(Dataset::read(c.main()).unwrap().family, DatasetFamily::Chat);
+    let tagged = run::<ConvertStage>(
+        json!({"data": "g", "to": "chat", "completion": "<answer>{answer}</answer>"}),
+        1,
+        &[("data", r.artifact("main"))],
+        &[],
+        &["main"],
+    )
+    .unwrap();
+    assert_eq!(
+        tagged.json("main")[1]["messages"][1]["content"],
+        "<answer>33</answer>"
+    );
+    let p: burnish_stages::data::ConvertParams =
+        params(json!({"data": "g", "to": "chat", "completion": "{reasoning} {gold}"}));
+    let problems = ConvertStage::check(&p);
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].message, "`{gold}` is not a placeholder");
+}
+
+#[test]
 fn convert_declares_and_enforces_its_input_family() {
     let p: burnish_stages::data::ConvertParams = params(json!({"data": "x", "to": "kto"}));
     let accepts = &ConvertStage::inputs(&p)[0].accepts;
@@ -1281,10 +1379,19 @@ fn from_yaml<P: DeserializeOwned>(text: &str) -> P {
 
 #[test]
 fn params_read_from_yaml() {
-    let p: burnish_stages::data::FilterParams =
-        from_yaml("data: c\nwhere: {label: true, meta.source: web}\nmin_chars: 10\n");
-    assert_eq!(p.where_["label"], json!(true));
-    assert_eq!(p.where_["meta.source"], json!("web"));
+    let p: burnish_stages::data::FilterParams = from_yaml(
+        "data: c\nwhere: {label: true, meta.source: web, meta.reward: {ge: 1}}\nmin_chars: 10\n",
+    );
+    use burnish_stages::data::filter::{Comparisons, Condition};
+    assert_eq!(p.where_["label"], Condition::Equals(json!(true)));
+    assert_eq!(p.where_["meta.source"], Condition::Equals(json!("web")));
+    assert_eq!(
+        p.where_["meta.reward"],
+        Condition::Compare(Comparisons {
+            ge: Some(1.0),
+            ..Comparisons::default()
+        })
+    );
     let p: burnish_stages::data::MixParams =
         from_yaml("sources:\n  - {data: a, weight: 2}\n  - {data: b, weight: 0.5}\ntotal: 10\n");
     assert_eq!(p.sources[0].weight, 2.0);

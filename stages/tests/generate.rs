@@ -194,7 +194,7 @@ fn flex_decode_attention_equals_the_composed_one() {
 #[test]
 fn sampled_completions_do_not_depend_on_the_batch() {
     let net = load("tiny-llama");
-    let prompts = vec![vec![5, 17, 99], vec![300, 2, 7, 7, 9], vec![12]];
+    let prompts = [vec![5, 17, 99], vec![300, 2, 7, 7, 9], vec![12]];
     let mut reqs = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         for s in 0..2 {

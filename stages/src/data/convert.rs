@@ -1,5 +1,5 @@
 //! `data.convert`: reshape records into another family (rankings → preference pairs, preference
-//! pairs → KTO examples).
+//! pairs → KTO examples, worked problems → conversations to fine-tune on).
 
 use std::collections::BTreeMap;
 
@@ -24,6 +24,11 @@ pub enum ConvertTo {
     /// chat dataset whose records carry `label`: the messages before the first assistant turn
     /// are the prompt, the rest (assistant turns and tool results) the completion.
     Kto,
+    /// From a reasoning dataset: the prompt's turns, then an assistant turn rendered from the
+    /// worked solution and the answer by `completion` (default GSM8K's `{reasoning}\n####
+    /// {answer}`, or the bare `{answer}` where the reasoning is empty); `meta.answer` keeps the
+    /// answer for `generate` and its rewards.
+    Chat,
 }
 
 /// Which pairs a ranking yields.
@@ -48,19 +53,28 @@ pub struct ConvertParams {
     /// For `to: preference`: which pairs each ranking yields (default: all).
     #[serde(default)]
     pub pairs: Option<PairMode>,
+    /// For `to: chat`: the assistant turn, with `{reasoning}` and `{answer}` replaced, e.g.
+    /// `"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>"`.
+    #[serde(default)]
+    pub completion: Option<String>,
 }
+
+/// The placeholders a `completion` template may hold.
+const PLACEHOLDERS: [&str; 2] = ["{reasoning}", "{answer}"];
 
 impl ConvertTo {
     fn sources(self) -> &'static [DatasetFamily] {
         match self {
             ConvertTo::Preference => &[DatasetFamily::Ranking],
             ConvertTo::Kto => &[DatasetFamily::Preference, DatasetFamily::Chat],
+            ConvertTo::Chat => &[DatasetFamily::Reasoning],
         }
     }
     fn target(self) -> DatasetFamily {
         match self {
             ConvertTo::Preference => DatasetFamily::Preference,
             ConvertTo::Kto => DatasetFamily::Labeled,
+            ConvertTo::Chat => DatasetFamily::Chat,
         }
     }
 }
@@ -71,8 +85,7 @@ pub struct ConvertStage;
 impl Stage for ConvertStage {
     const KIND: &'static str = "data.convert";
     const VERSION: u32 = 1;
-    const ABOUT: &'static str =
-        "Convert records between families: ranking → preference pairs, preference → KTO";
+    const ABOUT: &'static str = "Convert records between families: ranking → preference pairs, preference → KTO, reasoning → chat";
 
     type Params = ConvertParams;
 
@@ -92,14 +105,29 @@ impl Stage for ConvertStage {
     }
 
     fn check(params: &ConvertParams) -> Vec<FieldProblem> {
-        if params.to == ConvertTo::Kto && params.pairs.is_some() {
-            vec![FieldProblem::new(
+        let mut problems = Vec::new();
+        if params.to != ConvertTo::Preference && params.pairs.is_some() {
+            problems.push(FieldProblem::new(
                 "pairs",
                 "`pairs` only applies to `to: preference`",
-            )]
-        } else {
-            Vec::new()
+            ));
         }
+        match (&params.completion, params.to) {
+            (Some(_), to) if to != ConvertTo::Chat => problems.push(FieldProblem::new(
+                "completion",
+                "`completion` only applies to `to: chat`",
+            )),
+            (Some(t), _) => {
+                if let Some(bad) = unknown_placeholder(t) {
+                    problems.push(
+                        FieldProblem::new("completion", format!("`{bad}` is not a placeholder"))
+                            .help("the placeholders are {reasoning} and {answer}"),
+                    );
+                }
+            }
+            (None, _) => {}
+        }
+        problems
     }
 
     fn sensitivity(_params: &ConvertParams) -> Sensitivity {
@@ -122,6 +150,9 @@ impl Stage for ConvertStage {
                 (ConvertTo::Kto, Record::Chat(c)) => {
                     out.push(Record::Labeled(chat_to_kto(c, index)?))
                 }
+                (ConvertTo::Chat, Record::Reasoning(r)) => out.push(Record::Chat(
+                    reasoning_to_chat(r, params.completion.as_deref()),
+                )),
                 _ => unreachable!("require_family checked the family"),
             }
         }
@@ -136,6 +167,44 @@ impl Stage for ConvertStage {
         Ok(StageOutcome::default()
             .metric("input", n)
             .metric("records", out.len()))
+    }
+}
+
+/// The first `{name}` in `template` that is not a placeholder.
+fn unknown_placeholder(template: &str) -> Option<String> {
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let tail = &rest[open..];
+        let close = tail.find('}')?;
+        let name = &tail[..=close];
+        if !PLACEHOLDERS.contains(&name) {
+            return Some(name.to_owned());
+        }
+        rest = &tail[close + 1..];
+    }
+    None
+}
+
+/// A worked problem as a conversation: its prompt, then the solution as the assistant's turn.
+pub fn reasoning_to_chat(
+    r: super::records::ReasoningRecord,
+    template: Option<&str>,
+) -> super::records::ChatRecord {
+    let reply = match template {
+        Some(t) => t
+            .replace("{reasoning}", &r.reasoning)
+            .replace("{answer}", &r.answer),
+        None if r.reasoning.trim().is_empty() => r.answer.clone(),
+        None => format!("{}\n#### {}", r.reasoning, r.answer),
+    };
+    let mut meta = r.meta;
+    meta.insert("answer".into(), serde_json::Value::String(r.answer));
+    let mut messages = r.prompt;
+    messages.push(Message::assistant(reply));
+    super::records::ChatRecord {
+        messages,
+        label: None,
+        meta,
     }
 }
 

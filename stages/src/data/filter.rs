@@ -1,4 +1,6 @@
-//! `data.filter`: keep the records within a length range and matching field values.
+//! `data.filter`: keep the records within a length range and whose fields meet conditions: a
+//! value to equal, or comparisons (`meta.reward: {ge: 1}`, `label: {ne: false}`,
+//! `meta.source: {in: [wiki, books]}`).
 
 use std::collections::BTreeMap;
 
@@ -26,10 +28,107 @@ pub struct FilterParams {
     /// Keep records whose text has at most this many characters.
     #[serde(default)]
     pub max_chars: Option<usize>,
-    /// Keep records whose fields equal these values: top-level fields (`label: true`) or source
-    /// columns kept in `meta` (`meta.source: wiki`). All must match.
+    /// Keep records whose fields meet these conditions, all of them: top-level fields
+    /// (`label: true`) or fields kept in `meta` (`meta.source: wiki`, a generated sample's
+    /// `meta.reward`). A condition is a value the field must equal (numbers by value: `1`
+    /// equals `1.0`) or a map of comparisons, all of which must hold: `eq`, `ne` (any value),
+    /// `gt`, `ge`, `lt`, `le` (numbers; a field that is not a number fails them), `in` (a list
+    /// of values). A record without the field fails every condition but `ne`.
     #[serde(default, rename = "where")]
-    pub where_: BTreeMap<String, Value>,
+    pub where_: BTreeMap<String, Condition>,
+}
+
+/// What a field must be: comparisons (a map of `eq`, `ne`, `gt`, `ge`, `lt`, `le`, `in`), or
+/// else a value to equal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Condition {
+    Compare(Comparisons),
+    Equals(Value),
+}
+
+/// Comparisons a field must pass, all of them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Comparisons {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eq: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ne: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gt: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ge: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lt: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub le: Option<f64>,
+    #[serde(default, rename = "in", skip_serializing_if = "Option::is_none")]
+    pub in_: Option<Vec<Value>>,
+}
+
+impl Comparisons {
+    fn is_empty(&self) -> bool {
+        *self == Comparisons::default()
+    }
+
+    /// Whether `got` (absent: `None`) passes every comparison.
+    fn holds(&self, got: Option<&Value>) -> bool {
+        let num = got.and_then(Value::as_f64);
+        let cmp = |bound: Option<f64>, ok: fn(f64, f64) -> bool| {
+            bound.is_none_or(|b| num.is_some_and(|x| ok(x, b)))
+        };
+        self.eq
+            .as_ref()
+            .is_none_or(|w| got.is_some_and(|g| values_equal(g, w)))
+            && self
+                .ne
+                .as_ref()
+                .is_none_or(|w| !got.is_some_and(|g| values_equal(g, w)))
+            && cmp(self.gt, |x, b| x > b)
+            && cmp(self.ge, |x, b| x >= b)
+            && cmp(self.lt, |x, b| x < b)
+            && cmp(self.le, |x, b| x <= b)
+            && self
+                .in_
+                .as_ref()
+                .is_none_or(|ws| got.is_some_and(|g| ws.iter().any(|w| values_equal(g, w))))
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        let mut push = |op: &str, v: String| parts.push(format!("{op} {v}"));
+        if let Some(v) = &self.eq {
+            push("=", v.to_string());
+        }
+        if let Some(v) = &self.ne {
+            push("≠", v.to_string());
+        }
+        for (op, b) in [
+            (">", self.gt),
+            ("≥", self.ge),
+            ("<", self.lt),
+            ("≤", self.le),
+        ] {
+            if let Some(b) = b {
+                push(op, b.to_string());
+            }
+        }
+        if let Some(v) = &self.in_ {
+            push("in", Value::Array(v.clone()).to_string());
+        }
+        parts.join(" and ")
+    }
+}
+
+impl Condition {
+    /// Whether the field's value (absent: `None`) meets the condition.
+    pub fn holds(&self, got: Option<&Value>) -> bool {
+        match self {
+            Condition::Equals(want) => got.is_some_and(|g| values_equal(g, want)),
+            Condition::Compare(c) => c.holds(got),
+        }
+    }
 }
 
 /// The `data.filter` stage kind.
@@ -71,12 +170,30 @@ impl Stage for FilterStage {
                     .help("give min_chars, max_chars or where"),
             );
         }
-        for key in params.where_.keys() {
+        for (key, cond) in &params.where_ {
             if key.is_empty() || key.split('.').any(str::is_empty) {
                 problems.push(FieldProblem::new(
                     format!("where.{key}"),
                     format!("`{key}` is not a field path (e.g. `label` or `meta.source`)"),
                 ));
+            }
+            if let Condition::Compare(c) = cond {
+                if c.is_empty() {
+                    problems.push(
+                        FieldProblem::new(format!("where.{key}"), "no comparison given")
+                            .help("e.g. `{ge: 1}`; to match an empty map, use `{eq: {}}`"),
+                    );
+                }
+                for (op, b) in [("gt", c.gt), ("ge", c.ge), ("lt", c.lt), ("le", c.le)] {
+                    if let Some(b) = b
+                        && !b.is_finite()
+                    {
+                        problems.push(FieldProblem::new(
+                            format!("where.{key}.{op}"),
+                            format!("{op} must be a finite number, found {b}"),
+                        ));
+                    }
+                }
             }
         }
         problems
@@ -116,7 +233,7 @@ fn keep(params: &FilterParams, r: &Record) -> bool {
     params
         .where_
         .iter()
-        .all(|(path, want)| r.field(path).is_some_and(|got| values_equal(&got, want)))
+        .all(|(path, cond)| cond.holds(r.field(path).as_ref()))
 }
 
 /// JSON equality where numbers compare by value (`1` equals `1.0`).
@@ -135,8 +252,11 @@ fn describe(params: &FilterParams) -> String {
     if let Some(max) = params.max_chars {
         parts.push(format!("max_chars {max}"));
     }
-    for (k, v) in &params.where_ {
-        parts.push(format!("{k} = {v}"));
+    for (k, c) in &params.where_ {
+        match c {
+            Condition::Equals(v) => parts.push(format!("{k} = {v}")),
+            Condition::Compare(c) => parts.push(format!("{k} {}", c.describe())),
+        }
     }
     parts.join(", ")
 }
