@@ -37,9 +37,10 @@ use crate::data::records::{FamilyRecord, LabeledRecord, PreferenceRecord};
 use crate::data::{input_records, load_input};
 use crate::model::{self, lora};
 use crate::text::{ChatTemplate, TemplateChoice, TextError, TextTokenizer};
+use crate::train::trainer::{Trainer, TrainerStage};
 use crate::train::{
     BaseQuant, ComputeDType, Fit, TrainError, TrainerParams, fit, pad_id, precision_of,
-    tokenizer_dir, trainer_check, trainer_inputs, trainer_outputs, trainer_params,
+    tokenizer_dir, trainer_params,
 };
 
 const LOGPROBS_FILE: &str = "logprobs.jsonl";
@@ -516,12 +517,6 @@ fn one() -> f64 {
     1.0
 }
 
-const TRAINING: Sensitivity = Sensitivity {
-    seed: true,
-    backend: true,
-    names: false,
-};
-
 // ---------------------------------------------------------------------------------------------
 // train.dpo
 
@@ -553,29 +548,25 @@ trainer_params! {
 }
 
 /// `train.dpo`.
-pub struct DpoStage;
+pub struct Dpo;
+pub type DpoStage = TrainerStage<Dpo>;
 
-impl Stage for DpoStage {
+impl Trainer for Dpo {
     const KIND: &'static str = "train.dpo";
     const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Direct preference optimization (sigmoid, ipo, hinge, robust), full or LoRA";
+    const DATA: &'static [DatasetFamily] = &[DatasetFamily::Preference];
     type Params = DpoParams;
 
-    fn inputs(p: &DpoParams) -> Vec<Input> {
-        let mut v = trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Preference]));
-        v.extend(reference_inputs(&p.reference, &p.reference_model));
-        v
-    }
-    fn outputs(p: &DpoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
-        trainer_outputs(&p.common(), inputs)
+    fn more_inputs(p: &DpoParams) -> Vec<Input> {
+        reference_inputs(&p.reference, &p.reference_model)
     }
     fn notes(p: &DpoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<String> {
         reference_notes(&p.common(), &p.reference, &p.reference_model, inputs)
     }
     fn check(p: &DpoParams) -> Vec<FieldProblem> {
-        let mut v = trainer_check(&p.common());
-        v.extend(beta_problem(p.beta));
+        let mut v: Vec<FieldProblem> = beta_problem(p.beta).into_iter().collect();
         if !(0.0..0.5).contains(&p.label_smoothing) {
             v.push(FieldProblem::new(
                 "label_smoothing",
@@ -594,9 +585,6 @@ impl Stage for DpoStage {
             );
         }
         v
-    }
-    fn sensitivity(_: &DpoParams) -> Sensitivity {
-        TRAINING
     }
     fn run(p: &DpoParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let c = p.common();
@@ -676,29 +664,25 @@ trainer_params! {
 }
 
 /// `train.kto`.
-pub struct KtoStage;
+pub struct Kto;
+pub type KtoStage = TrainerStage<Kto>;
 
-impl Stage for KtoStage {
+impl Trainer for Kto {
     const KIND: &'static str = "train.kto";
     const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "KTO on desirable/undesirable examples (batch KL estimate), full or LoRA";
+    const DATA: &'static [DatasetFamily] = &[DatasetFamily::Labeled];
     type Params = KtoParams;
 
-    fn inputs(p: &KtoParams) -> Vec<Input> {
-        let mut v = trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Labeled]));
-        v.extend(reference_inputs(&p.reference, &p.reference_model));
-        v
-    }
-    fn outputs(p: &KtoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
-        trainer_outputs(&p.common(), inputs)
+    fn more_inputs(p: &KtoParams) -> Vec<Input> {
+        reference_inputs(&p.reference, &p.reference_model)
     }
     fn notes(p: &KtoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<String> {
         reference_notes(&p.common(), &p.reference, &p.reference_model, inputs)
     }
     fn check(p: &KtoParams) -> Vec<FieldProblem> {
-        let mut v = trainer_check(&p.common());
-        v.extend(beta_problem(p.beta));
+        let mut v: Vec<FieldProblem> = beta_problem(p.beta).into_iter().collect();
         if p.batch_size == 1 {
             v.push(
                 FieldProblem::new("batch_size", "train.kto needs batch_size of at least 2, found 1")
@@ -723,9 +707,6 @@ impl Stage for KtoStage {
             );
         }
         v
-    }
-    fn sensitivity(_: &KtoParams) -> Sensitivity {
-        TRAINING
     }
     fn run(p: &KtoParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let c = p.common();
@@ -781,28 +762,19 @@ trainer_params! {
 }
 
 /// `train.orpo`.
-pub struct OrpoStage;
+pub struct Orpo;
+pub type OrpoStage = TrainerStage<Orpo>;
 
-impl Stage for OrpoStage {
+impl Trainer for Orpo {
     const KIND: &'static str = "train.orpo";
     const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "ORPO: SFT on chosen plus an odds-ratio preference term, no reference model";
+    const DATA: &'static [DatasetFamily] = &[DatasetFamily::Preference];
     type Params = OrpoParams;
 
-    fn inputs(p: &OrpoParams) -> Vec<Input> {
-        trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Preference]))
-    }
-    fn outputs(p: &OrpoParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
-        trainer_outputs(&p.common(), inputs)
-    }
     fn check(p: &OrpoParams) -> Vec<FieldProblem> {
-        let mut v = trainer_check(&p.common());
-        v.extend(beta_problem(p.beta));
-        v
-    }
-    fn sensitivity(_: &OrpoParams) -> Sensitivity {
-        TRAINING
+        beta_problem(p.beta).into_iter().collect()
     }
     fn run(p: &OrpoParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let c = p.common();

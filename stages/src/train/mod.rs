@@ -8,6 +8,7 @@ pub mod error;
 pub mod looper;
 pub mod optim;
 pub mod stages;
+pub mod trainer;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

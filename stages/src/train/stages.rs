@@ -13,10 +13,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::batch::score;
-use super::{
-    Fit, Prepared, TrainError, TrainerParams, fit, tokenizer_dir, trainer_check, trainer_inputs,
-    trainer_outputs, trainer_params,
-};
+use super::trainer::{Trainer, TrainerStage};
+use super::{Fit, Prepared, TrainError, TrainerParams, fit, tokenizer_dir, trainer_params};
 use crate::backend::{BackendTask, dispatch};
 use crate::data::records::{ChatRecord, TextRecord};
 use crate::data::{input_records, load_input};
@@ -35,12 +33,6 @@ fn model_tokenizer(cx: &RunContext) -> Result<TextTokenizer, StageError> {
     let dir = tokenizer_dir(&cx.input("model")?.dir);
     Ok(TextTokenizer::from_dir(&dir)?)
 }
-
-const TRAINING: Sensitivity = Sensitivity {
-    seed: true,
-    backend: true,
-    names: false,
-};
 
 // ---------------------------------------------------------------------------------------------
 // train.cpt
@@ -61,26 +53,16 @@ trainer_params! {
 
 /// `train.cpt`: next-token loss on every token of packed raw text (but each document's first
 /// with `packing: documents`).
-pub struct CptStage;
+pub struct Cpt;
+pub type CptStage = TrainerStage<Cpt>;
 
-impl Stage for CptStage {
+impl Trainer for Cpt {
     const KIND: &'static str = "train.cpt";
     const VERSION: u32 = 2;
     const ABOUT: &'static str = "Continued pretraining on raw text (packed blocks), full or LoRA";
+    const DATA: &'static [DatasetFamily] = &[DatasetFamily::Text];
     type Params = CptParams;
 
-    fn inputs(p: &CptParams) -> Vec<Input> {
-        trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Text]))
-    }
-    fn outputs(p: &CptParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
-        trainer_outputs(&p.common(), inputs)
-    }
-    fn check(p: &CptParams) -> Vec<FieldProblem> {
-        trainer_check(&p.common())
-    }
-    fn sensitivity(_: &CptParams) -> Sensitivity {
-        TRAINING
-    }
     fn run(p: &CptParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let c = p.common();
         let tok = model_tokenizer(cx)?;
@@ -137,26 +119,16 @@ trainer_params! {
 }
 
 /// `train.sft`: loss on assistant tokens of rendered conversations.
-pub struct SftStage;
+pub struct Sft;
+pub type SftStage = TrainerStage<Sft>;
 
-impl Stage for SftStage {
+impl Trainer for Sft {
     const KIND: &'static str = "train.sft";
     const VERSION: u32 = 2;
     const ABOUT: &'static str = "Supervised fine-tuning on instructions or chats (alpaca, prompt_completion, chat, sharegpt), full or LoRA";
+    const DATA: &'static [DatasetFamily] = &[DatasetFamily::Chat];
     type Params = SftParams;
 
-    fn inputs(p: &SftParams) -> Vec<Input> {
-        trainer_inputs(&p.common(), Accepts::datasets(&[DatasetFamily::Chat]))
-    }
-    fn outputs(p: &SftParams, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
-        trainer_outputs(&p.common(), inputs)
-    }
-    fn check(p: &SftParams) -> Vec<FieldProblem> {
-        trainer_check(&p.common())
-    }
-    fn sensitivity(_: &SftParams) -> Sensitivity {
-        TRAINING
-    }
     fn run(p: &SftParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let c = p.common();
         let tok = model_tokenizer(cx)?;
