@@ -47,7 +47,7 @@ pub trait Trainer: 'static {
 }
 
 /// Seed and backend change a trainer's numbers; stage names do not.
-pub const TRAINING: Sensitivity = Sensitivity {
+const TRAINING: Sensitivity = Sensitivity {
     seed: true,
     backend: true,
     names: false,
