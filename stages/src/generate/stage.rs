@@ -47,6 +47,10 @@ pub struct GenerateParams {
     /// `checkpoint`, `chatml`, `llama3` or `alpaca`.
     #[serde(default)]
     pub chat_template: TemplateChoice,
+    /// A system message put first in message prompts that have none (Unsloth's GRPO recipe
+    /// gives its answer format this way).
+    #[serde(default)]
+    pub system_prompt: Option<String>,
     /// Completions per prompt.
     #[serde(default = "one")]
     pub n: usize,
@@ -173,7 +177,7 @@ impl Stage for GenerateStage {
         let ds = load_input(cx, "data")?;
         let (cfg, _) = ModelConfig::read(&tokenizer_dir(&dir).join("config.json"))
             .map_err(GenerateError::from)?;
-        let prompts = prompts(&ds, &template, &tok)?;
+        let prompts = prompts(&ds, &template, &tok, p.system_prompt.as_deref())?;
         let mut requests = Vec::with_capacity(prompts.len() * p.n);
         for (i, pr) in prompts.iter().enumerate() {
             check_length(i, pr.ids.len(), p.max_new_tokens, cfg.max_positions)?;
@@ -248,7 +252,7 @@ impl Stage for GenerateStage {
     }
 }
 
-fn check_length(
+pub(crate) fn check_length(
     record: usize,
     tokens: usize,
     max_new: usize,
@@ -316,17 +320,20 @@ fn decode_all(
     Ok(done)
 }
 
-/// A record's prompt: its messages (none for raw text) and token ids.
-struct Prompt {
-    messages: Option<Vec<Message>>,
-    text: String,
-    ids: Vec<u32>,
+/// A record's prompt: its messages (none for raw text), its text and token ids.
+pub(crate) struct Prompt {
+    pub(crate) messages: Option<Vec<Message>>,
+    pub(crate) text: String,
+    pub(crate) ids: Vec<u32>,
 }
 
-fn prompts(
+/// Every record's prompt (see the module doc); `system` becomes the first message of message
+/// prompts that have no system message.
+pub(crate) fn prompts(
     ds: &Dataset,
     template: &ChatTemplate,
     tok: &TextTokenizer,
+    system: Option<&str>,
 ) -> Result<Vec<Prompt>, GenerateError> {
     let mut out = Vec::with_capacity(ds.len());
     for (i, rec) in ds.records.iter().enumerate() {
@@ -367,6 +374,12 @@ fn prompts(
                 message: "no message before the assistant's".into(),
             });
         }
+        let mut messages = messages;
+        if let Some(s) = system
+            && messages.first().is_none_or(|m| m.role != Role::System)
+        {
+            messages.insert(0, Message::system(s));
+        }
         let text = template.render(&messages, true, tok)?;
         out.push(Prompt {
             ids: tok.encode(&text)?,
@@ -382,6 +395,16 @@ fn answer(rec: &Record) -> Option<Value> {
     match rec {
         Record::Reasoning(r) => Some(Value::String(r.answer.clone())),
         other => other.meta().get("answer").cloned(),
+    }
+}
+
+/// The record's answer as the rewards compare it: a string as is, a number or other value as
+/// JSON.
+pub(crate) fn answer_text(rec: &Record) -> Option<String> {
+    match answer(rec) {
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Null) | None => None,
+        Some(other) => Some(other.to_string()),
     }
 }
 
@@ -449,15 +472,7 @@ fn score(
         return Ok(Vec::new());
     }
     let texts: Vec<String> = out.records.iter().map(completion_text).collect();
-    let answers: Vec<Option<String>> = out
-        .records
-        .iter()
-        .map(|r| match r.meta().get("answer") {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Null) | None => None,
-            Some(other) => Some(other.to_string()),
-        })
-        .collect();
+    let answers: Vec<Option<String>> = out.records.iter().map(answer_text).collect();
     let inputs: Vec<RewardInput> = requests
         .iter()
         .enumerate()

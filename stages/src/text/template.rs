@@ -47,6 +47,14 @@ pub const ALPACA: &str = "{%- for message in messages %}
 {%- if messages %}{{ '\\n\\n' }}{% endif %}{{ '### Response:\\n' }}
 {%- endif %}";
 
+/// The `plain` template: the messages' contents back to back, each assistant turn ended by eos,
+/// nothing for the generation prompt: a prompt and its completion as TRL trains a
+/// non-conversational `{prompt, completion}` record (`prompt + completion + eos`).
+pub const PLAIN: &str = "{%- for message in messages %}
+{{- message['content'] }}
+{%- if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}
+{%- endfor %}";
+
 /// Which chat template turns conversations into text (manifest parameter `chat_template`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -63,6 +71,9 @@ pub enum TemplateChoice {
     Llama3,
     /// `### Instruction:` / `### Response:` blocks, each response ended by eos.
     Alpaca,
+    /// The contents back to back, each assistant turn ended by eos (TRL's non-conversational
+    /// prompt + completion): for small models on terse tasks such as `07+12=` → `19`.
+    Plain,
 }
 
 impl fmt::Display for TemplateChoice {
@@ -73,6 +84,7 @@ impl fmt::Display for TemplateChoice {
             TemplateChoice::Chatml => "chatml",
             TemplateChoice::Llama3 => "llama3",
             TemplateChoice::Alpaca => "alpaca",
+            TemplateChoice::Plain => "plain",
         })
     }
 }
@@ -113,15 +125,19 @@ impl ChatTemplate {
             (TemplateChoice::Auto | TemplateChoice::Chatml, _) => {
                 ChatTemplate::builtin(TemplateChoice::Chatml)
             }
-            (TemplateChoice::Llama3 | TemplateChoice::Alpaca, _) => ChatTemplate::builtin(choice),
+            (TemplateChoice::Llama3 | TemplateChoice::Alpaca | TemplateChoice::Plain, _) => {
+                ChatTemplate::builtin(choice)
+            }
         }
     }
 
-    /// A built-in template (`chatml`, `llama3`, `alpaca`; `auto` and `checkpoint` give chatml).
+    /// A built-in template (`chatml`, `llama3`, `alpaca`, `plain`; `auto` and `checkpoint`
+    /// give chatml).
     pub fn builtin(choice: TemplateChoice) -> Result<Self, TextError> {
         let (name, source) = match choice {
             TemplateChoice::Llama3 => ("llama3", LLAMA3),
             TemplateChoice::Alpaca => ("alpaca", ALPACA),
+            TemplateChoice::Plain => ("plain", PLAIN),
             _ => ("chatml", CHATML),
         };
         ChatTemplate::compile(name, &format!("built-in {name}"), source.to_owned())

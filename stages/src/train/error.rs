@@ -18,6 +18,11 @@ pub enum TrainError {
     #[diagnostic(transparent)]
     Text(#[from] TextError),
 
+    /// A reward of an RL objective's rollout failed (a `command` reward's program).
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Reward(#[from] crate::rl::RewardError),
+
     #[error("cannot write {path}: {message}")]
     #[diagnostic(code(burnish::train::io))]
     Io { path: String, message: String },

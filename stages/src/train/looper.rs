@@ -12,6 +12,13 @@
 //! `seed + epoch`), the dropout RNG (reseeded from `seed` and the step) — so a resumed run
 //! performs exactly the arithmetic an uninterrupted one would, and on a deterministic backend
 //! ends with the same bits.
+//!
+//! **Rollouts.** An RL objective ([`Objective::steps_per_rollout`] > 0) does not train on the
+//! drawn items themselves: every `steps_per_rollout` steps it samples new ones from the policy
+//! as it is (completions of the drawn prompts, scored), and the steps until the next rollout
+//! train on those. A rollout is a function of the weights and the step number, and checkpoints
+//! are written only where a rollout starts, so a resumed run samples what an uninterrupted one
+//! would.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -104,6 +111,42 @@ pub trait Objective {
         _batch: usize,
     ) {
     }
+    /// Whether [`Objective::loss`] returns each micro-batch's share of the step's loss already
+    /// normalized (GRPO's loss types), so the loop adds the shares as they are instead of
+    /// dividing by the step's [`Objective::weight`]s. Its metrics are added as they are too.
+    fn normalized(&self) -> bool {
+        false
+    }
+    /// RL objectives: optimizer steps trained on one rollout (`num_iterations`). 0, the
+    /// default: the loop trains on the drawn items themselves.
+    fn steps_per_rollout(&self) -> usize {
+        0
+    }
+    /// RL objectives: the items of the steps from `step` on, sampled from `policy` (the
+    /// current weights, without gradients) for the items drawn at `step`, one list per
+    /// micro-batch; `reference` is the frozen reference model when
+    /// [`Objective::needs_reference`].
+    fn rollout<B: Backend>(
+        &self,
+        _policy: &CausalLm<B>,
+        _reference: Option<&CausalLm<B>>,
+        _step: usize,
+        _drawn: &[Vec<&Self::Item>],
+    ) -> Result<Rollout<Self::Item>, TrainError> {
+        Err(TrainError::Input {
+            message: "this objective does not sample rollouts".into(),
+        })
+    }
+}
+
+/// What an RL objective sampled for the coming steps.
+pub struct Rollout<I> {
+    /// The items, one list per micro-batch.
+    pub micro: Vec<Vec<I>>,
+    /// Metrics of the rollout (rewards, completion lengths), logged with each step trained on it.
+    pub metrics: BTreeMap<String, f64>,
+    /// Lines for the stage log (sampled completions).
+    pub log: Vec<String>,
 }
 
 /// Next-token cross-entropy over target tokens: CPT and SFT.
@@ -199,15 +242,17 @@ pub fn train<B: AutodiffBackend>(
     let objective = LanguageModeling {
         pad_id: spec.pad_id,
     };
-    train_with(model, &objective, data, eval, spec, cx)
+    train_with(model, &objective, data, eval, None, spec, cx)
 }
 
-/// Train `model` on any [`Objective`].
+/// Train `model` on any [`Objective`]; `reference` is the frozen reference model an RL
+/// objective's rollouts score against.
 pub fn train_with<B: AutodiffBackend, O: Objective>(
     mut model: CausalLm<B>,
     objective: &O,
     data: &[O::Item],
     eval: Option<&[O::Item]>,
+    reference: Option<&CausalLm<B::InnerBackend>>,
     spec: &LoopSpec,
     cx: &mut RunContext,
 ) -> Result<LoopResult<B>, TrainError> {
@@ -233,9 +278,15 @@ pub fn train_with<B: AutodiffBackend, O: Objective>(
     let mut order_cache = None;
     let began = Instant::now();
     let mut tokens_seen = 0usize;
+    let every = objective.steps_per_rollout();
+    // Checkpoints fall where rollouts start (every step when there are none).
+    let boundary = |s: usize| s.is_multiple_of(every.max(1));
+    let mut rollout: Option<Rollout<O::Item>> = None;
     for step in start..spec.steps {
         if cx.cancelled() {
-            ckpt.save(&model, &state, &log)?;
+            if boundary(step) {
+                ckpt.save(&model, &state, &log)?;
+            }
             return Err(TrainError::Cancelled { step });
         }
         B::seed(
@@ -243,21 +294,42 @@ pub fn train_with<B: AutodiffBackend, O: Objective>(
             spec.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         // Gather the step's micro-batches first: the loss is a mean over all their units.
+        let t0 = Instant::now();
         let mut micro = Vec::with_capacity(spec.grad_accum);
-        let mut step_weight = 0.0;
         for a in 0..spec.grad_accum {
             let k = step * spec.grad_accum + a;
             let idx = micro_batch(data.len(), spec.batch_size, k, spec.seed, &mut order_cache);
-            let refs: Vec<&O::Item> = idx.iter().map(|&i| &data[i]).collect();
-            step_weight += refs.iter().map(|r| objective.weight(r)).sum::<f64>();
-            micro.push(refs);
+            micro.push(idx.iter().map(|&i| &data[i]).collect::<Vec<&O::Item>>());
         }
-        let step_weight = if step_weight > 0.0 { step_weight } else { 1.0 };
+        let mut extra: BTreeMap<String, f64> = BTreeMap::new();
+        let mut rollout_secs = 0.0;
+        if every > 0 {
+            if boundary(step) || rollout.is_none() {
+                let r = objective.rollout(&model.valid(), reference, step, &micro)?;
+                for line in &r.log {
+                    cx.log(line.clone());
+                }
+                rollout = Some(r);
+                rollout_secs = t0.elapsed().as_secs_f64();
+            }
+            if let Some(r) = &rollout {
+                micro = r.micro.iter().map(|m| m.iter().collect()).collect();
+                extra.extend(r.metrics.clone());
+            }
+        }
+        let step_weight: f64 = if objective.normalized() {
+            1.0
+        } else {
+            let w = micro
+                .iter()
+                .flatten()
+                .map(|r| objective.weight(r))
+                .sum::<f64>();
+            if w > 0.0 { w } else { 1.0 }
+        };
         let mut grads = Grads::<B::InnerBackend>::default();
         let mut loss_sum = 0.0f64;
         let mut step_tokens = 0;
-        let mut extra: BTreeMap<String, f64> = BTreeMap::new();
-        let t0 = Instant::now();
         for refs in micro {
             step_tokens += refs.iter().map(|r| objective.tokens(r)).sum::<usize>();
             let (summed, metrics) = objective.loss(&model, &refs);
@@ -313,19 +385,25 @@ pub fn train_with<B: AutodiffBackend, O: Objective>(
             line.lr,
             line.grad_norm,
             step_tokens as f64 / elapsed,
-            line.eval_loss
-                .map(|e| format!(",\"eval_loss\":{e:.6}"))
-                .unwrap_or_default()
+            rollout_fields(&line, rollout_secs, elapsed)
+                + &line
+                    .eval_loss
+                    .map(|e| format!(",\"eval_loss\":{e:.6}"))
+                    .unwrap_or_default()
         ));
         cx.progress().set_position((step + 1) as u64);
-        cx.progress().set_message(&format!(
-            "loss {:.4} · {:.0} tok/s",
-            line.loss,
-            step_tokens as f64 / elapsed
-        ));
+        cx.progress().set_message(&match line.extra.get("reward") {
+            Some(r) if every > 0 => format!("reward {r:.3} · loss {:.4}", line.loss),
+            _ => format!(
+                "loss {:.4} · {:.0} tok/s",
+                line.loss,
+                step_tokens as f64 / elapsed
+            ),
+        });
         log.push(line);
         if spec.checkpoint_every > 0
             && (step + 1) % spec.checkpoint_every == 0
+            && boundary(step + 1)
             && step + 1 < spec.steps
         {
             ckpt.save(&model, &state, &log)?;
@@ -340,6 +418,18 @@ pub fn train_with<B: AutodiffBackend, O: Objective>(
         final_eval,
         tokens_per_s: tokens_seen as f64 / secs,
     })
+}
+
+/// The log line's extra fields of a step that sampled a rollout: the reward and where the
+/// step's time went.
+fn rollout_fields(line: &LogLine, rollout_secs: f64, step_secs: f64) -> String {
+    match line.extra.get("reward") {
+        Some(r) if rollout_secs > 0.0 => format!(
+            ",\"reward\":{r:.6},\"rollout_s\":{rollout_secs:.3},\"train_s\":{:.3}",
+            (step_secs - rollout_secs).max(0.0)
+        ),
+        _ => String::new(),
+    }
 }
 
 /// Checkpoints in a scratch directory: `ckpt/step-NNNNNNNN/` directories and a `ckpt/latest`

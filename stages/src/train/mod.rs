@@ -21,7 +21,7 @@ use burnish_engine::stage::{
 };
 
 pub use error::TrainError;
-pub use looper::{LanguageModeling, LogLine, LoopSpec, Objective};
+pub use looper::{LanguageModeling, LogLine, LoopSpec, Objective, Rollout};
 pub use optim::{AdamW, Schedule};
 
 use crate::backend::{BackendTask, dispatch};
@@ -514,11 +514,17 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
         let base_dir = loaded.model_dir.clone();
         let raw_config = loaded.raw_config.clone();
         let (net, start) = start_policy(&c, loaded, seed, disable_dropout, cx)?;
+        let mut reference = None;
         if objective.needs_reference() {
-            let reference = reference_model(&net, &start, cx, &device)?;
-            objective.prepare(&reference, &mut train, c.batch_size);
+            let r = reference_model(&net, &start, cx, &device)?;
+            objective.prepare(&r, &mut train, c.batch_size);
             if let Some(e) = eval.as_mut() {
-                objective.prepare(&reference, e, c.batch_size);
+                objective.prepare(&r, e, c.batch_size);
+            }
+            // Only rollouts score against the reference while training; otherwise it goes now,
+            // so it does not keep the starting weights alive.
+            if objective.steps_per_rollout() > 0 {
+                reference = Some(r);
             }
         }
         let steps = match (c.steps, c.epochs) {
@@ -550,7 +556,15 @@ impl<O: Objective> BackendTask for Fit<'_, O> {
         };
         // The loop takes the net by value: nothing else keeps the starting weights alive while
         // it trains (a full fine-tune would otherwise hold a second copy of every weight).
-        let result = looper::train_with(net, &objective, &train, eval.as_deref(), &spec, cx)?;
+        let result = looper::train_with(
+            net,
+            &objective,
+            &train,
+            eval.as_deref(),
+            reference.as_ref(),
+            &spec,
+            cx,
+        )?;
         let out = cx
             .output_dir(None)
             .map_err(|e| TrainError::Input {

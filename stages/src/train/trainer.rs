@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::marker::PhantomData;
 
 use burnish_engine::stage::{
-    Accepts, ArtifactType, DatasetFamily, FieldProblem, Input, OutputDecl, RunContext, Sensitivity,
-    Stage, StageError, StageOutcome,
+    Accepts, ArtifactType, DatasetFamily, FieldProblem, FileInput, Input, OutputDecl, RunContext,
+    Sensitivity, Stage, StageError, StageOutcome,
 };
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -33,6 +33,10 @@ pub trait Trainer: 'static {
 
     /// Inputs beyond `model`, `data` and `eval_data` (a reference model, cached log-probs).
     fn more_inputs(_p: &Self::Params) -> Vec<Input> {
+        Vec::new()
+    }
+    /// Files the trainer reads (a `command` reward's program), hashed into its fingerprint.
+    fn files(_p: &Self::Params) -> Vec<FileInput> {
         Vec::new()
     }
     /// What `plan` says about the stage (see [`Stage::notes`]).
@@ -66,6 +70,9 @@ impl<T: Trainer> Stage for TrainerStage<T> {
         let mut v = trainer_inputs(&p.common(), Accepts::datasets(T::DATA));
         v.extend(T::more_inputs(p));
         v
+    }
+    fn files(p: &T::Params) -> Vec<FileInput> {
+        T::files(p)
     }
     fn outputs(p: &T::Params, inputs: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
         trainer_outputs(&p.common(), inputs)
