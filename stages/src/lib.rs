@@ -27,6 +27,7 @@ pub fn registry() -> Registry {
     pref::register_pref(&mut reg);
     export::register_export(&mut reg);
     generate::register_generate(&mut reg);
+    rl::register_rl(&mut reg);
     reg.set_uri_resolver(|uri| data::resolve_hf(uri).map_err(|e| e.to_string()));
     reg
 }

@@ -1349,6 +1349,7 @@ fn registry_holds_every_data_kind_with_a_schema() {
             "tokenizer.train",
             "train.cpt",
             "train.dpo",
+            "train.grpo",
             "train.kto",
             "train.orpo",
             "train.sft"
