@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod data;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod model;
@@ -24,6 +25,7 @@ pub fn registry() -> Registry {
     data::register_data(&mut reg);
     text::register_text(&mut reg);
     train::register_train(&mut reg);
+    eval::register_eval(&mut reg);
     pref::register_pref(&mut reg);
     export::register_export(&mut reg);
     generate::register_generate(&mut reg);

@@ -12,7 +12,9 @@
 //! record's meta, then `prompt_index`, `sample`, `tokens` (new tokens, an end-of-sequence id
 //! included), `logprob` (their summed log-probability under the model), `finish_reason`
 //! (`stop` or `length`) and, when the source has one, `answer` (a reasoning record's answer or
-//! the source's `meta.answer`).
+//! the source's `meta.answer`). With `rewards`, `rewards.<name>` and their weighted sum
+//! `reward`; with `rationalize`, the hinted second pass follows the first, its records marked
+//! `rationalized: true` and holding the prompt without the hint.
 
 use std::collections::BTreeMap;
 
@@ -32,7 +34,7 @@ use crate::data::load_input;
 use crate::data::records::{ChatRecord, Dataset, Message, Meta, Record, Role, TextRecord};
 use crate::model::ModelConfig;
 use crate::rl::rewards::{self, Reward, RewardInput, RewardSpec};
-use crate::text::{ChatTemplate, TemplateChoice, TextTokenizer};
+use crate::text::{ChatTemplate, TemplateChoice, TextError, TextTokenizer};
 use crate::train::tokenizer_dir;
 
 /// Parameters of `generate`.
@@ -72,6 +74,11 @@ pub struct GenerateParams {
     /// ones (STaR).
     #[serde(default)]
     pub rewards: Vec<RewardSpec>,
+    /// STaR's rationalization: sample the prompts none of whose samples was correct again,
+    /// with a hint holding the gold answer that the records leave out (`{hint: " (answer:
+    /// {answer})"}`). Needs `rewards`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rationalize: Option<Rationalize>,
 }
 
 fn one() -> usize {
@@ -153,6 +160,29 @@ impl Stage for GenerateStage {
             );
         }
         v.extend(rewards::check("rewards", &p.rewards));
+        if let Some(r) = &p.rationalize {
+            if p.rewards.is_empty() {
+                v.push(
+                    FieldProblem::new(
+                        "rationalize",
+                        "rationalize needs rewards to tell a correct sample from a wrong one",
+                    )
+                    .help("add `rewards: [{kind: exact_answer}]`"),
+                );
+            }
+            if !r.hint.contains("{answer}") {
+                v.push(
+                    FieldProblem::new(
+                        "rationalize.hint",
+                        format!(
+                            "the hint {:?} has no `{{answer}}` to put the gold answer in",
+                            r.hint
+                        ),
+                    )
+                    .help("e.g. hint: \" (the answer is {answer})\""),
+                );
+            }
+        }
         if let Some(i) = p.stop.iter().position(String::is_empty) {
             v.push(FieldProblem::new(
                 format!("stop[{i}]"),
@@ -171,84 +201,295 @@ impl Stage for GenerateStage {
     }
 
     fn run(p: &GenerateParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
-        let dir = cx.input("model")?.dir.clone();
-        let tok = TextTokenizer::from_dir(&tokenizer_dir(&dir)).map_err(GenerateError::from)?;
-        let template = ChatTemplate::resolve(p.chat_template, &tok).map_err(GenerateError::from)?;
         let ds = load_input(cx, "data")?;
-        let (cfg, _) = ModelConfig::read(&tokenizer_dir(&dir).join("config.json"))
-            .map_err(GenerateError::from)?;
-        let prompts = prompts(&ds, &template, &tok, p.system_prompt.as_deref())?;
-        let mut requests = Vec::with_capacity(prompts.len() * p.n);
-        for (i, pr) in prompts.iter().enumerate() {
-            check_length(i, pr.ids.len(), p.max_new_tokens, cfg.max_positions)?;
-            requests.extend((0..p.n).map(|s| Request {
-                prompt: pr.ids.clone(),
-                prompt_index: i,
-                sample_index: s,
-            }));
-        }
-        let eos = eos_ids(&tokenizer_dir(&dir), &tok);
-        let opts = DecodeOptions {
-            sampling: p.sampling.clone(),
+        let scorers = scorers(cx, "rewards", &p.rewards)?;
+        let spec = SampleSpec {
+            chat_template: p.chat_template,
+            system_prompt: p.system_prompt.as_deref(),
+            n: p.n,
             max_new_tokens: p.max_new_tokens,
-            eos: eos.clone(),
-            pad: tok.pad_id().or(eos.first().copied()).unwrap_or(0),
-            seed: cx.seed(),
+            sampling: &p.sampling,
+            stop: &p.stop,
             batch_size: p.batch_size,
+            rationalize: p.rationalize.as_ref(),
         };
-        let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
-        cx.log(format!(
-            "{} prompts × {} samples, up to {} new tokens; KV cache {} bytes per token, {:.1} MB per batch of {}",
-            prompts.len(),
-            p.n,
-            p.max_new_tokens,
-            crate::model::KvCache::<burn::backend::Flex>::bytes_per_token(&cfg),
-            (crate::model::KvCache::<burn::backend::Flex>::bytes_per_token(&cfg)
-                * (longest + p.max_new_tokens)
-                * p.batch_size.min(requests.len())) as f64
-                / 1e6,
-            p.batch_size
-        ));
-        let stops = Stops {
-            strings: &p.stop,
-            tok: &tok,
-        };
-        let scorers = p
-            .rewards
-            .iter()
-            .enumerate()
-            .map(|(i, spec)| {
-                let program = cx.file(&format!("rewards[{i}].program")).ok();
-                Reward::new(spec.clone(), program)
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Box::new(e) as StageError)?;
-        let completions = decode_all(cx, &dir, &requests, &opts, &stops)?;
-        let mut out = records(&ds, &prompts, &requests, &completions, &stops, &eos)?;
-        let reward_means = score(&scorers, &mut out, &prompts, &requests, &completions)
-            .map_err(|e| Box::new(e) as StageError)?;
-        let tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
-        let stopped = completions
+        let s = sample(cx, &ds, &spec, &scorers)?;
+        crate::data::write_output(cx, None, &s.records)?;
+        let mut outcome = StageOutcome::default();
+        for (name, mean) in s.reward_means(&scorers) {
+            outcome = outcome.metric(&name, mean);
+        }
+        let first = &s.completions[..s.first];
+        let tokens: usize = first.iter().map(|c| c.tokens.len()).sum();
+        let stopped = first
             .iter()
             .filter(|c| c.finish == super::Finish::Stop)
             .count();
-        crate::data::write_output(cx, None, &out)?;
-        let mut outcome = StageOutcome::default();
-        for (name, mean) in reward_means {
-            outcome = outcome.metric(&name, mean);
-        }
-        Ok(outcome
-            .metric("prompts", prompts.len())
-            .metric("completions", completions.len())
+        outcome = outcome
+            .metric("prompts", s.prompts)
+            .metric("completions", s.first)
             .metric("new_tokens", tokens)
-            .metric(
-                "mean_length",
-                (tokens as f64 / completions.len().max(1) as f64 * 1e4).round() / 1e4,
-            )
+            .metric("mean_length", round(tokens as f64 / s.first.max(1) as f64))
             .metric(
                 "stopped_ratio",
-                (stopped as f64 / completions.len().max(1) as f64 * 1e6).round() / 1e6,
-            ))
+                round(stopped as f64 / s.first.max(1) as f64),
+            );
+        if let Some(r) = &p.rationalize {
+            let (hinted, solved) = s.rationalized(r.min_reward);
+            outcome = outcome
+                .metric("rationalized_prompts", hinted)
+                .metric("rationalized_solved", solved);
+        }
+        Ok(outcome)
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+/// The rewards of a `rewards:` list at `field`, each `command` with its program file.
+pub(crate) fn scorers(
+    cx: &RunContext,
+    field: &str,
+    specs: &[RewardSpec],
+) -> Result<Vec<Reward>, StageError> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let program = cx.file(&format!("{field}[{i}].program")).ok();
+            Reward::new(spec.clone(), program)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Box::new(e) as StageError)
+}
+
+/// One sampling pass over a dataset's prompts: what `generate` and `eval`'s generation metrics
+/// share.
+pub(crate) struct SampleSpec<'a> {
+    pub chat_template: TemplateChoice,
+    pub system_prompt: Option<&'a str>,
+    pub n: usize,
+    pub max_new_tokens: usize,
+    pub sampling: &'a Sampling,
+    pub stop: &'a [String],
+    pub batch_size: usize,
+    pub rationalize: Option<&'a Rationalize>,
+}
+
+/// The records a pass wrote, with what each came from and scored.
+pub(crate) struct Sampled {
+    /// One per sample: the first pass in prompt order then sample order, then the
+    /// rationalized samples in the same order.
+    pub records: Dataset,
+    pub requests: Vec<Request>,
+    pub completions: Vec<Completion>,
+    /// `per[k][i]`: reward `k` of record `i`; `total[i]` their weighted sum (empty without
+    /// rewards).
+    pub per: Vec<Vec<f64>>,
+    pub total: Vec<f64>,
+    /// Records of the first pass (the rest are rationalized).
+    pub first: usize,
+    pub prompts: usize,
+}
+
+impl Sampled {
+    /// `reward` and `rewards/<name>/mean` over the first pass (the model's own samples).
+    pub(crate) fn reward_means(&self, scorers: &[Reward]) -> Vec<(String, f64)> {
+        if scorers.is_empty() {
+            return Vec::new();
+        }
+        let mean =
+            |v: &[f64]| round(v[..self.first].iter().sum::<f64>() / self.first.max(1) as f64);
+        let mut means = vec![("reward".to_owned(), mean(&self.total))];
+        for (s, v) in scorers.iter().zip(&self.per) {
+            means.push((format!("rewards/{}/mean", s.spec.name()), mean(v)));
+        }
+        means
+    }
+
+    /// Prompts given a hint, and of those, the ones a hinted sample solved.
+    fn rationalized(&self, min_reward: f64) -> (usize, usize) {
+        let mut hinted = std::collections::BTreeSet::new();
+        let mut solved = std::collections::BTreeSet::new();
+        for i in self.first..self.requests.len() {
+            let p = self.requests[i].prompt_index;
+            hinted.insert(p);
+            if self.total[i] >= min_reward {
+                solved.insert(p);
+            }
+        }
+        (hinted.len(), solved.len())
+    }
+}
+
+/// Sample `spec.n` completions for every prompt of `ds`, score them with `scorers` and, with
+/// `spec.rationalize`, sample again with the hint for the prompts none of whose samples
+/// reached its `min_reward`.
+pub(crate) fn sample(
+    cx: &mut RunContext,
+    ds: &Dataset,
+    spec: &SampleSpec,
+    scorers: &[Reward],
+) -> Result<Sampled, StageError> {
+    let dir = cx.input("model")?.dir.clone();
+    let tok = TextTokenizer::from_dir(&tokenizer_dir(&dir)).map_err(GenerateError::from)?;
+    let template = ChatTemplate::resolve(spec.chat_template, &tok).map_err(GenerateError::from)?;
+    let (cfg, _) =
+        ModelConfig::read(&tokenizer_dir(&dir).join("config.json")).map_err(GenerateError::from)?;
+    let prompts = prompts(ds, &template, &tok, spec.system_prompt)?;
+    let mut requests = Vec::with_capacity(prompts.len() * spec.n);
+    for (i, pr) in prompts.iter().enumerate() {
+        check_length(i, pr.ids.len(), spec.max_new_tokens, cfg.max_positions)?;
+        requests.extend((0..spec.n).map(|s| Request {
+            prompt: pr.ids.clone(),
+            prompt_index: i,
+            sample_index: s,
+        }));
+    }
+    let eos = eos_ids(&tokenizer_dir(&dir), &tok);
+    let opts = DecodeOptions {
+        sampling: spec.sampling.clone(),
+        max_new_tokens: spec.max_new_tokens,
+        eos: eos.clone(),
+        pad: tok.pad_id().or(eos.first().copied()).unwrap_or(0),
+        seed: cx.seed(),
+        batch_size: spec.batch_size,
+    };
+    let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    let per_token = crate::model::KvCache::<burn::backend::Flex>::bytes_per_token(&cfg);
+    cx.log(format!(
+        "{} prompts × {} samples, up to {} new tokens; KV cache {per_token} bytes per token, {:.1} MB per batch of {}",
+        prompts.len(),
+        spec.n,
+        spec.max_new_tokens,
+        (per_token * (longest + spec.max_new_tokens) * spec.batch_size.min(requests.len())) as f64
+            / 1e6,
+        spec.batch_size
+    ));
+    let stops = Stops {
+        strings: spec.stop,
+        tok: &tok,
+    };
+    let mut completions = decode_all(cx, &dir, &requests, &opts, &stops)?;
+    let mut out = records(ds, &prompts, &requests, &completions, &stops, &eos)?;
+    let (mut per, mut total) = score(scorers, &mut out, &prompts, &requests, &completions)
+        .map_err(|e| Box::new(e) as StageError)?;
+    let first = out.len();
+    if let Some(r) = spec.rationalize {
+        let hinted = hinted_requests(ds, &prompts, &requests, &total, r, spec, &template, &tok)?;
+        if !hinted.is_empty() {
+            cx.log(format!(
+                "rationalization: {} prompts had no sample with reward ≥ {}; sampling them again with the hint",
+                hinted.len() / spec.n,
+                r.min_reward
+            ));
+            for pr in hinted.iter().step_by(spec.n) {
+                check_length(
+                    pr.prompt_index,
+                    pr.prompt.len(),
+                    spec.max_new_tokens,
+                    cfg.max_positions,
+                )?;
+            }
+            let more = decode_all(cx, &dir, &hinted, &opts, &stops)?;
+            let mut extra = records(ds, &prompts, &hinted, &more, &stops, &eos)?;
+            for rec in &mut extra.records {
+                meta_mut(rec).insert("rationalized".into(), Value::Bool(true));
+            }
+            let (p2, t2) = score(scorers, &mut extra, &prompts, &hinted, &more)
+                .map_err(|e| Box::new(e) as StageError)?;
+            for (a, b) in per.iter_mut().zip(p2) {
+                a.extend(b);
+            }
+            total.extend(t2);
+            out.records.extend(extra.records);
+            requests.extend(hinted);
+            completions.extend(more);
+        }
+    }
+    Ok(Sampled {
+        records: out,
+        requests,
+        completions,
+        per,
+        total,
+        first,
+        prompts: prompts.len(),
+    })
+}
+
+/// STaR's rationalization (Zelikman et al. 2022, §3.3): a prompt none of whose samples was
+/// correct is sampled again with a hint holding the gold answer; the records keep the prompt
+/// without the hint, so training on them teaches the rationale, not the reading of a hint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rationalize {
+    /// Appended to the content of the prompt's last user message (to a text prompt's text);
+    /// `{answer}` becomes the record's answer.
+    pub hint: String,
+    /// A sample is correct when its reward is at least this (`data.filter where:
+    /// {meta.reward: {ge: 1}}` keeps the same ones).
+    #[serde(default = "one_f64")]
+    pub min_reward: f64,
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+/// The requests of the second pass: `n` samples (sample indices `n..2n`, their own random
+/// streams) of each prompt none of whose samples reached `min_reward`, the hint in the prompt.
+#[allow(clippy::too_many_arguments)]
+fn hinted_requests(
+    ds: &Dataset,
+    prompts: &[Prompt],
+    requests: &[Request],
+    total: &[f64],
+    r: &Rationalize,
+    spec: &SampleSpec,
+    template: &ChatTemplate,
+    tok: &TextTokenizer,
+) -> Result<Vec<Request>, GenerateError> {
+    let mut solved = vec![false; prompts.len()];
+    for (req, &t) in requests.iter().zip(total) {
+        solved[req.prompt_index] |= t >= r.min_reward;
+    }
+    let mut out = Vec::new();
+    for (i, pr) in prompts.iter().enumerate() {
+        if solved[i] {
+            continue;
+        }
+        let answer = answer_text(&ds.records[i]).ok_or_else(|| GenerateError::NoPrompt {
+            record: i + 1,
+            message: "rationalization needs the record's answer for its hint".into(),
+        })?;
+        let hint = r.hint.replace("{answer}", &answer);
+        let ids = match &pr.messages {
+            Some(messages) => {
+                let mut messages = messages.clone();
+                if let Some(m) = messages.iter_mut().rev().find(|m| m.role == Role::User) {
+                    m.content.push_str(&hint);
+                }
+                tok.encode(&template.render(&messages, true, tok)?)?
+            }
+            None => text_ids(tok, &format!("{}{hint}", pr.text))?,
+        };
+        out.extend((0..spec.n).map(|s| Request {
+            prompt: ids.clone(),
+            prompt_index: i,
+            sample_index: spec.n + s,
+        }));
+    }
+    Ok(out)
+}
+
+fn meta_mut(rec: &mut Record) -> &mut Meta {
+    match rec {
+        Record::Chat(r) => &mut r.meta,
+        Record::Text(r) => &mut r.meta,
+        _ => unreachable!("generate writes chat and text records"),
     }
 }
 
@@ -339,18 +580,9 @@ pub(crate) fn prompts(
     for (i, rec) in ds.records.iter().enumerate() {
         let messages = match rec {
             Record::Text(r) => {
-                // Raw text is encoded as transformers' tokenizer call does: BOS first when the
-                // tokenizer adds one.
-                let mut ids = Vec::with_capacity(r.text.len() / 3 + 1);
-                if tok.add_bos()
-                    && let Some((_, bos)) = tok.bos()
-                {
-                    ids.push(bos);
-                }
-                ids.extend(tok.encode(&r.text)?);
                 out.push(Prompt {
                     messages: None,
-                    ids,
+                    ids: text_ids(tok, &r.text)?,
                     text: r.text.clone(),
                 });
                 continue;
@@ -388,6 +620,19 @@ pub(crate) fn prompts(
         });
     }
     Ok(out)
+}
+
+/// Raw text encoded as transformers' tokenizer call does: BOS first when the tokenizer adds
+/// one.
+fn text_ids(tok: &TextTokenizer, text: &str) -> Result<Vec<u32>, TextError> {
+    let mut ids = Vec::with_capacity(text.len() / 3 + 1);
+    if tok.add_bos()
+        && let Some((_, bos)) = tok.bos()
+    {
+        ids.push(bos);
+    }
+    ids.extend(tok.encode(text)?);
+    Ok(ids)
 }
 
 /// The source record's answer, when it has one.
@@ -460,16 +705,16 @@ fn records(
 }
 
 /// Score every record's completion with `scorers`: `meta.rewards.<name>` and `meta.reward` on
-/// each record; the means as metrics (`reward`, `rewards/<name>/mean`).
+/// each record. Returns `(per[k][i], total[i])`, both empty without scorers.
 fn score(
     scorers: &[Reward],
     out: &mut Dataset,
     prompts: &[Prompt],
     requests: &[Request],
     completions: &[Completion],
-) -> Result<Vec<(String, f64)>, rewards::RewardError> {
+) -> Result<(Vec<Vec<f64>>, Vec<f64>), rewards::RewardError> {
     if scorers.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let texts: Vec<String> = out.records.iter().map(completion_text).collect();
     let answers: Vec<Option<String>> = out.records.iter().map(answer_text).collect();
@@ -484,31 +729,21 @@ fn score(
         })
         .collect();
     let (per, total) = rewards::score_all(scorers, &inputs)?;
-    let round = |v: f64| (v * 1e6).round() / 1e6;
     for (i, rec) in out.records.iter_mut().enumerate() {
         let named: serde_json::Map<String, Value> = scorers
             .iter()
             .zip(&per)
             .map(|(s, v)| (s.spec.name().to_owned(), Value::from(round(v[i]))))
             .collect();
-        let meta = match rec {
-            Record::Chat(r) => &mut r.meta,
-            Record::Text(r) => &mut r.meta,
-            _ => unreachable!("generate writes chat and text records"),
-        };
+        let meta = meta_mut(rec);
         meta.insert("rewards".into(), Value::Object(named));
         meta.insert("reward".into(), round(total[i]).into());
     }
-    let mean = |v: &[f64]| round(v.iter().sum::<f64>() / v.len().max(1) as f64);
-    let mut means = vec![("reward".to_owned(), mean(&total))];
-    for (s, v) in scorers.iter().zip(&per) {
-        means.push((format!("rewards/{}/mean", s.spec.name()), mean(v)));
-    }
-    Ok(means)
+    Ok((per, total))
 }
 
 /// The completion of a generated record: the assistant's last turn, or `meta.completion`.
-fn completion_text(r: &Record) -> String {
+pub(crate) fn completion_text(r: &Record) -> String {
     match r {
         Record::Chat(c) => c
             .messages

@@ -112,6 +112,26 @@ fn one() -> f64 {
 }
 
 impl RewardSpec {
+    /// A reward of `kind` with every option at its default.
+    pub fn of(kind: RewardKind) -> Self {
+        RewardSpec {
+            kind,
+            name: None,
+            weight: 1.0,
+            answer_after: None,
+            answer_tag: None,
+            regex: None,
+            text: None,
+            budget: None,
+            target: None,
+            penalty: None,
+            tags: Vec::new(),
+            program: None,
+            args: Vec::new(),
+            timeout: None,
+        }
+    }
+
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or(self.kind.as_str())
     }
@@ -252,6 +272,7 @@ fn executable(path: &Path) -> bool {
 }
 
 /// A reward ready to score: its regex compiled, its program resolved.
+#[derive(Clone)]
 pub struct Reward {
     pub spec: RewardSpec,
     regex: Option<Regex>,
@@ -520,22 +541,7 @@ mod tests {
     use super::*;
 
     fn spec(kind: RewardKind) -> RewardSpec {
-        RewardSpec {
-            kind,
-            name: None,
-            weight: 1.0,
-            answer_after: None,
-            answer_tag: None,
-            regex: None,
-            text: None,
-            budget: None,
-            target: None,
-            penalty: None,
-            tags: Vec::new(),
-            program: None,
-            args: Vec::new(),
-            timeout: None,
-        }
+        RewardSpec::of(kind)
     }
 
     fn input<'a>(completion: &'a str, answer: Option<&'a str>) -> RewardInput<'a> {

@@ -1,4 +1,4 @@
-//! Trainers (`train.cpt`, `train.sft`) and the stages around them (`model`, `merge`, `eval`).
+//! Trainers (`train.cpt`, `train.sft`) and the stages around them (`model`, `merge`).
 //!
 //! Every trainer shares [`looper::train`] and the parameters [`trainer_params!`] declares; a
 //! trainer only decides how its records become [`Example`]s.
@@ -28,13 +28,12 @@ use crate::backend::{BackendTask, dispatch};
 use crate::model::{self, LoraParams, lora};
 use crate::text::{Example, TextTokenizer};
 
-/// Register `model`, `train.cpt`, `train.sft`, `merge` and `eval`.
+/// Register `model`, `train.cpt`, `train.sft` and `merge`.
 pub fn register_train(reg: &mut burnish_engine::stage::Registry) {
     reg.register::<stages::ModelStage>()
         .register::<stages::CptStage>()
         .register::<stages::SftStage>()
-        .register::<stages::MergeStage>()
-        .register::<stages::EvalStage>();
+        .register::<stages::MergeStage>();
 }
 
 pub(crate) fn d_batch() -> usize {

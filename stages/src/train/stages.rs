@@ -1,10 +1,8 @@
-//! The stage kinds: `model`, `train.cpt`, `train.sft`, `merge`, `eval`.
+//! The stage kinds: `model`, `train.cpt`, `train.sft`, `merge`.
 
 use std::collections::BTreeMap;
 
 use burn::backend::flex::{Flex, FlexDevice};
-use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
 use burnish_engine::stage::{
     Accepts, ArtifactKind, ArtifactType, DatasetFamily, FieldProblem, FileInput, Input,
     ManifestPath, OutputDecl, RunContext, Sensitivity, Stage, StageError, StageOutcome, StageRef,
@@ -12,12 +10,10 @@ use burnish_engine::stage::{
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::batch::score;
 use super::trainer::{Trainer, TrainerStage};
 use super::{Fit, Prepared, TrainError, TrainerParams, fit, tokenizer_dir, trainer_params};
-use crate::backend::{BackendTask, dispatch};
+use crate::data::input_records;
 use crate::data::records::{ChatRecord, TextRecord};
-use crate::data::{input_records, load_input};
 use crate::model::{self, Arch, ModelConfig, SizePreset};
 use crate::text::{self, ChatTemplate, CptPacking, Encoded, TemplateChoice, TextTokenizer};
 
@@ -415,170 +411,5 @@ impl Stage for MergeStage {
             .metric("merged_adapter_params", ck.adapter_params())
             .metric("base", base)
             .metric("params", ck.num_params()))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// eval
-
-/// What `eval` can measure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum EvalMetric {
-    /// exp(mean negative log-likelihood of the target tokens).
-    Perplexity,
-    /// Fraction of target tokens that are the model's argmax prediction.
-    TokenAccuracy,
-}
-
-fn default_metrics() -> Vec<EvalMetric> {
-    vec![EvalMetric::Perplexity, EvalMetric::TokenAccuracy]
-}
-
-/// Parameters of `eval`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EvalParams {
-    /// A Model or an Adapter.
-    pub model: StageRef,
-    /// Text (every token scored but each document's first, each document on its own, one
-    /// longer than `seq_len` in rolling windows as lm-evaluation-harness's
-    /// `loglikelihood_rolling`) or chat/instruction data (assistant tokens scored, as in SFT,
-    /// one example per row).
-    pub data: StageRef,
-    #[serde(default = "default_metrics")]
-    pub metrics: Vec<EvalMetric>,
-    #[serde(default = "crate::train::d_seq")]
-    pub seq_len: usize,
-    #[serde(default = "crate::train::d_batch")]
-    pub batch_size: usize,
-    /// For chat data: the template (as in train.sft).
-    #[serde(default)]
-    pub chat_template: TemplateChoice,
-    /// For chat data: score prompt tokens too.
-    #[serde(default)]
-    pub train_on_prompt: bool,
-}
-
-/// `eval`: perplexity and token accuracy on a dataset, with training's masking.
-pub struct EvalStage;
-
-impl Stage for EvalStage {
-    const KIND: &'static str = "eval";
-    const VERSION: u32 = 2;
-    const ABOUT: &'static str = "Score a model on a dataset: perplexity, token accuracy";
-    type Params = EvalParams;
-
-    fn inputs(p: &EvalParams) -> Vec<Input> {
-        vec![
-            Input {
-                field: "model".into(),
-                reference: p.model.clone(),
-                accepts: Accepts::kinds(&[ArtifactKind::Model, ArtifactKind::Adapter]),
-            },
-            Input {
-                field: "data".into(),
-                reference: p.data.clone(),
-                accepts: Accepts::datasets(&[DatasetFamily::Text, DatasetFamily::Chat]),
-            },
-        ]
-    }
-    fn outputs(_: &EvalParams, _: &BTreeMap<String, ArtifactType>) -> Vec<OutputDecl> {
-        vec![OutputDecl::main(ArtifactType::of(ArtifactKind::Metrics))]
-    }
-    fn check(p: &EvalParams) -> Vec<FieldProblem> {
-        let mut v = Vec::new();
-        if p.metrics.is_empty() {
-            v.push(
-                FieldProblem::new("metrics", "metrics is empty")
-                    .help("e.g. [perplexity, token_accuracy]"),
-            );
-        }
-        if p.seq_len < 2 {
-            v.push(FieldProblem::new(
-                "seq_len",
-                format!("seq_len must be at least 2, found {}", p.seq_len),
-            ));
-        }
-        if p.batch_size == 0 {
-            v.push(FieldProblem::new(
-                "batch_size",
-                "batch_size must be at least 1, found 0",
-            ));
-        }
-        v
-    }
-    fn sensitivity(_: &EvalParams) -> Sensitivity {
-        Sensitivity {
-            seed: false,
-            backend: true,
-            names: false,
-        }
-    }
-    fn run(p: &EvalParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
-        let tok = model_tokenizer(cx)?;
-        let ds = load_input(cx, "data")?;
-        let examples = match ds.family {
-            DatasetFamily::Text => text::encode_documents(&tok, &texts(cx, "data")?, p.seq_len)?,
-            _ => {
-                let template = ChatTemplate::resolve(p.chat_template, &tok)?;
-                text::encode_sft(
-                    &tok,
-                    &template,
-                    &chats(cx, "data")?,
-                    p.seq_len,
-                    p.train_on_prompt,
-                    false,
-                )?
-            }
-        };
-        let pad = tok.pad_id().or(tok.eos().map(|e| e.1)).unwrap_or(0);
-        let dir = cx.input("model")?.dir.clone();
-        let task = Score {
-            dir,
-            examples: examples.examples,
-            batch: p.batch_size,
-            pad,
-        };
-        let s = match dispatch(cx.backend(), task) {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) | Err(e) => return Err(Box::new(e)),
-        };
-        let mut out = StageOutcome::default()
-            .metric("tokens", s.targets)
-            .metric("mean_nll", round6(s.mean_nll()));
-        for m in &p.metrics {
-            out = match m {
-                EvalMetric::Perplexity => out.metric("perplexity", round6(s.perplexity())),
-                EvalMetric::TokenAccuracy => {
-                    out.metric("token_accuracy", round6(s.token_accuracy()))
-                }
-            };
-        }
-        let path = cx.output_dir(None)?.join("metrics.json");
-        let text = serde_json::to_string_pretty(&out.metrics).unwrap_or_default() + "\n";
-        std::fs::write(&path, text)
-            .map_err(|e| Box::new(TrainError::io(&path, e)) as StageError)?;
-        Ok(out)
-    }
-}
-
-fn round6(x: f64) -> f64 {
-    (x * 1e6).round() / 1e6
-}
-
-struct Score {
-    dir: std::path::PathBuf,
-    examples: Vec<crate::text::Example>,
-    batch: usize,
-    pad: u32,
-}
-
-impl BackendTask for Score {
-    type Output = Result<super::batch::Score, TrainError>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        let loaded = model::load::<B>(&self.dir, &device)?;
-        let net = loaded.model.valid();
-        Ok(score(&net, &self.examples, self.batch, self.pad))
     }
 }
