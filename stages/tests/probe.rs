@@ -28,13 +28,9 @@ fn run(backend: &str, models: PathBuf) -> Vec<CheckResult> {
 #[test]
 fn every_check_passes_on_the_cpu_backend() {
     let results = run("cpu", models());
-    // 7 probes on each of the 2 fixture models, and generation (not built yet: skipped).
-    assert_eq!(results.len(), 15);
+    // 8 probes on each of the 2 fixture models.
+    assert_eq!(results.len(), 16);
     for r in &results {
-        if r.name == "generate" {
-            assert_eq!(r.status, Status::Skip);
-            continue;
-        }
         assert_eq!(r.status, Status::Pass, "{}", r.line());
         let (m, t) = (r.measured.unwrap(), r.tolerance.unwrap());
         assert!(m <= t, "{}", r.line());

@@ -95,7 +95,12 @@ impl<B: Backend> Linear<B> {
         let x2 = x.reshape([b * t, d_in]); // [b*t, in]
         let mut y = matmul_t(x2.clone(), self.weight_tensor(), self.bf16); // [b*t, out]
         if let Some(bias) = &self.bias {
-            y = y + bias.val().unsqueeze_dim(0);
+            // A one-row product plus the bias as a broadcast view (`[1, out] + [1, out]`) lets
+            // burn 0.21's wgpu fusion write wrong keys into the KV cache at batch 1 (the
+            // selftest's generate probe on tiny-qwen2); the bias repeated into a row of its own
+            // is right, and costs one row.
+            let bias = bias.val().unsqueeze_dim::<2>(0); // [1, out]
+            y = y + if b * t == 1 { bias.repeat_dim(0, 1) } else { bias };
         }
         if let Some(lora) = &self.lora {
             let xa = if lora.dropout > 0.0 && B::ad_enabled(&x2.device()) {

@@ -122,10 +122,11 @@ enum Probe {
     LoraStep,
     DpoStep,
     QloraForward,
+    Generate,
 }
 
 impl Probe {
-    const ALL: [Probe; 7] = [
+    const ALL: [Probe; 8] = [
         Probe::Forward,
         Probe::ForwardBf16,
         Probe::Packed,
@@ -133,6 +134,7 @@ impl Probe {
         Probe::LoraStep,
         Probe::DpoStep,
         Probe::QloraForward,
+        Probe::Generate,
     ];
 
     fn name(self) -> &'static str {
@@ -144,6 +146,7 @@ impl Probe {
             Probe::LoraStep => "lora_step",
             Probe::DpoStep => "dpo_step",
             Probe::QloraForward => "qlora_forward",
+            Probe::Generate => "generate",
         }
     }
 
@@ -155,6 +158,7 @@ impl Probe {
             Probe::TrainStep | Probe::LoraStep => "max rel. diff of [loss, grad norm, loss after]",
             Probe::DpoStep => "max rel. diff of [loss, grad norm, loss after]",
             Probe::QloraForward => "max |logits - cpu|",
+            Probe::Generate => "greedy tokens differing from transformers' generate",
         }
     }
 
@@ -164,12 +168,13 @@ impl Probe {
             Probe::ForwardBf16 => 5e-3,
             Probe::Packed => 1e-5,
             Probe::TrainStep | Probe::LoraStep | Probe::DpoStep => 1e-4,
+            Probe::Generate => 0.0,
         }
     }
 
     /// Whether the reference is the transformers fixture (else the CPU backend).
     fn against_transformers(self) -> bool {
-        matches!(self, Probe::Forward | Probe::ForwardBf16)
+        matches!(self, Probe::Forward | Probe::ForwardBf16 | Probe::Generate)
     }
 }
 
@@ -390,6 +395,13 @@ impl BackendTask for Observe<'_> {
                 let (after, _) = objective.eval(&net.valid(), &items, 4);
                 vec![loss, norm, after]
             }
+            Probe::Generate => {
+                let (got, want) = greedy_tokens(&net.valid(), self.dir)?;
+                return Ok(Observed {
+                    values: got,
+                    transformers: Some(want),
+                });
+            }
             Probe::QloraForward => {
                 let (net, _) = lora::quantize_base_nf4(net.valid());
                 let net = with_trained_adapters(net);
@@ -404,6 +416,79 @@ impl BackendTask for Observe<'_> {
             transformers: None,
         })
     }
+}
+
+/// Greedy, KV-cached decoding of `generation.json`'s prompts, each alone and all as one
+/// left-padded batch: the new tokens of every completion in order, beside transformers'.
+fn greedy_tokens<B: Backend>(
+    net: &CausalLm<B>,
+    dir: &Path,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    use crate::generate::{DecodeOptions, Request, Sampling, generate};
+    let path = dir.join("generation.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let ids = |v: &serde_json::Value| -> Option<Vec<u32>> {
+        v.as_array()?
+            .iter()
+            .map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+            .collect()
+    };
+    let lists = |key: &str| -> Result<Vec<Vec<u32>>, String> {
+        json[key]
+            .as_array()
+            .and_then(|a| a.iter().map(ids).collect())
+            .ok_or_else(|| format!("{}: `{key}` is not a list of id lists", path.display()))
+    };
+    let prompts = lists("prompt_ids")?;
+    let (alone, batched) = (lists("alone")?, lists("batched")?);
+    let eos =
+        ids(&json["eos"]).ok_or_else(|| format!("{}: `eos` is not a list", path.display()))?;
+    let max_new = json["max_new_tokens"]
+        .as_u64()
+        .ok_or_else(|| format!("{}: `max_new_tokens` is not a number", path.display()))?;
+    let requests: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request {
+            prompt: p.clone(),
+            prompt_index: i,
+            sample_index: 0,
+        })
+        .collect();
+    let opts = |batch_size| DecodeOptions {
+        sampling: Sampling::default(),
+        max_new_tokens: max_new as usize,
+        eos: eos.clone(),
+        pad: 0,
+        seed: 0,
+        batch_size,
+    };
+    let mut got = Vec::new();
+    for r in &requests {
+        let c = generate(
+            net,
+            std::slice::from_ref(r),
+            &opts(1),
+            &|_| false,
+            &mut |_, _| true,
+        );
+        got.extend(c.into_iter().flat_map(|c| c.tokens));
+    }
+    let c = generate(
+        net,
+        &requests,
+        &opts(requests.len()),
+        &|_| false,
+        &mut |_, _| true,
+    );
+    got.extend(c.into_iter().flat_map(|c| c.tokens));
+    let want = alone.into_iter().chain(batched).flatten();
+    Ok((
+        got.into_iter().map(f64::from).collect(),
+        want.map(f64::from).collect(),
+    ))
 }
 
 fn max_abs(a: &[f64], b: &[f64]) -> f64 {
@@ -545,7 +630,7 @@ pub fn unavailable(name: &str, allow_cpu_adapter: bool) -> Option<String> {
 
 /// How many checks [`run`] reports.
 pub fn count() -> usize {
-    MODELS.len() * Probe::ALL.len() + 1
+    MODELS.len() * Probe::ALL.len()
 }
 
 /// The checks on `opts.backend` from `opts.from` on, in order; a check's failure does not stop
@@ -573,21 +658,6 @@ pub fn run(opts: &Options, mut on_result: impl FnMut(&CheckResult)) -> Vec<Check
             return out;
         }
     }
-    let why = "generation is not built yet";
-    let r = CheckResult {
-        backend: opts.backend.clone(),
-        name: "generate".into(),
-        status: Status::Skip,
-        metric: "greedy tokens vs transformers".into(),
-        measured: None,
-        tolerance: None,
-        reference: "transformers".into(),
-        detail: why.into(),
-        seconds: 0.0,
-        panicked: false,
-    };
-    on_result(&r);
-    out.push(r);
     out
 }
 
@@ -683,10 +753,12 @@ fn compare(probe: Probe, dir: &Path, got: Observed) -> Result<(f64, String), Str
     }
     let measured = match probe {
         Probe::Forward | Probe::QloraForward => max_abs(values, &want),
+        Probe::Generate => values.iter().zip(&want).filter(|(a, b)| a != b).count() as f64,
         _ => max_rel(values, &want),
     };
     let detail = match probe {
         Probe::Forward | Probe::QloraForward => String::new(),
+        Probe::Generate => format!("{} tokens", values.len()),
         _ => format!("{} vs {source} {}", fmt_values(values), fmt_values(&want)),
     };
     Ok((measured, detail))
