@@ -77,6 +77,16 @@ pub fn generate<B: Backend>(
     stop: &dyn Fn(&[u32]) -> bool,
     progress: Progress,
 ) -> Vec<Completion> {
+    // Batches of more than one row multiply a few rows by every weight at each step: keep the
+    // weights transposed for that while decoding (a second copy of them, see
+    // `CausalLm::for_batched_decoding`).
+    let batched;
+    let model = if opts.batch_size > 1 && requests.len() > 1 {
+        batched = model.for_batched_decoding();
+        &batched
+    } else {
+        model
+    };
     let mut out = Vec::with_capacity(requests.len());
     let mut tokens = 0;
     for batch in requests.chunks(opts.batch_size.max(1)) {

@@ -357,6 +357,7 @@ fn merged_weight(
         lora,
         nf4,
         bf16: false,
+        weight_t: None,
     };
     tensor_f32(linear.merged_weight())
 }

@@ -28,13 +28,11 @@ struct LayerCache<B: Backend> {
 
 impl<B: Backend> LayerCache<B> {
     /// Write `k`, `v` (`[batch, kv_heads, n, head_dim]`) at positions `at..at + n`, in place
-    /// when nothing else holds the cache.
+    /// on flex when nothing else holds the cache ([`fused::write_positions`]).
     fn write(&mut self, at: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
-        let [b, h, n, d] = k.dims();
-        let range = [0..b, 0..h, at..at + n, 0..d];
         if let (Some(ck), Some(cv)) = (self.k.take(), self.v.take()) {
-            self.k = Some(ck.slice_assign(range.clone(), k));
-            self.v = Some(cv.slice_assign(range, v));
+            self.k = Some(fused::write_positions(ck, at, k));
+            self.v = Some(fused::write_positions(cv, at, v));
         }
     }
 

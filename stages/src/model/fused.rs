@@ -466,6 +466,62 @@ fn matmul_composed<B: Backend, const D: usize>((a, ta, b, tb): MatmulArgs<B, D>)
     a.matmul(b)
 }
 
+/// `value` (`[b, h, n, d]`) written into `cache` (`[b, h, capacity, d]`) at positions
+/// `at..at + n`: in place on plain flex ([`kernels::write_positions`]), else burn's
+/// `slice_assign`.
+pub(crate) fn write_positions<B: Backend>(
+    cache: Tensor<B, 4>,
+    at: usize,
+    value: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    type Flex = burn::backend::Flex;
+    let [b, h, n, d] = value.dims();
+    let range = [0..b, 0..h, at..at + n, 0..d];
+    let (cache, value) = match same::<_, (Tensor<Flex, 4>, Tensor<Flex, 4>)>((cache, value)) {
+        Ok((c, v)) => match flex_owned::<Flex>(c.into_primitive().tensor()) {
+            Ok(c) => {
+                let v = v.into_primitive().tensor();
+                match kernels::write_positions(c, at, &v) {
+                    Ok(c) => return back(inner::<Flex, 4>(c)),
+                    Err(c) => back((inner::<Flex, 4>(c), inner::<Flex, 4>(v))),
+                }
+            }
+            Err(c) => back((inner::<Flex, 4>(c), v)),
+        },
+        Err(args) => args,
+    };
+    cache.slice_assign(range, value)
+}
+
+/// `x · w` for `x` on plain flex in f32 (inference) and `w` an `[in, out]` flex weight; `x`
+/// back unchanged anywhere else.
+///
+/// # Shapes
+/// - x: `[rows, in]`, w: `[in, out]` → `[rows, out]`
+pub(crate) fn matmul_flex<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &FlexTensor,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    type Flex = burn::backend::Flex;
+    let x = same::<_, Tensor<Flex, 2>>(x)?;
+    match flex_owned::<Flex>(x.clone().into_primitive().tensor()) {
+        Ok(a) if kernels::matmul_fits(&a, false, w, false) => {
+            Ok(back(inner::<Flex, 2>(kernels::matmul(&a, false, w, false))))
+        }
+        _ => Err(back(x)),
+    }
+}
+
+/// `wᵀ` laid out contiguously when `w` is a plain flex f32 tensor.
+///
+/// # Shapes
+/// - w: `[out, in]` → `[in, out]`
+pub(crate) fn flex_transposed<B: Backend>(w: Tensor<B, 2>) -> Option<FlexTensor> {
+    let w = same::<_, Tensor<burn::backend::Flex, 2>>(w).ok()?;
+    let w = flex_owned::<burn::backend::Flex>(w.into_primitive().tensor()).ok()?;
+    Some(kernels::permute(&w, &[1, 0]))
+}
+
 fn ad_matmul<I: Backend, const D: usize>(
     (a, ta, b, tb): MatmulArgs<Autodiff<I>, D>,
 ) -> Tensor<Autodiff<I>, D> {

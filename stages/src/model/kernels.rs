@@ -290,6 +290,45 @@ fn owned(t: FlexTensor) -> FlexTensor {
     }
 }
 
+/// `value` (`[b, h, n, d]`) written into `cache` (`[b, h, capacity, d]`) at positions
+/// `at..at + n`, in the cache's own buffer when nothing else holds it; the cache back unchanged
+/// (`Err`) when it is shared, not laid out contiguously or the shapes do not fit.
+///
+/// flex's `slice_assign` never writes in place: it makes the destination contiguous by cloning
+/// its handle and then writes through that clone, so the buffer is always shared and copied
+/// whole. For a KV cache that is a copy of every layer's keys and values at every new token.
+pub(crate) fn write_positions(
+    mut cache: FlexTensor,
+    at: usize,
+    value: &FlexTensor,
+) -> Result<FlexTensor, FlexTensor> {
+    let (cd, vd) = (
+        cache.layout().shape().clone(),
+        value.layout().shape().clone(),
+    );
+    let fits = cd.num_dims() == 4
+        && vd.num_dims() == 4
+        && is_f32(&cache)
+        && is_f32(value)
+        && (cd[0], cd[1], cd[3]) == (vd[0], vd[1], vd[3])
+        && at + vd[2] <= cd[2]
+        && is_whole(&cache);
+    if !fits {
+        return Err(cache);
+    }
+    let (cap, n, d) = (cd[2], vd[2], vd[3]);
+    let src = values(value);
+    let Some(dst) = cache.try_storage_mut::<f32>() else {
+        return Err(cache);
+    };
+    // One run of `n·d` elements per (row, head), at position `at` of that head's `cap`.
+    for (i, run) in src.chunks(n * d).enumerate() {
+        let off = (i * cap + at) * d;
+        dst[off..off + n * d].copy_from_slice(run);
+    }
+    Ok(cache)
+}
+
 /// Row-wise softmax over the last dimension. With `causal`, row `r` of each `[n, n]` block
 /// (query position `r mod n`) keeps only its first `r mod n + 1` entries and the rest are 0:
 /// the bits of adding the causal bias (`x + 0`, `x + −∞`) and taking the full softmax, as the
@@ -1334,6 +1373,29 @@ pub(crate) fn causal_attention_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_positions_writes_in_place_and_leaves_a_shared_cache_alone() {
+        // [1, 2, 4, 2] zeros; write [1, 2, 1, 2] at position 2.
+        let cache = from_vec(vec![0.0; 16], Shape::from(vec![1, 2, 4, 2]));
+        let value = from_vec(vec![1.0, 2.0, 3.0, 4.0], Shape::from(vec![1, 2, 1, 2]));
+        let before = cache.storage::<f32>().as_ptr();
+        let cache = write_positions(cache, 2, &value).expect("a cache of its own");
+        assert_eq!(cache.storage::<f32>().as_ptr(), before, "written in place");
+        let want = [
+            0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, //
+            0.0, 0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0,
+        ];
+        assert_eq!(cache.storage::<f32>(), want);
+        // Another handle on the buffer: nothing written, the cache back.
+        let other = cache.clone();
+        let back = write_positions(cache, 0, &value).expect_err("a shared cache");
+        assert_eq!(back.storage::<f32>(), want);
+        assert_eq!(other.storage::<f32>(), want);
+        // Past the capacity: refused.
+        drop(other);
+        assert!(write_positions(back, 4, &value).is_err());
+    }
 
     /// Every 997th positive f32 below 104, with its negative, plus the edges.
     fn samples() -> Vec<f32> {

@@ -16,6 +16,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::fused;
+use burn::backend::flex::FlexTensor;
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -50,6 +51,10 @@ pub struct Linear<B: Backend> {
     /// parameters, and so the optimizer's updates, stay f32.
     #[module(skip)]
     pub bf16: bool,
+    /// `[in, out]`: the weight transposed and laid out contiguously, held by a model prepared
+    /// for batched decoding on flex ([`CausalLm::for_batched_decoding`]).
+    #[module(skip)]
+    pub weight_t: Option<FlexTensor>,
 }
 
 /// `a · bᵀ`, in bf16 when asked (the result back in f32).
@@ -62,6 +67,29 @@ fn matmul_t<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, bf16: bool) -> Tensor<
     } else {
         fused::matmul(a, false, b, true)
     }
+}
+
+/// `x · wᵀ` from the transposed copy `w_t` (`[in, out]`) when there is one and `x` has more
+/// than one row, else from `weight()` (`[out, in]`, and whether to multiply in bf16).
+///
+/// A product of a few rows by a row-major `[out, in]` weight makes gemm repack the whole weight
+/// into column panels on every call (a decode step: one row per sequence); `[in, out]` is
+/// already the layout it reads. One row goes to gemm's matrix-vector loop, which reads
+/// `[out, in]` rows as they are.
+fn product<B: Backend>(
+    x: Tensor<B, 2>,
+    w_t: Option<&FlexTensor>,
+    weight: impl FnOnce() -> (Tensor<B, 2>, bool),
+) -> Tensor<B, 2> {
+    let x = match w_t {
+        Some(w_t) if x.dims()[0] > 1 => match fused::matmul_flex(x, w_t) {
+            Ok(y) => return y,
+            Err(x) => x,
+        },
+        _ => x,
+    };
+    let (w, bf16) = weight();
+    matmul_t(x, w, bf16)
 }
 
 impl<B: Backend> Linear<B> {
@@ -93,14 +121,20 @@ impl<B: Backend> Linear<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d_in] = x.dims();
         let x2 = x.reshape([b * t, d_in]); // [b*t, in]
-        let mut y = matmul_t(x2.clone(), self.weight_tensor(), self.bf16); // [b*t, out]
+        let mut y = product(x2.clone(), self.weight_t.as_ref(), || {
+            (self.weight_tensor(), self.bf16)
+        }); // [b*t, out]
         if let Some(bias) = &self.bias {
             // A one-row product plus the bias as a broadcast view (`[1, out] + [1, out]`) lets
             // burn 0.21's wgpu fusion write wrong keys into the KV cache at batch 1 (the
             // selftest's generate probe on tiny-qwen2); the bias repeated into a row of its own
             // is right, and costs one row.
             let bias = bias.val().unsqueeze_dim::<2>(0); // [1, out]
-            y = y + if b * t == 1 { bias.repeat_dim(0, 1) } else { bias };
+            y = y + if b * t == 1 {
+                bias.repeat_dim(0, 1)
+            } else {
+                bias
+            };
         }
         if let Some(lora) = &self.lora {
             let xa = if lora.dropout > 0.0 && B::ad_enabled(&x2.device()) {
@@ -608,9 +642,33 @@ pub struct CausalLm<B: Backend> {
     /// Compute the projections and the output head in bf16 ([`CausalLm::set_bf16`]).
     #[module(skip)]
     pub bf16: bool,
+    /// `[hidden, vocab]`: the head's weight transposed ([`CausalLm::for_batched_decoding`]).
+    #[module(skip)]
+    pub head_t: Option<FlexTensor>,
 }
 
 impl<B: Backend> CausalLm<B> {
+    /// A copy that multiplies batches of a few rows faster on flex: every projection and the
+    /// head also hold their weight transposed (`[in, out]`, contiguous), gemm's own layout for
+    /// such products, at the cost of a second copy of those weights while the copy lives. On
+    /// other backends, with bf16 products or NF4 weights, a plain clone. The logits are the same
+    /// gemm sums, in another order of the inner loop's operands only.
+    pub fn for_batched_decoding(&self) -> Self {
+        let mut m = self.clone();
+        if m.bf16 {
+            return m;
+        }
+        for l in m.linears_mut().filter(|l| l.nf4.is_none()) {
+            l.weight_t = fused::flex_transposed(l.weight.val());
+        }
+        let head = match &m.lm_head {
+            Some(head) => head.weight.val(),
+            None => m.model.embed_tokens.weight.val(),
+        };
+        m.head_t = fused::flex_transposed(head);
+        m
+    }
+
     /// Next-token logits.
     ///
     /// # Shapes
@@ -640,7 +698,9 @@ impl<B: Backend> CausalLm<B> {
             Some(head) => head.weight.val(),
             None => self.model.embed_tokens.weight.val(),
         };
-        let logits = matmul_t(hidden.reshape([b * t, h]), head, self.bf16); // [b*t, vocab]
+        let logits = product(hidden.reshape([b * t, h]), self.head_t.as_ref(), || {
+            (head, self.bf16)
+        }); // [b*t, vocab]
         logits.reshape([b, t, self.config.vocab_size])
     }
 
@@ -735,20 +795,26 @@ impl<B: Backend> CausalLm<B> {
     /// in f32.
     pub fn set_bf16(mut self, on: bool) -> Self {
         self.bf16 = on;
-        for layer in self.model.layers.iter_mut() {
-            for lin in [
-                &mut layer.self_attn.q_proj,
-                &mut layer.self_attn.k_proj,
-                &mut layer.self_attn.v_proj,
-                &mut layer.self_attn.o_proj,
-                &mut layer.mlp.gate_proj,
-                &mut layer.mlp.up_proj,
-                &mut layer.mlp.down_proj,
-            ] {
-                lin.bf16 = on;
-            }
+        for lin in self.linears_mut() {
+            lin.bf16 = on;
         }
         self
+    }
+
+    /// Every projection of every layer.
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear<B>> {
+        self.model.layers.iter_mut().flat_map(|layer| {
+            let (a, p) = (&mut layer.self_attn, &mut layer.mlp);
+            [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut p.gate_proj,
+                &mut p.up_proj,
+                &mut p.down_proj,
+            ]
+        })
     }
 
     /// Parameters in the model (tied embeddings counted once, adapters included).

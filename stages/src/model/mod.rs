@@ -225,6 +225,7 @@ impl<B: Backend> Builder<'_, '_, B> {
             lora: None,
             nf4: None,
             bf16: false,
+            weight_t: None,
         })
     }
 
@@ -294,6 +295,7 @@ fn build<B: Backend>(
         lm_head,
         config: cfg.clone(),
         bf16: false,
+        head_t: None,
     })
 }
 
