@@ -185,8 +185,36 @@ fn signed_absmax(x: &[f32]) -> f32 {
 // ---------------------------------------------------------------------------------------------
 // Q8_0: f16 d, 32 × i8
 
-/// `quantize_row_q8_0_ref`.
+/// `quantize_row_q8_0_ref`, compiled for AVX2 when the CPU has it (the same operations).
 fn q8_0_block(x: &[f32], y: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: this CPU runs AVX2.
+        return unsafe { q8_0_block_avx2(x, y) };
+    }
+    q8_0_body(x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn q8_0_block_avx2(x: &[f32], y: &mut [u8]) {
+    q8_0_body(x, y)
+}
+
+/// `roundf` (to the nearest integer, halves away from zero) from `trunc`, which is one vector
+/// instruction where `f32::round` is a call into libm; exact, as `v − trunc(v)` is.
+#[inline(always)]
+fn round_half_away(v: f32) -> f32 {
+    let t = v.trunc();
+    if (v - t).abs() >= 0.5 {
+        t + 1f32.copysign(v)
+    } else {
+        t
+    }
+}
+
+#[inline(always)]
+fn q8_0_body(x: &[f32], y: &mut [u8]) {
     let mut amax = 0f32;
     for &v in x {
         let a = v.abs();
@@ -196,7 +224,7 @@ fn q8_0_block(x: &[f32], y: &mut [u8]) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(y, 0, d);
     for (j, &v) in x.iter().enumerate() {
-        y[2 + j] = (v * id).round() as i8 as u8; // roundf: half away from zero
+        y[2 + j] = round_half_away(v * id) as i8 as u8; // roundf
     }
 }
 
@@ -271,7 +299,9 @@ fn dq5_0_block(x: &[u8], y: &mut [f32]) {
 // Layout: f16 d, f16 dmin, scales[12], qs[128].
 
 /// `make_qkx2_quants`: fit `x ≈ scale·L + min` (L in 0..=nmax, min ≤ 0) minimizing the weighted
-/// squared (or absolute) error over `nstep + 1` trial scales. Returns (scale, -min).
+/// squared (or absolute) error over `nstep + 1` trial scales. Returns (scale, -min). ggml's
+/// scalar form, which [`make_qkx2_quants_q4k`] is held to.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn make_qkx2_quants(
     nmax: i32,
@@ -369,43 +399,183 @@ fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Sub-blocks of 32 in a Q4_K block.
+const SUB: usize = QK_K / 32;
+
+/// [`make_qkx2_quants`] as `quantize_row_q4_K_ref` calls it (`nmax` 15, `rmin` −1, `rdelta`
+/// 0.1, `nstep` 20, squared error) for the block's 8 sub-blocks at once: `x` is the block,
+/// `weights[j]` sub-block `j`'s weights, `l` receives every level. Returns each sub-block's
+/// (scale, −min).
+///
+/// Each sub-block goes through the scalar version's float operations in its order, so the
+/// results are its bits (a unit test holds them to it); the 8 sub-blocks are the lanes of one
+/// vector, which the scalar loop (88% of a q4_k_m export) has no way to use, as its sums must
+/// stay sequential. Compiled for AVX2 when the CPU has it: wider vectors, the same operations
+/// (no fused multiply-add, which Rust never forms on its own).
+fn make_qkx2_quants_q4k(
+    x: &[f32],
+    weights: &[[f32; 32]; SUB],
+    l: &mut [u8; QK_K],
+) -> ([f32; SUB], [f32; SUB]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: this CPU runs AVX2.
+        return unsafe { qkx2_lanes_avx2(x, weights, l) };
+    }
+    qkx2_lanes(x, weights, l)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn qkx2_lanes_avx2(
+    x: &[f32],
+    weights: &[[f32; 32]; SUB],
+    l: &mut [u8; QK_K],
+) -> ([f32; SUB], [f32; SUB]) {
+    qkx2_lanes(x, weights, l)
+}
+
+/// The body of [`make_qkx2_quants_q4k`]: element `i` of every sub-block side by side
+/// (`xt[i][j]`), every loop over the lanes free of branches. A flat sub-block (max = min)
+/// computes garbage alongside the others and keeps none of it, as the scalar version returns
+/// before its search.
+#[inline(always)]
+fn qkx2_lanes(
+    x: &[f32],
+    weights: &[[f32; 32]; SUB],
+    l: &mut [u8; QK_K],
+) -> ([f32; SUB], [f32; SUB]) {
+    const NMAX: i32 = 15;
+    let (mut xt, mut wt) = ([[0f32; SUB]; 32], [[0f32; SUB]; 32]);
+    for j in 0..SUB {
+        for i in 0..32 {
+            xt[i][j] = x[32 * j + i];
+            wt[i][j] = weights[j][i];
+        }
+    }
+    let (mut min, mut max) = (xt[0], xt[0]);
+    let mut sum_w = wt[0];
+    let mut sum_x = [0f32; SUB];
+    for j in 0..SUB {
+        sum_x[j] = sum_w[j] * xt[0][j];
+    }
+    for i in 1..32 {
+        for j in 0..SUB {
+            let v = xt[i][j];
+            min[j] = if v < min[j] { v } else { min[j] };
+            max[j] = if v > max[j] { v } else { max[j] };
+            sum_w[j] += wt[i][j];
+            sum_x[j] += wt[i][j] * v;
+        }
+    }
+    let mut flat = [false; SUB];
+    let (mut scale, mut iscale) = ([0f32; SUB], [0f32; SUB]);
+    for j in 0..SUB {
+        if min[j] > 0.0 {
+            min[j] = 0.0;
+        }
+        flat[j] = max[j] == min[j];
+        iscale[j] = NMAX as f32 / (max[j] - min[j]);
+        scale[j] = 1.0 / iscale[j];
+    }
+    // The best levels so far, as floats, side by side like `xt`.
+    let mut best_l = [[0f32; SUB]; 32];
+    let mut best = [0f32; SUB];
+    for i in 0..32 {
+        for j in 0..SUB {
+            let lf = nearest_int(iscale[j] * (xt[i][j] - min[j])).clamp(0, NMAX) as f32;
+            best_l[i][j] = lf;
+            let diff = scale[j] * lf + min[j] - xt[i][j];
+            best[j] += wt[i][j] * (diff * diff);
+        }
+    }
+    let mut laux = [[0f32; SUB]; 32];
+    for is in 0..=20 {
+        for j in 0..SUB {
+            iscale[j] = (-1.0f32 + 0.1f32 * is as f32 + NMAX as f32) / (max[j] - min[j]);
+        }
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; SUB], [0f32; SUB], [0f32; SUB]);
+        for i in 0..32 {
+            for j in 0..SUB {
+                let lf = nearest_int(iscale[j] * (xt[i][j] - min[j])).clamp(0, NMAX) as f32;
+                laux[i][j] = lf;
+                let w = wt[i][j];
+                sum_l[j] += w * lf;
+                sum_l2[j] += w * lf * lf;
+                sum_xl[j] += w * lf * xt[i][j];
+            }
+        }
+        // Each sub-block's fitted scale and min for these levels, where the fit exists.
+        let mut fits = [false; SUB];
+        let (mut this_scale, mut this_min) = ([0f32; SUB], [0f32; SUB]);
+        for j in 0..SUB {
+            let d = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j];
+            if !flat[j] && d > 0.0 {
+                fits[j] = true;
+                this_scale[j] = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / d;
+                this_min[j] = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / d;
+                if this_min[j] > 0.0 {
+                    this_min[j] = 0.0;
+                    this_scale[j] = sum_xl[j] / sum_l2[j];
+                }
+            }
+        }
+        let mut cur = [0f32; SUB];
+        for i in 0..32 {
+            for j in 0..SUB {
+                let diff = this_scale[j] * laux[i][j] + this_min[j] - xt[i][j];
+                cur[j] += wt[i][j] * (diff * diff);
+            }
+        }
+        let mut take = [false; SUB];
+        for j in 0..SUB {
+            if fits[j] && cur[j] < best[j] {
+                take[j] = true;
+                best[j] = cur[j];
+                scale[j] = this_scale[j];
+                min[j] = this_min[j];
+            }
+        }
+        for i in 0..32 {
+            for j in 0..SUB {
+                best_l[i][j] = if take[j] { laux[i][j] } else { best_l[i][j] };
+            }
+        }
+    }
+    for j in 0..SUB {
+        if flat[j] {
+            scale[j] = 0.0;
+        }
+        for i in 0..32 {
+            l[32 * j + i] = if flat[j] { 0 } else { best_l[i][j] as u8 };
+        }
+    }
+    (scale, min.map(|m| -m))
+}
+
 /// `quantize_row_q4_K_ref`.
 fn q4_k_block(x: &[f32], y: &mut [u8]) {
     let mut l = [0u8; QK_K];
-    let mut laux = [0u8; 32];
-    let mut weights = [0f32; 32];
-    let mut mins = [0f32; QK_K / 32];
-    let mut scales = [0f32; QK_K / 32];
-    let mut max_scale = 0f32;
-    let mut max_min = 0f32;
-    for j in 0..QK_K / 32 {
+    let mut weights = [[0f32; 32]; SUB];
+    for (j, w) in weights.iter_mut().enumerate() {
         let xs = &x[32 * j..32 * j + 32];
         let mut sum_x2 = 0f32;
         for &v in xs {
             sum_x2 += v * v;
         }
         let av_x = (sum_x2 / 32.0).sqrt();
-        for (w, &v) in weights.iter_mut().zip(xs) {
+        for (w, &v) in w.iter_mut().zip(xs) {
             *w = av_x + v.abs();
         }
-        let (scale, min) = make_qkx2_quants(
-            15,
-            xs,
-            &weights,
-            &mut l[32 * j..32 * j + 32],
-            &mut laux,
-            -1.0,
-            0.1,
-            20,
-            false,
-        );
-        scales[j] = scale;
-        mins[j] = min;
-        if scale > max_scale {
-            max_scale = scale;
+    }
+    let (scales, mins) = make_qkx2_quants_q4k(x, &weights, &mut l);
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..SUB {
+        if scales[j] > max_scale {
+            max_scale = scales[j];
         }
-        if min > max_min {
-            max_min = min;
+        if mins[j] > max_min {
+            max_min = mins[j];
         }
     }
 
@@ -620,6 +790,89 @@ fn dq6_k_block(x: &[u8], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_half_away_is_roundf() {
+        let mut xs = vec![
+            0.5f32,
+            1.5,
+            2.5,
+            0.49999997,
+            0.50000006,
+            126.5,
+            127.49999,
+            8388607.5,
+            8388608.0,
+            16777217.0,
+            1e30,
+            f32::MIN_POSITIVE,
+            0.0,
+            f32::INFINITY,
+        ];
+        let mut rng = crate::data::rng::Rng::new(3);
+        xs.extend((0..100_000).map(|_| rng.normal() * 60.0));
+        for x in xs.iter().flat_map(|&x| [x, -x]) {
+            assert_eq!(round_half_away(x).to_bits(), x.round().to_bits(), "{x}");
+        }
+        assert!(round_half_away(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn q4k_sub_blocks_in_lockstep_give_the_scalar_bits() {
+        // Random blocks at several scales, plus the edge cases: a flat sub-block, one of
+        // positives only (min clamped to 0), one of negatives only, zeros, a lone spike.
+        let mut rng = crate::data::rng::Rng::new(7);
+        let mut blocks: Vec<Vec<f32>> = (0..200)
+            .map(|b| {
+                let amp = [1e-3, 0.02, 1.0, 50.0][b % 4];
+                (0..QK_K).map(|_| rng.normal() * amp).collect()
+            })
+            .collect();
+        let mut edge: Vec<f32> = (0..QK_K).map(|i| (i as f32 * 0.37).sin()).collect();
+        edge[..32].fill(0.25);
+        for v in &mut edge[32..64] {
+            *v = v.abs() + 0.1;
+        }
+        for v in &mut edge[64..96] {
+            *v = -v.abs() - 0.1;
+        }
+        edge[96..128].fill(0.0);
+        edge[128..160].fill(0.0);
+        edge[140] = 3.0;
+        blocks.push(edge);
+        for x in &blocks {
+            let mut weights = [[0f32; 32]; SUB];
+            for (j, w) in weights.iter_mut().enumerate() {
+                let xs = &x[32 * j..32 * j + 32];
+                let av = (xs.iter().fold(0f32, |a, &v| a + v * v) / 32.0).sqrt();
+                for (w, &v) in w.iter_mut().zip(xs) {
+                    *w = av + v.abs();
+                }
+            }
+            let mut l = [0u8; QK_K];
+            let (scales, mins) = make_qkx2_quants_q4k(x, &weights, &mut l);
+            for j in 0..SUB {
+                let (mut lj, mut laux) = ([0u8; 32], [0u8; 32]);
+                let xs = &x[32 * j..32 * j + 32];
+                let (s, m) = make_qkx2_quants(
+                    15,
+                    xs,
+                    &weights[j],
+                    &mut lj,
+                    &mut laux,
+                    -1.0,
+                    0.1,
+                    20,
+                    false,
+                );
+                assert_eq!(
+                    (s.to_bits(), m.to_bits()),
+                    (scales[j].to_bits(), mins[j].to_bits())
+                );
+                assert_eq!(lj, l[32 * j..32 * j + 32]);
+            }
+        }
+    }
 
     #[test]
     fn nearest_int_rounds_half_to_even() {
