@@ -1,4 +1,21 @@
 //! `data.dedup`: drop records whose text repeats an earlier record's.
+//!
+//! A record's key is its text pieces in order, each tagged with its part and role
+//! ([`dedup_key`]); the first record with a key is kept. `mode: exact` compares the pieces as
+//! they are; `mode: normalized` compares each piece's [`normalize_text`]:
+//!
+//! 1. the compatibility caseless form of Unicode §3.13 (D146):
+//!    `NFKD(casefold(NFKD(casefold(NFD(text)))))`, where `casefold` is full case folding
+//!    (CaseFolding.txt statuses C and F, Python's `str.casefold`), then composed (NFC) — in
+//!    effect NFKC with full case folding: `ﬁ` → `fi`, full-width `Ａ` → `a`, `ß` → `ss`,
+//!    `Σ`/`ς` → `σ`, NFD `e` + U+0301 → `é`, no-break space → space;
+//! 2. every character that is neither alphanumeric (Unicode Alphabetic or Numeric) nor
+//!    whitespace dropped: punctuation, symbols, format characters, and combining marks left over
+//!    where no precomposed letter exists (`q` + U+0303 → `q`);
+//! 3. whitespace runs collapsed to one space, the ends trimmed.
+//!
+//! So NFC and NFD `Café` are one key, `cafe` another; `ﬁsh` = `fish`, `Straße` = `STRASSE`,
+//! `ＡＢＣ` = `abc`, `Hello,   World!` = `hello world`.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -6,8 +23,10 @@ use burnish_engine::stage::{
     Accepts, ArtifactType, Input, OutputDecl, RunContext, Sensitivity, Stage, StageError,
     StageOutcome, StageRef,
 };
+use caseless::Caseless;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
 
 use super::records::{Dataset, Record};
 use super::{DETERMINISTIC, load_input, same_type, write_output};
@@ -19,7 +38,11 @@ pub enum DedupMode {
     /// Identical text, character for character.
     #[default]
     Exact,
-    /// Identical after lowercasing, removing punctuation and collapsing whitespace.
+    /// Identical after Unicode compatibility normalization with full case folding (NFKC +
+    /// casefold, Unicode's compatibility caseless form composed: `ﬁ` = `fi`, `ß` = `ss`,
+    /// full-width `Ａ` = `a`, NFC `é` = NFD `é` ≠ `e`), then dropping every character that is
+    /// neither alphanumeric nor whitespace, collapsing whitespace runs to one space and
+    /// trimming.
     Normalized,
 }
 
@@ -40,7 +63,8 @@ pub struct DedupStage;
 
 impl Stage for DedupStage {
     const KIND: &'static str = "data.dedup";
-    const VERSION: u32 = 1;
+    // 2: `normalized` keys are NFKC + casefold.
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Drop records whose text repeats an earlier one (exact or normalized)";
 
@@ -99,11 +123,20 @@ pub fn dedup_key(r: &Record, mode: DedupMode) -> String {
     key
 }
 
-/// Lowercase, drop punctuation and symbols (anything not alphanumeric or whitespace), collapse
-/// whitespace runs to one space, trim.
+/// The `normalized` form of a text (see the module doc): Unicode's compatibility caseless form
+/// (`NFKD(casefold(NFKD(casefold(NFD(s)))))`, full case folding) composed to NFC, then only
+/// alphanumeric and whitespace characters kept, whitespace runs collapsed to one space, trimmed.
 pub fn normalize_text(s: &str) -> String {
-    let lowered = s.to_lowercase();
-    let kept: String = lowered
+    let folded: String = s
+        .chars()
+        .nfd()
+        .default_case_fold()
+        .nfkd()
+        .default_case_fold()
+        .nfkd()
+        .nfc()
+        .collect();
+    let kept: String = folded
         .chars()
         .filter(|c| c.is_alphanumeric() || c.is_whitespace())
         .collect();
@@ -118,5 +151,19 @@ mod tests {
     fn normalization() {
         assert_eq!(normalize_text("  Hello,   World!\n"), "hello world");
         assert_eq!(normalize_text("Don't STOP."), "dont stop");
+        // Python: unicodedata.normalize("NFKC", s).casefold() for each of these.
+        assert_eq!(normalize_text("Caf\u{e9}"), "caf\u{e9}");
+        assert_eq!(normalize_text("Cafe\u{301}"), "caf\u{e9}");
+        assert_eq!(normalize_text("cafe"), "cafe");
+        assert_eq!(normalize_text("\u{fb01}sh"), "fish");
+        assert_eq!(normalize_text("Stra\u{df}e"), "strasse");
+        assert_eq!(normalize_text("STRASSE"), "strasse");
+        assert_eq!(normalize_text("\u{ff21}\u{ff22}\u{ff23}"), "abc");
+        assert_eq!(
+            normalize_text("\u{3a3}\u{391}\u{3a3}"),
+            "\u{3c3}\u{3b1}\u{3c3}"
+        );
+        assert_eq!(normalize_text("a\u{a0}b\u{3000}c\u{200b}d"), "a b cd");
+        assert_eq!(normalize_text("q\u{303}"), "q");
     }
 }

@@ -157,7 +157,7 @@ pub enum DataError {
     #[diagnostic(
         code(burnish::data::file_type),
         help(
-            "dataset files are .jsonl, .ndjson, .json (a top-level array), .csv (with a header row) or .parquet"
+            "dataset files are .jsonl, .ndjson, .json (a top-level array), .csv (with a header row), .tsv, .parquet or .arrow; the text ones may be gzip'ed (.jsonl.gz)"
         )
     )]
     FileType { path: String, ext: String },
@@ -166,10 +166,41 @@ pub enum DataError {
     #[diagnostic(
         code(burnish::data::hf_path),
         help(
-            "write hf://org/name, or hf://org/name/path/to/file.parquet for one file of the repository"
+            "write hf://datasets/org/name[@revision][/path/in/repo] (the path may be a file, a directory or a glob such as data/train-*.parquet)"
         )
     )]
     HfPath { spec: String, reason: String },
+
+    #[error("`{spec}`: {message}")]
+    #[diagnostic(code(burnish::data::hf_revision))]
+    HfRevision {
+        spec: String,
+        message: String,
+        #[help]
+        help: Option<String>,
+    },
+
+    #[error("`{spec}`: shard `{file}` is missing ({present} of the {total} shards are in {dir})")]
+    #[diagnostic(code(burnish::data::missing_shard))]
+    MissingShard {
+        spec: String,
+        /// The missing shard, relative to `dir`.
+        file: String,
+        present: usize,
+        total: usize,
+        dir: String,
+        #[help]
+        help: Option<String>,
+    },
+
+    #[error("{path}: {message}")]
+    #[diagnostic(code(burnish::data::saved_dataset))]
+    SavedDataset {
+        path: String,
+        message: String,
+        #[help]
+        help: Option<String>,
+    },
 
     #[error("`{spec}` is not in the local hugging face cache (searched {searched})")]
     #[diagnostic(

@@ -1,9 +1,23 @@
-//! Reading the rows of a data file (JSONL, JSON, CSV, Parquet) as JSON objects, each with its
-//! location for error messages.
+//! Reading the rows of a data file (JSONL, JSON, CSV, TSV, each maybe gzip'ed; Parquet; Arrow
+//! IPC) as JSON objects, each with its location for error messages; and the files of a
+//! `save_to_disk` directory ([`saved_dataset_files`]).
 
 use std::fs;
-use std::path::Path;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    ArrowDictionaryKeyType, Date32Type, Date64Type, Decimal128Type, Decimal256Type,
+    DurationMicrosecondType, DurationMillisecondType, DurationNanosecondType, DurationSecondType,
+    Float16Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type,
+    Time32MillisecondType, Time32SecondType, Time64MicrosecondType, Time64NanosecondType,
+    TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+    TimestampSecondType, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{ArrowError, DataType, TimeUnit};
+use flate2::read::MultiGzDecoder;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::{Field, Row};
 use serde_json::{Map, Number, Value};
@@ -24,23 +38,39 @@ pub enum FileKind {
     Jsonl,
     Json,
     Csv,
+    Tsv,
     Parquet,
+    Arrow,
 }
 
 impl FileKind {
-    /// The kind of a file by its extension (case-insensitive), if it is a data file.
+    /// The kind of a file by its extension (case-insensitive), if it is a data file: `.jsonl`,
+    /// `.ndjson`, `.json`, `.csv`, `.tsv` (each also gzip'ed, `.jsonl.gz`), `.parquet`, `.arrow`.
     pub fn of(path: &str) -> Option<FileKind> {
-        let ext = Path::new(path)
-            .extension()?
+        Self::with_gzip(path).map(|(kind, _)| kind)
+    }
+
+    /// [`FileKind::of`], and whether the file is gzip'ed.
+    pub fn with_gzip(path: &str) -> Option<(FileKind, bool)> {
+        let name = Path::new(path)
+            .file_name()?
             .to_string_lossy()
             .to_ascii_lowercase();
-        match ext.as_str() {
-            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
-            "json" => Some(FileKind::Json),
-            "csv" => Some(FileKind::Csv),
-            "parquet" => Some(FileKind::Parquet),
-            _ => None,
-        }
+        let (stem, gz) = match name.strip_suffix(".gz") {
+            Some(stem) => (stem, true),
+            None => (name.as_str(), false),
+        };
+        let ext = Path::new(stem).extension()?.to_string_lossy().into_owned();
+        let kind = match ext.as_str() {
+            "jsonl" | "ndjson" => FileKind::Jsonl,
+            "json" => FileKind::Json,
+            "csv" => FileKind::Csv,
+            "tsv" => FileKind::Tsv,
+            "parquet" if !gz => FileKind::Parquet,
+            "arrow" if !gz => FileKind::Arrow,
+            _ => return None,
+        };
+        Some((kind, gz))
     }
 }
 
@@ -50,19 +80,18 @@ pub fn read_rows(path: &Path) -> Result<Vec<SourceRow>, DataError> {
 }
 
 /// Read every row of a data file; locations name it `shown` (the path as the manifest wrote it).
+/// Lines of a gzip'ed file are those of its decompressed text.
 pub fn read_rows_named(file_path: &Path, shown: &str) -> Result<Vec<SourceRow>, DataError> {
     let path = Path::new(shown);
-    let kind = FileKind::of(&file_path.to_string_lossy()).ok_or_else(|| DataError::FileType {
-        path: shown.to_owned(),
-        ext: file_path
-            .extension()
-            .map(|e| e.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    })?;
+    let (kind, gz) =
+        FileKind::with_gzip(&file_path.to_string_lossy()).ok_or_else(|| DataError::FileType {
+            path: shown.to_owned(),
+            ext: file_type_of(file_path),
+        })?;
     match kind {
-        FileKind::Jsonl => read_jsonl(path, &read_text(file_path)?),
+        FileKind::Jsonl => read_jsonl(path, &read_text(file_path, path, gz)?),
         FileKind::Json => {
-            let text = read_text(file_path)?;
+            let text = read_text(file_path, path, gz)?;
             // Many `.json` files on the hub are JSON Lines: a file that opens with an object is
             // read line by line, unless it is one object spread over several lines.
             if text.trim_start().starts_with('{') {
@@ -82,13 +111,53 @@ pub fn read_rows_named(file_path: &Path, shown: &str) -> Result<Vec<SourceRow>, 
                 read_json_array(path, &text)
             }
         }
-        FileKind::Csv => read_csv(file_path, path),
+        FileKind::Csv => read_delimited(file_path, path, b',', "csv", gz),
+        FileKind::Tsv => read_delimited(file_path, path, b'\t', "tsv", gz),
         FileKind::Parquet => read_parquet(file_path, path),
+        FileKind::Arrow => read_arrow(file_path, path),
     }
 }
 
-fn read_text(path: &Path) -> Result<String, DataError> {
-    let text = fs::read_to_string(path).map_err(|e| DataError::io("read", path, e))?;
+/// `parquet`, `txt.gz`: the extension of a file, with the one before `.gz`.
+fn file_type_of(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = |n: &str| {
+        Path::new(n)
+            .extension()
+            .map(|e| e.to_string_lossy().into_owned())
+    };
+    match name.strip_suffix(".gz").and_then(ext) {
+        Some(inner) => format!("{inner}.gz"),
+        None => ext(&name).unwrap_or_default(),
+    }
+}
+
+fn read_text(file_path: &Path, shown: &Path, gz: bool) -> Result<String, DataError> {
+    let text = if gz {
+        let file = fs::File::open(file_path).map_err(|e| DataError::io("open", file_path, e))?;
+        let mut bytes = Vec::new();
+        MultiGzDecoder::new(BufReader::new(file))
+            .read_to_end(&mut bytes)
+            .map_err(|e| DataError::io("decompress", file_path, e))?;
+        String::from_utf8(bytes).map_err(|e| {
+            let valid = e.utf8_error().valid_up_to();
+            let line = e.as_bytes()[..valid]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count() as u64
+                + 1;
+            DataError::Malformed {
+                at: Location::line(shown, line),
+                what: "text",
+                message: "invalid utf-8".into(),
+            }
+        })?
+    } else {
+        fs::read_to_string(file_path).map_err(|e| DataError::io("read", file_path, e))?
+    };
     Ok(match text.strip_prefix('\u{feff}') {
         Some(rest) => rest.to_owned(),
         None => text,
@@ -173,7 +242,13 @@ fn read_json_array(path: &Path, text: &str) -> Result<Vec<SourceRow>, DataError>
         .collect()
 }
 
-fn read_csv(file_path: &Path, path: &Path) -> Result<Vec<SourceRow>, DataError> {
+fn read_delimited(
+    file_path: &Path,
+    path: &Path,
+    delimiter: u8,
+    what: &'static str,
+    gz: bool,
+) -> Result<Vec<SourceRow>, DataError> {
     let csv_err = |e: csv::Error| {
         let at = match e.position() {
             Some(p) => Location::line(path, p.line()),
@@ -184,18 +259,21 @@ fn read_csv(file_path: &Path, path: &Path) -> Result<Vec<SourceRow>, DataError> 
                 expected_len, len, ..
             } => format!("expected {expected_len} fields as in the header, found {len}"),
             csv::ErrorKind::Utf8 { err, .. } => format!("invalid utf-8: {err}"),
+            csv::ErrorKind::Io(err) if gz => format!("cannot decompress: {err}"),
             _ => e.to_string(),
         };
-        DataError::Malformed {
-            at,
-            what: "csv",
-            message,
-        }
+        DataError::Malformed { at, what, message }
     };
     let file = fs::File::open(file_path).map_err(|e| DataError::io("open", file_path, e))?;
+    let input: Box<dyn Read> = if gz {
+        Box::new(MultiGzDecoder::new(BufReader::new(file)))
+    } else {
+        Box::new(file)
+    };
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
-        .from_reader(std::io::BufReader::new(file));
+        .delimiter(delimiter)
+        .from_reader(BufReader::new(input));
     let headers: Vec<String> = reader
         .headers()
         .map_err(csv_err)?
@@ -296,4 +374,318 @@ fn field_to_json(field: &Field) -> Value {
         // Decimals, dates, times and timestamps: their display form.
         other => Value::String(other.to_string()),
     }
+}
+
+/// Arrow IPC: the stream format (what `datasets` writes: `save_to_disk`, its cache), or the file
+/// format when the file opens with the `ARROW1` magic. Rows are numbered across record batches.
+fn read_arrow(file_path: &Path, path: &Path) -> Result<Vec<SourceRow>, DataError> {
+    let bad = |at: Location, e: ArrowError| DataError::Malformed {
+        at,
+        what: "arrow",
+        message: e.to_string(),
+    };
+    let mut file = fs::File::open(file_path).map_err(|e| DataError::io("open", file_path, e))?;
+    let mut magic = [0u8; 6];
+    let file_format = file.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| DataError::io("read", file_path, e))?;
+    let batches: Box<dyn Iterator<Item = Result<RecordBatch, ArrowError>>> = if file_format {
+        Box::new(
+            arrow_ipc::reader::FileReader::try_new_buffered(file, None)
+                .map_err(|e| bad(Location::whole(path), e))?,
+        )
+    } else {
+        Box::new(
+            arrow_ipc::reader::StreamReader::try_new_buffered(file, None)
+                .map_err(|e| bad(Location::whole(path), e))?,
+        )
+    };
+    let mut rows = Vec::new();
+    for batch in batches {
+        let batch = batch.map_err(|e| bad(Location::row(path, rows.len()), e))?;
+        let schema = batch.schema();
+        for r in 0..batch.num_rows() {
+            let at = Location::row(path, rows.len());
+            let mut fields = Map::new();
+            for (field, column) in schema.fields().iter().zip(batch.columns()) {
+                let value =
+                    arrow_value(column.as_ref(), r).map_err(|message| DataError::Malformed {
+                        at: at.clone(),
+                        what: "arrow",
+                        message: format!("column `{}`: {message}", field.name()),
+                    })?;
+                fields.insert(field.name().clone(), value);
+            }
+            rows.push(SourceRow { at, fields });
+        }
+    }
+    Ok(rows)
+}
+
+/// One Arrow value as JSON, as Parquet values are: numbers, strings, lists, objects; bytes as
+/// (lossy) text; dates, times and decimals in their display form.
+fn arrow_value(array: &dyn Array, i: usize) -> Result<Value, String> {
+    if matches!(array.data_type(), DataType::Null) || array.is_null(i) {
+        return Ok(Value::Null);
+    }
+    macro_rules! int {
+        ($t:ty) => {
+            Value::from(array.as_primitive::<$t>().value(i))
+        };
+    }
+    let text = |s: &str| Value::String(s.to_owned());
+    let bytes = |b: &[u8]| Value::String(String::from_utf8_lossy(b).into_owned());
+    let shown = |s: Option<String>| s.map_or(Value::Null, Value::String);
+    Ok(match array.data_type() {
+        DataType::Boolean => Value::Bool(array.as_boolean().value(i)),
+        DataType::Int8 => int!(Int8Type),
+        DataType::Int16 => int!(Int16Type),
+        DataType::Int32 => int!(Int32Type),
+        DataType::Int64 => int!(Int64Type),
+        DataType::UInt8 => int!(UInt8Type),
+        DataType::UInt16 => int!(UInt16Type),
+        DataType::UInt32 => int!(UInt32Type),
+        DataType::UInt64 => int!(UInt64Type),
+        DataType::Float16 => float(f64::from(array.as_primitive::<Float16Type>().value(i))),
+        DataType::Float32 => float(f64::from(array.as_primitive::<Float32Type>().value(i))),
+        DataType::Float64 => float(array.as_primitive::<Float64Type>().value(i)),
+        DataType::Utf8 => text(array.as_string::<i32>().value(i)),
+        DataType::LargeUtf8 => text(array.as_string::<i64>().value(i)),
+        DataType::Utf8View => text(array.as_string_view().value(i)),
+        DataType::Binary => bytes(array.as_binary::<i32>().value(i)),
+        DataType::LargeBinary => bytes(array.as_binary::<i64>().value(i)),
+        DataType::BinaryView => bytes(array.as_binary_view().value(i)),
+        DataType::FixedSizeBinary(_) => bytes(array.as_fixed_size_binary().value(i)),
+        DataType::List(_) => arrow_list(array.as_list::<i32>().value(i).as_ref())?,
+        DataType::LargeList(_) => arrow_list(array.as_list::<i64>().value(i).as_ref())?,
+        DataType::FixedSizeList(_, _) => arrow_list(array.as_fixed_size_list().value(i).as_ref())?,
+        DataType::ListView(_) => arrow_list(array.as_list_view::<i32>().value(i).as_ref())?,
+        DataType::LargeListView(_) => arrow_list(array.as_list_view::<i64>().value(i).as_ref())?,
+        DataType::Struct(fields) => {
+            let s = array.as_struct();
+            let mut m = Map::new();
+            for (f, c) in fields.iter().zip(s.columns()) {
+                m.insert(f.name().clone(), arrow_value(c.as_ref(), i)?);
+            }
+            Value::Object(m)
+        }
+        DataType::Map(_, _) => {
+            let entries = array.as_map().value(i);
+            let (keys, values) = (entries.column(0), entries.column(1));
+            let mut m = Map::new();
+            for j in 0..entries.len() {
+                let key = match arrow_value(keys.as_ref(), j)? {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                m.insert(key, arrow_value(values.as_ref(), j)?);
+            }
+            Value::Object(m)
+        }
+        DataType::Dictionary(key, _) => match key.as_ref() {
+            DataType::Int8 => arrow_dict::<Int8Type>(array, i)?,
+            DataType::Int16 => arrow_dict::<Int16Type>(array, i)?,
+            DataType::Int32 => arrow_dict::<Int32Type>(array, i)?,
+            DataType::Int64 => arrow_dict::<Int64Type>(array, i)?,
+            DataType::UInt8 => arrow_dict::<UInt8Type>(array, i)?,
+            DataType::UInt16 => arrow_dict::<UInt16Type>(array, i)?,
+            DataType::UInt32 => arrow_dict::<UInt32Type>(array, i)?,
+            DataType::UInt64 => arrow_dict::<UInt64Type>(array, i)?,
+            other => return Err(format!("unsupported dictionary key type {other}")),
+        },
+        DataType::Date32 => shown(
+            array
+                .as_primitive::<Date32Type>()
+                .value_as_date(i)
+                .map(|d| d.to_string()),
+        ),
+        DataType::Date64 => shown(
+            array
+                .as_primitive::<Date64Type>()
+                .value_as_date(i)
+                .map(|d| d.to_string()),
+        ),
+        DataType::Timestamp(unit, _) => shown(
+            match unit {
+                TimeUnit::Second => array
+                    .as_primitive::<TimestampSecondType>()
+                    .value_as_datetime(i),
+                TimeUnit::Millisecond => array
+                    .as_primitive::<TimestampMillisecondType>()
+                    .value_as_datetime(i),
+                TimeUnit::Microsecond => array
+                    .as_primitive::<TimestampMicrosecondType>()
+                    .value_as_datetime(i),
+                TimeUnit::Nanosecond => array
+                    .as_primitive::<TimestampNanosecondType>()
+                    .value_as_datetime(i),
+            }
+            .map(|t| t.to_string()),
+        ),
+        DataType::Time32(TimeUnit::Second) => shown(
+            array
+                .as_primitive::<Time32SecondType>()
+                .value_as_time(i)
+                .map(|t| t.to_string()),
+        ),
+        DataType::Time32(TimeUnit::Millisecond) => shown(
+            array
+                .as_primitive::<Time32MillisecondType>()
+                .value_as_time(i)
+                .map(|t| t.to_string()),
+        ),
+        DataType::Time64(TimeUnit::Microsecond) => shown(
+            array
+                .as_primitive::<Time64MicrosecondType>()
+                .value_as_time(i)
+                .map(|t| t.to_string()),
+        ),
+        DataType::Time64(TimeUnit::Nanosecond) => shown(
+            array
+                .as_primitive::<Time64NanosecondType>()
+                .value_as_time(i)
+                .map(|t| t.to_string()),
+        ),
+        DataType::Decimal128(_, _) => {
+            Value::String(array.as_primitive::<Decimal128Type>().value_as_string(i))
+        }
+        DataType::Decimal256(_, _) => {
+            Value::String(array.as_primitive::<Decimal256Type>().value_as_string(i))
+        }
+        DataType::Duration(unit) => Value::from(match unit {
+            TimeUnit::Second => array.as_primitive::<DurationSecondType>().value(i),
+            TimeUnit::Millisecond => array.as_primitive::<DurationMillisecondType>().value(i),
+            TimeUnit::Microsecond => array.as_primitive::<DurationMicrosecondType>().value(i),
+            TimeUnit::Nanosecond => array.as_primitive::<DurationNanosecondType>().value(i),
+        }),
+        other => return Err(format!("unsupported arrow type {other}")),
+    })
+}
+
+fn arrow_list(values: &dyn Array) -> Result<Value, String> {
+    (0..values.len())
+        .map(|j| arrow_value(values, j))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::Array)
+}
+
+fn arrow_dict<K: ArrowDictionaryKeyType>(array: &dyn Array, i: usize) -> Result<Value, String> {
+    let d = array.as_dictionary::<K>();
+    match d.key(i) {
+        Some(k) => arrow_value(d.values().as_ref(), k),
+        None => Ok(Value::Null),
+    }
+}
+
+/// The Arrow files of a `datasets` `save_to_disk` directory, in order: a `Dataset`'s
+/// (`state.json` lists them in `_data_files`), or the split `split` of a `DatasetDict`'s
+/// (`dataset_dict.json` lists the splits, each a `Dataset` directory; without `split`, its only
+/// split). `None` when `dir` is neither.
+pub fn saved_dataset_files(
+    dir: &Path,
+    split: Option<&str>,
+) -> Result<Option<Vec<PathBuf>>, DataError> {
+    let err = |message: String, help: Option<String>| DataError::SavedDataset {
+        path: dir.display().to_string(),
+        message,
+        help,
+    };
+    let dict = dir.join("dataset_dict.json");
+    if dict.is_file() {
+        let splits: Vec<String> = read_json(&dict)?
+            .get("splits")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let listed = || Some(format!("its splits: {}", splits.join(", ")));
+        let chosen = match split {
+            Some(s) if splits.iter().any(|x| x == s) => s.to_owned(),
+            Some(s) => {
+                return Err(err(
+                    format!("the saved DatasetDict has no split `{s}`"),
+                    listed(),
+                ));
+            }
+            None => match splits.as_slice() {
+                [one] => one.clone(),
+                _ => {
+                    return Err(err(
+                        format!(
+                            "the saved DatasetDict holds {} splits; choose one with `split:`",
+                            splits.len()
+                        ),
+                        listed(),
+                    ));
+                }
+            },
+        };
+        if chosen.contains(['/', '\\']) || chosen == ".." {
+            return Err(err(format!("bad split name `{chosen}`"), None));
+        }
+        return match saved_dataset_files(&dir.join(&chosen), None)? {
+            Some(files) => Ok(Some(files)),
+            None => Err(err(
+                format!("split `{chosen}` of the saved DatasetDict has no state.json"),
+                None,
+            )),
+        };
+    }
+    let state = dir.join("state.json");
+    if !state.is_file() {
+        return Ok(None);
+    }
+    if let Some(s) = split {
+        return Err(err(
+            format!(
+                "`split: {s}` picks a split of a saved DatasetDict, and this is one saved Dataset \
+                 (state.json, no dataset_dict.json)"
+            ),
+            Some("drop `split:`".into()),
+        ));
+    }
+    let state_json = read_json(&state)?;
+    let entries = state_json
+        .get("_data_files")
+        .and_then(Value::as_array)
+        .ok_or_else(|| err("state.json has no `_data_files` list".into(), None))?;
+    let mut files = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let Some(name) = entry.get("filename").and_then(Value::as_str) else {
+            return Err(err(
+                format!("state.json: `_data_files[{i}]` has no `filename`"),
+                None,
+            ));
+        };
+        if name.is_empty() || name.contains(['/', '\\']) || name == ".." {
+            return Err(err(
+                format!("state.json: `_data_files[{i}]` is not a file name: `{name}`"),
+                None,
+            ));
+        }
+        let p = dir.join(name);
+        if !p.is_file() {
+            return Err(err(
+                format!("state.json lists `{name}`, which is missing"),
+                Some("the directory was copied in part: save it again with `save_to_disk`".into()),
+            ));
+        }
+        files.push(p);
+    }
+    if files.is_empty() {
+        return Err(err("state.json lists no data file".into(), None));
+    }
+    Ok(Some(files))
+}
+
+fn read_json(path: &Path) -> Result<Value, DataError> {
+    let text = fs::read_to_string(path).map_err(|e| DataError::io("read", path, e))?;
+    serde_json::from_str(&text).map_err(|e| DataError::Malformed {
+        at: Location::line(path, e.line() as u64),
+        what: "json",
+        message: json_message(&e),
+    })
 }
