@@ -1,6 +1,8 @@
 //! The data stages run standalone on the committed fixtures (`fixtures/data/`, written by
 //! `cargo run -p burnish-stages --example make_data_fixtures`).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use burnish_engine::stage::{
 use burnish_stages::data::{
     ConvertStage, DatasetStage, DedupStage, FilterStage, MixStage, SelectStage, SplitStage,
     hf::resolve_hf_in,
-    records::{Dataset, INFO_FILE, RECORDS_FILE},
+    records::{ChatRecord, Dataset, INFO_FILE, RECORDS_FILE, Record},
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -848,6 +850,113 @@ fn dedup_of_preferences_keys_on_all_text() {
     assert_eq!((r.metric("kept"), r.metric("removed")), (3, 1));
 }
 
+/// A text dataset of `texts` (one record each) loaded through the `dataset` stage.
+fn text_dataset(texts: &[&str]) -> Ran {
+    let tmp = TempDir::new().unwrap();
+    let file = tmp.path().join("t.jsonl");
+    let body: String = texts
+        .iter()
+        .map(|t| format!("{}\n", json!({"text": t})))
+        .collect();
+    fs::write(&file, body).unwrap();
+    let ds = run::<DatasetStage>(
+        json!({"path": "t.jsonl", "format": "text"}),
+        1,
+        &[],
+        &[("path", file)],
+        &["main"],
+    )
+    .unwrap();
+    assert_eq!(ds.lines("main").len(), texts.len());
+    ds
+}
+
+#[test]
+fn dedup_normalized_folds_unicode() {
+    let rows = [
+        "Caf\u{e9}",                // NFC
+        "Cafe\u{301}",              // NFD: the same text
+        "cafe",                     // no accent: another text
+        "\u{fb01}sh",               // the ﬁ ligature
+        "fish",                     // = ﬁsh under NFKC
+        "Stra\u{df}e",              // ß
+        "STRASSE",                  // = Straße under full case folding (not under to_lowercase)
+        "\u{ff21}\u{ff22}\u{ff23}", // full-width ＡＢＣ
+        "abc",                      // = ＡＢＣ
+        "CAF\u{c9}!",               // = Café (case, punctuation)
+        "strasse",                  // = Straße
+    ];
+    let ds = text_dataset(&rows);
+    let exact = run::<DedupStage>(
+        json!({"data": "d"}),
+        1,
+        &[("data", ds.artifact("main"))],
+        &[],
+        &["main"],
+    )
+    .unwrap();
+    assert_eq!((exact.metric("kept"), exact.metric("removed")), (11, 0));
+    let norm = run::<DedupStage>(
+        json!({"data": "d", "mode": "normalized"}),
+        1,
+        &[("data", ds.artifact("main"))],
+        &[],
+        &["main"],
+    )
+    .unwrap();
+    assert_eq!((norm.metric("kept"), norm.metric("removed")), (5, 6));
+    assert_eq!(
+        texts(&norm),
+        [
+            "Caf\u{e9}",
+            "cafe",
+            "\u{fb01}sh",
+            "Stra\u{df}e",
+            "\u{ff21}\u{ff22}\u{ff23}"
+        ]
+    );
+}
+
+/// `normalize_text` against Python's `unicodedata` and `str.casefold` (full case folding), the
+/// compatibility caseless form of Unicode §3.13 D146 composed to NFC, with Python's `isalnum` /
+/// `isspace` for the filter (the strings avoid the few characters where those differ from
+/// Rust's). Skips when Python does not run, unless `BURNISH_REQUIRE_PY=1`.
+#[test]
+fn normalized_key_matches_python_unicodedata() {
+    use burnish_stages::data::dedup::normalize_text;
+    let cases = [
+        "Caf\u{e9}",
+        "Cafe\u{301}",
+        "CAFE\u{301}",
+        "\u{fb01}sh \u{fb02}ow",
+        "Stra\u{df}e STRASSE",
+        "\u{ff21}\u{ff22}\u{ff23}\u{ff11}\u{ff12}",
+        "\u{3a3}\u{399}\u{3a3}\u{3a5}\u{3a6}\u{39f}\u{3a3} \u{3c3}\u{3c2}",
+        "\u{1e9e} \u{130} \u{131} \u{17f} \u{212b} \u{2126}",
+        "\u{1f88} \u{1fb3} \u{390} \u{3b0}",
+        "\u{2460} \u{2167} x\u{b2} \u{bd} \u{2122} \u{2103}",
+        "\u{d55c}\u{1100}\u{1161}\u{11a8} \u{30ac} \u{30ab}\u{3099} \u{ff76}\u{ff9e}",
+        "  Hello,\t\u{a0}World!\u{3000}\r\n\u{200b}ok  ",
+        "\u{4e2d}\u{6587} \u{1f600} \u{2764}\u{fe0f} na\u{ef}ve \u{1e9b}\u{323}",
+        "\u{fb00}\u{fb03}\u{fb06} \u{149} \u{1f0} \u{587}",
+    ];
+    let script = r#"
+import json, sys, unicodedata as u
+def key(s):
+    f = u.normalize("NFKD", u.normalize("NFKD", u.normalize("NFD", s).casefold()).casefold())
+    f = u.normalize("NFC", f)
+    return " ".join("".join(c for c in f if c.isalnum() or c.isspace()).split())
+print(json.dumps([key(s) for s in json.loads(sys.argv[1])]))
+"#;
+    let arg = serde_json::to_string(&cases).unwrap();
+    let Some(stdout) = common::run_python(script, &arg, "the normalization reference") else {
+        return;
+    };
+    let theirs: Vec<String> = serde_json::from_str(stdout.trim()).unwrap();
+    let ours: Vec<String> = cases.iter().map(|s| normalize_text(s)).collect();
+    assert_eq!(ours, theirs);
+}
+
 // ---------------------------------------------------------------------------------------------
 // data.select
 
@@ -1413,4 +1522,103 @@ fn params_read_from_yaml() {
         .map(|f| f.field)
         .collect();
     assert_eq!(fields, ["path", "columns.conversation"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// tool calls, reasoning and per-turn weights
+
+/// The records' messages as a chat record reads them back.
+fn chat_records(r: &Ran) -> Vec<ChatRecord> {
+    r.lines("main")
+        .iter()
+        .map(|l| match Record::parse(DatasetFamily::Chat, l).unwrap() {
+            Record::Chat(c) => c,
+            other => panic!("not a chat record: {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn openai_tool_calls_round_trip_with_nothing_dropped() {
+    let r = load_ok("tools/openai.jsonl", "chat", Value::Null);
+    let source: Vec<Value> = fs::read_to_string(fixtures().join("tools/openai.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let recs = r.json("main");
+    for (rec, src) in recs.iter().zip(&source) {
+        // Every key of every message, as the source wrote it (`content: null` included).
+        assert_eq!(rec["messages"], src["messages"]);
+        assert_eq!(rec.get("tools"), src.get("tools"));
+    }
+    let chats = chat_records(&r);
+    let targets: Vec<Vec<bool>> = chats
+        .iter()
+        .map(|c| c.messages.iter().map(|m| m.is_target()).collect())
+        .collect();
+    // Tool turns and `weight: 0` turns are context; the tool call itself is a target.
+    assert_eq!(
+        targets,
+        [
+            vec![false, false, true, false, true],
+            vec![false, false, false, false, true]
+        ]
+    );
+    assert_eq!(chats[0].messages[2].text(), "");
+    assert_eq!(chats[0].messages[3].name.as_deref(), Some("get_weather"));
+    assert_eq!(
+        chats[1].messages[4].extra["metadata"],
+        json!({"source": "hand"})
+    );
+}
+
+#[test]
+fn sharegpt_function_call_turns_become_tool_calls() {
+    let r = load_ok("tools/sharegpt.jsonl", "sharegpt", Value::Null);
+    let recs = r.json("main");
+    assert_eq!(
+        recs[0]["messages"],
+        json!([
+            {"role": "system", "content": "You may call add(a, b)."},
+            {"role": "user", "content": "What is 17 + 25?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"type": "function", "function": {"name": "add", "arguments": {"a": 17, "b": 25}}}
+            ]},
+            {"role": "tool", "content": "42"},
+            {"role": "assistant", "content": "17 + 25 = 42."}
+        ])
+    );
+    assert_eq!(recs[0]["tools"][0]["function"]["name"], "add");
+    let chats = chat_records(&r);
+    let targets: Vec<bool> = chats[0].messages.iter().map(|m| m.is_target()).collect();
+    assert_eq!(targets, [false, false, true, false, true]);
+}
+
+#[test]
+fn claudesidian_tool_turns_keep_their_text() {
+    // The seed's tool-use set writes calls inline (`<tool_call>{…}</tool_call>`) and results as
+    // user turns (`<tool_result>…`): kept verbatim, turn by turn.
+    let r = load_ok(
+        "claudesidian.jsonl",
+        "chat",
+        json!({"messages": "conversations"}),
+    );
+    let source: Vec<Value> = fs::read_to_string(fixtures().join("claudesidian.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let recs = r.json("main");
+    assert_eq!(recs.len(), source.len());
+    for (rec, src) in recs.iter().zip(&source) {
+        assert_eq!(rec["messages"], src["conversations"]);
+        assert_eq!(rec["label"], src["label"]);
+    }
+    let calls = recs
+        .iter()
+        .flat_map(|r| r["messages"].as_array().unwrap().clone())
+        .filter(|m| m["content"].as_str().unwrap().contains("<tool_call>"))
+        .count();
+    assert!(calls >= 40, "{calls} tool calls");
 }

@@ -203,6 +203,7 @@ pub fn reasoning_to_chat(
     messages.push(Message::assistant(reply));
     super::records::ChatRecord {
         messages,
+        tools: Vec::new(),
         label: None,
         meta,
     }

@@ -9,8 +9,8 @@ use serde_json::{Map, Value};
 
 use super::error::{DataError, Location};
 use super::records::{
-    ChatRecord, LabeledRecord, Message, Meta, PreferenceRecord, RankedResponse, RankingRecord,
-    ReasoningRecord, Record, Role, TextRecord, canonical,
+    ChatRecord, Content, ContentPart, FunctionCall, LabeledRecord, Message, Meta, PreferenceRecord,
+    RankedResponse, RankingRecord, ReasoningRecord, Record, Role, TextRecord, ToolCall, canonical,
 };
 use super::source::{SourceRow, describe};
 
@@ -25,10 +25,11 @@ pub enum Format {
     Alpaca,
     /// `prompt`, `completion` (text or message lists, optional `system`) → chat records.
     PromptCompletion,
-    /// OpenAI-style `messages`: [{role, content}] (optional `label`) → chat records.
+    /// OpenAI-style `messages`: [{role, content, tool_calls?, tool_call_id?, name?,
+    /// reasoning_content?, weight?}] (optional `label`, optional `tools`) → chat records.
     Chat,
-    /// ShareGPT `conversations`: [{from: human|gpt|system|tool…, value}] (optional `label`) → chat
-    /// records.
+    /// ShareGPT `conversations`: [{from: human|gpt|system|tool|function_call…, value}] (optional
+    /// `label`, optional `tools`) → chat records.
     Sharegpt,
     /// `prompt`, `chosen`, `rejected` (text or message lists, optional `system`); without a prompt,
     /// chosen/rejected are whole transcripts (Anthropic HH "\n\nHuman: … \n\nAssistant: …" or
@@ -89,8 +90,16 @@ impl Format {
                 ("completion", &["completion"]),
                 ("system", &["system"]),
             ],
-            Format::Chat => &[("messages", &["messages"]), ("label", &["label"])],
-            Format::Sharegpt => &[("conversations", &["conversations"]), ("label", &["label"])],
+            Format::Chat => &[
+                ("messages", &["messages"]),
+                ("label", &["label"]),
+                ("tools", &["tools"]),
+            ],
+            Format::Sharegpt => &[
+                ("conversations", &["conversations"]),
+                ("label", &["label"]),
+                ("tools", &["tools"]),
+            ],
             Format::Preference => &[
                 ("prompt", &["prompt"]),
                 ("chosen", &["chosen"]),
@@ -211,6 +220,15 @@ impl<'a> RowReader<'a> {
         }
     }
 
+    /// A missing field inside a value (`messages[2].role`), with what it should look like.
+    fn absent(&self, field: impl Into<String>, help: Option<&str>) -> DataError {
+        DataError::MissingField {
+            at: self.at.clone(),
+            field: field.into(),
+            help: help.map(str::to_owned),
+        }
+    }
+
     fn require(&mut self, canon: &str) -> Result<Found<'a>, DataError> {
         // A required field present as null is a type error, not a missing one.
         for name in self.candidates(canon) {
@@ -305,7 +323,10 @@ impl<'a> RowReader<'a> {
             .collect()
     }
 
-    /// One message: `{role, content}` or ShareGPT's `{from, value}`.
+    /// One message: `{role, content}` or ShareGPT's `{from, value}`, with everything else it
+    /// carries: `tool_calls`, `tool_call_id`, `name`, `reasoning_content`, Axolotl's `weight`,
+    /// and any other key (kept in [`Message::extra`]). ShareGPT's `function_call` turns (a JSON
+    /// `{name, arguments}` as the value) become an assistant turn with that tool call.
     fn message(&self, field: &str, item: &Value) -> Result<Message, DataError> {
         let Value::Object(obj) = item else {
             return Err(self.wrong_type(field, "a message object", item));
@@ -314,11 +335,10 @@ impl<'a> RowReader<'a> {
             (Some(r), _) => ("role", r),
             (None, Some(r)) => ("from", r),
             (None, None) => {
-                return Err(DataError::MissingField {
-                    at: self.at.clone(),
-                    field: format!("{field}.role"),
-                    help: Some("a message is {role, content} or {from, value}".into()),
-                });
+                return Err(self.absent(
+                    format!("{field}.role"),
+                    Some("a message is {role, content} or {from, value}"),
+                ));
             }
         };
         let role_field = format!("{field}.{role_key}");
@@ -329,63 +349,193 @@ impl<'a> RowReader<'a> {
             self.bad_value(
                 &role_field,
                 format!(
-                    "unknown role {role_name:?} (expected system, user, assistant or tool, or \
-                     sharegpt's human, gpt, …)"
+                    "unknown role {role_name:?} (expected system, developer, user, assistant or \
+                     tool, or sharegpt's human, gpt, …)"
                 ),
             )
         })?;
-        let (content_key, content) = match (obj.get("content"), obj.get("value")) {
-            (Some(c), _) => ("content", c),
-            (None, Some(c)) => ("value", c),
-            (None, None) => {
-                return Err(DataError::MissingField {
-                    at: self.at.clone(),
-                    field: format!("{field}.content"),
-                    help: Some("a message is {role, content} or {from, value}".into()),
-                });
-            }
+        let mut msg = Message {
+            role,
+            ..Message::default()
+        };
+        let content_key = if obj.contains_key("content") || !obj.contains_key("value") {
+            "content"
+        } else {
+            "value"
         };
         let content_field = format!("{field}.{content_key}");
-        let content = match content {
-            Value::String(s) => s.clone(),
-            // OpenAI content parts: [{type: text, text}].
-            Value::Array(parts) => {
-                let mut texts = Vec::with_capacity(parts.len());
-                for (j, part) in parts.iter().enumerate() {
-                    let part_field = format!("{content_field}[{j}]");
-                    match part {
-                        Value::Object(p) => match (p.get("type"), p.get("text")) {
-                            (Some(Value::String(t)), Some(Value::String(text))) if t == "text" => {
-                                texts.push(text.as_str())
-                            }
-                            (Some(Value::String(t)), _) if t != "text" => {
-                                return Err(self.bad_value(
-                                    &part_field,
-                                    format!("content part of type {t:?} is not text"),
-                                ));
-                            }
-                            _ => {
-                                return Err(self.wrong_type(
-                                    &part_field,
-                                    "a text part {type: text, text}",
-                                    part,
-                                ));
-                            }
-                        },
-                        other => {
-                            return Err(self.wrong_type(
-                                &part_field,
-                                "a text part {type: text, text}",
-                                other,
-                            ));
-                        }
+        let mut consumed = vec![role_key, content_key];
+        for key in [
+            "tool_calls",
+            "tool_call_id",
+            "name",
+            "reasoning_content",
+            "weight",
+        ] {
+            let Some(v) = obj.get(key) else { continue };
+            consumed.push(key);
+            let at = format!("{field}.{key}");
+            match key {
+                "tool_calls" => msg.tool_calls = self.tool_calls(&at, v)?,
+                "weight" => msg.weight = self.weight(&at, v)?,
+                _ => {
+                    let text = match v {
+                        Value::Null => None,
+                        Value::String(s) => Some(s.clone()),
+                        other => return Err(self.wrong_type(&at, "a string", other)),
+                    };
+                    match key {
+                        "tool_call_id" => msg.tool_call_id = text,
+                        "name" => msg.name = text,
+                        _ => msg.reasoning_content = text,
                     }
                 }
-                texts.join("\n")
             }
-            other => return Err(self.wrong_type(&content_field, "a string", other)),
+        }
+        msg.content = match obj.get(content_key) {
+            Some(Value::String(s)) => Content::Text(s.clone()),
+            Some(Value::Array(parts)) => Content::Parts(self.parts(&content_field, parts)?),
+            // OpenAI writes `content: null` beside tool calls.
+            Some(Value::Null) | None if !msg.tool_calls.is_empty() => Content::Absent,
+            Some(other) => return Err(self.wrong_type(&content_field, "a string", other)),
+            None => {
+                return Err(self.absent(
+                    content_field,
+                    Some("a message is {role, content} or {from, value}"),
+                ));
+            }
         };
-        Ok(Message { role, content })
+        // ShareGPT (glaive, hermes) writes a call as a `function_call` turn holding JSON.
+        if role_name.eq_ignore_ascii_case("function_call")
+            && msg.tool_calls.is_empty()
+            && let Some(call) = sharegpt_call(&msg.content.text())
+        {
+            msg.tool_calls.push(call);
+            msg.content = Content::Absent;
+        }
+        msg.extra = obj
+            .iter()
+            .filter(|(k, _)| !consumed.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        msg.extra.sort_keys();
+        Ok(msg)
+    }
+
+    /// OpenAI content parts: `[{type: text, text}]`, kept as a list.
+    fn parts(&self, field: &str, parts: &[Value]) -> Result<Vec<ContentPart>, DataError> {
+        let mut out = Vec::with_capacity(parts.len());
+        for (j, part) in parts.iter().enumerate() {
+            let part_field = format!("{field}[{j}]");
+            match part {
+                Value::Object(p) => match (p.get("type"), p.get("text")) {
+                    (Some(Value::String(t)), Some(Value::String(text))) if t == "text" => {
+                        out.push(ContentPart {
+                            kind: t.clone(),
+                            text: text.clone(),
+                        })
+                    }
+                    (Some(Value::String(t)), _) if t != "text" => {
+                        return Err(self.bad_value(
+                            &part_field,
+                            format!("content part of type {t:?} is not text"),
+                        ));
+                    }
+                    _ => {
+                        return Err(self.wrong_type(
+                            &part_field,
+                            "a text part {type: text, text}",
+                            part,
+                        ));
+                    }
+                },
+                other => {
+                    return Err(self.wrong_type(
+                        &part_field,
+                        "a text part {type: text, text}",
+                        other,
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// OpenAI's `tool_calls`: `[{id, type: function, function: {name, arguments}}]`; the bare
+    /// `{name, arguments}` form some datasets write is accepted and given the wrapper.
+    fn tool_calls(&self, field: &str, v: &Value) -> Result<Vec<ToolCall>, DataError> {
+        let items = match v {
+            Value::Null => return Ok(Vec::new()),
+            Value::Array(items) => items,
+            other => return Err(self.wrong_type(field, "a list of tool calls", other)),
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let at = format!("{field}[{i}]");
+            let Value::Object(call) = item else {
+                return Err(self.wrong_type(&at, "a tool call {type, function}", item));
+            };
+            let id = match call.get("id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(other) => return Err(self.wrong_type(&format!("{at}.id"), "a string", other)),
+            };
+            let kind = match call.get("type") {
+                None | Some(Value::Null) => "function".to_owned(),
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => {
+                    return Err(self.wrong_type(&format!("{at}.type"), "a string", other));
+                }
+            };
+            let (fn_at, function) = match call.get("function") {
+                Some(Value::Object(f)) => (format!("{at}.function"), f),
+                Some(other) => {
+                    return Err(self.wrong_type(
+                        &format!("{at}.function"),
+                        "an object {name, arguments}",
+                        other,
+                    ));
+                }
+                None => (at.clone(), call),
+            };
+            let name = match function.get("name") {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => {
+                    return Err(self.wrong_type(&format!("{fn_at}.name"), "a string", other));
+                }
+                None => {
+                    return Err(self.absent(
+                        format!("{fn_at}.name"),
+                        Some("a tool call is {type: function, function: {name, arguments}}"),
+                    ));
+                }
+            };
+            let arguments = function
+                .get("arguments")
+                .cloned()
+                .unwrap_or(Value::Object(Map::new()));
+            out.push(ToolCall {
+                id,
+                kind,
+                function: FunctionCall { name, arguments },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Axolotl's per-turn `weight`: 0 or 1 (a boolean is read as one).
+    fn weight(&self, field: &str, v: &Value) -> Result<Option<u8>, DataError> {
+        match v {
+            Value::Null => Ok(None),
+            Value::Bool(b) => Ok(Some(u8::from(*b))),
+            Value::Number(n) if n.as_f64() == Some(0.0) => Ok(Some(0)),
+            Value::Number(n) if n.as_f64() == Some(1.0) => Ok(Some(1)),
+            Value::Number(n) => Err(self.bad_value(
+                field,
+                format!("a turn's weight is 0 (context) or 1 (trained), found {n}"),
+            )),
+            other => Err(self.wrong_type(field, "0 or 1", other)),
+        }
     }
 
     /// Text (one message of `role`) or a list of messages.
@@ -447,6 +597,7 @@ impl<'a> RowReader<'a> {
                 messages.push(Message::assistant(output));
                 Ok(Record::Chat(ChatRecord {
                     messages,
+                    tools: Vec::new(),
                     label: None,
                     meta: self.meta(),
                 }))
@@ -458,6 +609,7 @@ impl<'a> RowReader<'a> {
                 messages.extend(completion);
                 Ok(Record::Chat(ChatRecord {
                     messages,
+                    tools: Vec::new(),
                     label: None,
                     meta: self.meta(),
                 }))
@@ -471,8 +623,13 @@ impl<'a> RowReader<'a> {
                 let f = self.require(canon)?;
                 let messages = self.messages(&f)?;
                 let label = self.opt_bool("label")?;
+                let tools = match self.get("tools") {
+                    Some(t) => self.list(&t, "a list of tool schemas")?,
+                    None => Vec::new(),
+                };
                 Ok(Record::Chat(ChatRecord {
                     messages,
+                    tools,
                     label,
                     meta: self.meta(),
                 }))
@@ -618,11 +775,7 @@ impl<'a> RowReader<'a> {
                     return Err(self.wrong_type(&format!("{field}.text"), "a string", other));
                 }
                 None => {
-                    return Err(DataError::MissingField {
-                        at: self.at.clone(),
-                        field: format!("{field}.text"),
-                        help: None,
-                    });
+                    return Err(self.absent(format!("{field}.text"), None));
                 }
             };
             let rank = match obj.get("rank") {
@@ -631,11 +784,7 @@ impl<'a> RowReader<'a> {
                     return Err(self.wrong_type(&format!("{field}.rank"), "an integer", other));
                 }
                 None => {
-                    return Err(DataError::MissingField {
-                        at: self.at.clone(),
-                        field: format!("{field}.rank"),
-                        help: None,
-                    });
+                    return Err(self.absent(format!("{field}.rank"), None));
                 }
             };
             responses.push(RankedResponse { text, rank });
@@ -687,10 +836,29 @@ impl<'a> RowReader<'a> {
 fn parse_role(name: &str) -> Option<Role> {
     Some(match name.to_ascii_lowercase().as_str() {
         "system" => Role::System,
+        "developer" => Role::Developer,
         "user" | "human" => Role::User,
         "assistant" | "gpt" | "model" | "chatgpt" | "function_call" => Role::Assistant,
         "tool" | "function" | "observation" | "ipython" | "function_response" => Role::Tool,
         _ => return None,
+    })
+}
+
+/// A ShareGPT `function_call` value: JSON `{"name", "arguments"}`.
+fn sharegpt_call(value: &str) -> Option<ToolCall> {
+    let Ok(Value::Object(call)) = serde_json::from_str::<Value>(value.trim()) else {
+        return None;
+    };
+    let name = call.get("name")?.as_str()?.to_owned();
+    let arguments = call
+        .get("arguments")
+        .or_else(|| call.get("parameters"))
+        .cloned()
+        .unwrap_or(Value::Object(Map::new()));
+    Some(ToolCall {
+        id: None,
+        kind: "function".to_owned(),
+        function: FunctionCall { name, arguments },
     })
 }
 

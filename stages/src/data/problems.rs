@@ -603,7 +603,7 @@ mod tests {
         let mut seen = HashSet::new();
         for r in &recs {
             let r = reasoning(r);
-            let q = &r.prompt[0].content;
+            let q = &r.prompt[0].text().into_owned();
             assert_eq!(q.len(), 6, "{q}");
             let (a, op, b) = (&q[0..2], &q[2..3], &q[3..5]);
             let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
@@ -628,7 +628,7 @@ mod tests {
         let recs = make(&p, 1);
         let distinct: HashSet<String> = recs
             .iter()
-            .map(|r| reasoning(r).prompt[0].content.clone())
+            .map(|r| reasoning(r).prompt[0].text().into_owned())
             .collect();
         assert_eq!(distinct.len(), 100);
         p.count = 101;

@@ -16,7 +16,7 @@ use std::path::Path;
 use burnish_engine::stage::DatasetFamily;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::error::{DataError, Location};
 
@@ -29,10 +29,16 @@ pub const INFO_FILE: &str = "dataset.json";
 pub type Meta = BTreeMap<String, Value>;
 
 /// Who speaks a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
+    /// OpenAI's newer name for instructions from the application, kept as written (templates
+    /// that know it render it; most treat an unknown role as they treat `user`).
+    Developer,
+    #[default]
     User,
     Assistant,
     Tool,
@@ -42,6 +48,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::System => "system",
+            Role::Developer => "developer",
             Role::User => "user",
             Role::Assistant => "assistant",
             Role::Tool => "tool",
@@ -49,19 +56,166 @@ impl Role {
     }
 }
 
-/// One turn of a conversation.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A message's content: a string, or OpenAI's list of parts (`[{"type": "text", "text": …}]`),
+/// kept as a list so a template sees what transformers gives it; or absent (`null`), as OpenAI
+/// writes it beside tool calls, which a template sees as no `content` key at all (transformers
+/// drops null keys).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+    Absent,
+}
+
+/// One text part of a list content. Parts other than text (images, audio) are refused when a
+/// dataset is read: nothing here can train on them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: String,
+}
+
+impl Content {
+    /// The text: the string, or the parts' texts joined by newlines.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Content::Text(s) => std::borrow::Cow::Borrowed(s),
+            Content::Parts(parts) if parts.len() == 1 => std::borrow::Cow::Borrowed(&parts[0].text),
+            Content::Parts(parts) => std::borrow::Cow::Owned(
+                parts
+                    .iter()
+                    .map(|p| p.text.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            Content::Absent => std::borrow::Cow::Borrowed(""),
+        }
+    }
+
+    /// Each piece of text, in order.
+    pub fn pieces(&self) -> Vec<&str> {
+        match self {
+            Content::Text(s) => vec![s.as_str()],
+            Content::Parts(parts) => parts.iter().map(|p| p.text.as_str()).collect(),
+            Content::Absent => Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces().iter().all(|p| p.is_empty())
+    }
+
+    /// Append text (to the last part of a list content).
+    pub fn push_str(&mut self, more: &str) {
+        match self {
+            Content::Text(s) => s.push_str(more),
+            Content::Absent => *self = Content::Text(more.to_owned()),
+            Content::Parts(parts) => match parts.last_mut() {
+                Some(p) => p.text.push_str(more),
+                None => parts.push(ContentPart {
+                    kind: "text".into(),
+                    text: more.to_owned(),
+                }),
+            },
+        }
+    }
+}
+
+impl Default for Content {
+    fn default() -> Self {
+        Content::Text(String::new())
+    }
+}
+
+impl From<String> for Content {
+    fn from(s: String) -> Self {
+        Content::Text(s)
+    }
+}
+
+impl From<&str> for Content {
+    fn from(s: &str) -> Self {
+        Content::Text(s.to_owned())
+    }
+}
+
+impl PartialEq<str> for Content {
+    fn eq(&self, other: &str) -> bool {
+        self.text() == other
+    }
+}
+
+impl PartialEq<&str> for Content {
+    fn eq(&self, other: &&str) -> bool {
+        self.text() == *other
+    }
+}
+
+impl std::fmt::Display for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+/// A function call an assistant turn makes, as OpenAI writes it:
+/// `{"id", "type": "function", "function": {"name", "arguments"}}`. `arguments` stays as the
+/// source gave it (a JSON string in OpenAI's API, an object in most datasets and in
+/// transformers' examples), keys in their source order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+/// The function of a [`ToolCall`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// One turn of a conversation: what the source's message carried, nothing dropped. Keys this
+/// struct does not name (a `thinking`, a `metadata`) are kept in `extra` and reach the template
+/// as the source wrote them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: Role,
-    pub content: String,
+    pub content: Content,
+    /// A reasoning model's thinking before its answer (DeepSeek-R1, Qwen3 and gpt-oss
+    /// templates read it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// The calls an assistant turn makes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a tool turn answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The tool's (or the speaker's) name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Axolotl's per-turn training weight: 0 makes an assistant turn context, not a target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
+    /// Other keys of the source's message, sorted.
+    #[serde(flatten, default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Map<String, Value>,
 }
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
         Message {
             role,
-            content: content.into(),
+            content: Content::Text(content.into()),
+            ..Message::default()
         }
     }
     pub fn system(content: impl Into<String>) -> Self {
@@ -72,6 +226,16 @@ impl Message {
     }
     pub fn assistant(content: impl Into<String>) -> Self {
         Message::new(Role::Assistant, content)
+    }
+
+    /// The content's text (list parts joined by newlines).
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        self.content.text()
+    }
+
+    /// Whether this turn is a training target: an assistant turn whose weight is not 0.
+    pub fn is_target(&self) -> bool {
+        self.role == Role::Assistant && self.weight != Some(0)
     }
 }
 
@@ -94,6 +258,10 @@ pub struct TextRecord {
 #[serde(deny_unknown_fields)]
 pub struct ChatRecord {
     pub messages: Vec<Message>,
+    /// The functions the conversation may call (OpenAI's `tools` column: JSON schemas), passed
+    /// to the template as `tools`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<bool>,
     #[serde(default, skip_serializing_if = "no_meta")]
@@ -235,7 +403,12 @@ impl Record {
             f: &mut dyn FnMut(&'static str, Option<Role>, &'a str),
         ) {
             for m in ms {
-                f(part, Some(m.role), &m.content);
+                if let Some(r) = &m.reasoning_content {
+                    f(part, Some(m.role), r);
+                }
+                for piece in m.content.pieces() {
+                    f(part, Some(m.role), piece);
+                }
             }
         }
         match self {

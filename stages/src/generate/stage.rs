@@ -34,7 +34,7 @@ use crate::data::load_input;
 use crate::data::records::{ChatRecord, Dataset, Message, Meta, Record, Role, TextRecord};
 use crate::model::ModelConfig;
 use crate::rl::rewards::{self, Reward, RewardInput, RewardSpec};
-use crate::text::{ChatTemplate, TemplateChoice, TextError, TextTokenizer};
+use crate::text::{ChatTemplate, TemplateSpec, TextError, TextTokenizer};
 use crate::train::tokenizer_dir;
 
 /// Parameters of `generate`.
@@ -48,7 +48,7 @@ pub struct GenerateParams {
     /// Chat template for message prompts: `auto` (the checkpoint's, else chatml),
     /// `checkpoint`, `chatml`, `llama3` or `alpaca`.
     #[serde(default)]
-    pub chat_template: TemplateChoice,
+    pub chat_template: TemplateSpec,
     /// A system message put first in message prompts that have none (Unsloth's GRPO recipe
     /// gives its answer format this way).
     #[serde(default)]
@@ -204,7 +204,7 @@ impl Stage for GenerateStage {
         let ds = load_input(cx, "data")?;
         let scorers = scorers(cx, "rewards", &p.rewards)?;
         let spec = SampleSpec {
-            chat_template: p.chat_template,
+            chat_template: p.chat_template.clone(),
             system_prompt: p.system_prompt.as_deref(),
             n: p.n,
             max_new_tokens: p.max_new_tokens,
@@ -268,7 +268,7 @@ pub(crate) fn scorers(
 /// One sampling pass over a dataset's prompts: what `generate` and `eval`'s generation metrics
 /// share.
 pub(crate) struct SampleSpec<'a> {
-    pub chat_template: TemplateChoice,
+    pub chat_template: TemplateSpec,
     pub system_prompt: Option<&'a str>,
     pub n: usize,
     pub max_new_tokens: usize,
@@ -335,7 +335,7 @@ pub(crate) fn sample(
 ) -> Result<Sampled, StageError> {
     let dir = cx.input("model")?.dir.clone();
     let tok = TextTokenizer::from_dir(&tokenizer_dir(&dir)).map_err(GenerateError::from)?;
-    let template = ChatTemplate::resolve(spec.chat_template, &tok).map_err(GenerateError::from)?;
+    let template = ChatTemplate::resolve(&spec.chat_template, &tok).map_err(GenerateError::from)?;
     let (cfg, _) =
         ModelConfig::read(&tokenizer_dir(&dir).join("config.json")).map_err(GenerateError::from)?;
     let prompts = prompts(ds, &template, &tok, spec.system_prompt)?;
@@ -472,7 +472,7 @@ fn hinted_requests(
                 if let Some(m) = messages.iter_mut().rev().find(|m| m.role == Role::User) {
                     m.content.push_str(&hint);
                 }
-                tok.encode(&template.render(&messages, true, tok)?)?
+                tok.encode(&template.render_spans(&messages, &pr.tools, true, tok)?.text)?
             }
             None => text_ids(tok, &format!("{}{hint}", pr.text))?,
         };
@@ -564,6 +564,8 @@ fn decode_all(
 /// A record's prompt: its messages (none for raw text), its text and token ids.
 pub(crate) struct Prompt {
     pub(crate) messages: Option<Vec<Message>>,
+    /// The record's tools (a chat record's `tools`), rendered with the messages.
+    pub(crate) tools: Vec<serde_json::Value>,
     pub(crate) text: String,
     pub(crate) ids: Vec<u32>,
 }
@@ -578,10 +580,15 @@ pub(crate) fn prompts(
 ) -> Result<Vec<Prompt>, GenerateError> {
     let mut out = Vec::with_capacity(ds.len());
     for (i, rec) in ds.records.iter().enumerate() {
+        let tools = match rec {
+            Record::Chat(r) => r.tools.clone(),
+            _ => Vec::new(),
+        };
         let messages = match rec {
             Record::Text(r) => {
                 out.push(Prompt {
                     messages: None,
+                    tools: Vec::new(),
                     ids: text_ids(tok, &r.text)?,
                     text: r.text.clone(),
                 });
@@ -612,10 +619,11 @@ pub(crate) fn prompts(
         {
             messages.insert(0, Message::system(s));
         }
-        let text = template.render(&messages, true, tok)?;
+        let text = template.render_spans(&messages, &tools, true, tok)?.text;
         out.push(Prompt {
             ids: tok.encode(&text)?,
             messages: Some(messages),
+            tools,
             text,
         });
     }
@@ -684,6 +692,7 @@ fn records(
                 messages.push(Message::assistant(text));
                 Record::Chat(ChatRecord {
                     messages,
+                    tools: Vec::new(),
                     label: None,
                     meta,
                 })
@@ -748,7 +757,7 @@ pub(crate) fn completion_text(r: &Record) -> String {
         Record::Chat(c) => c
             .messages
             .last()
-            .map(|m| m.content.clone())
+            .map(|m| m.text().into_owned())
             .unwrap_or_default(),
         other => other
             .meta()

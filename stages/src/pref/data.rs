@@ -103,9 +103,9 @@ pub fn encode_pairs(
     let mut tokens = 0;
     for (index, r) in records.iter().enumerate() {
         let c = encode_completion(tok, template, &r.prompt, &r.chosen, seq_len)
-            .map_err(|e| e.in_record(index))?;
+            .map_err(|e| e.in_record(index + 1))?;
         let j = encode_completion(tok, template, &r.prompt, &r.rejected, seq_len)
-            .map_err(|e| e.in_record(index))?;
+            .map_err(|e| e.in_record(index + 1))?;
         match (c, j) {
             (Some(chosen), Some(rejected)) => {
                 tokens += chosen.ids.len() + rejected.ids.len();
@@ -144,9 +144,9 @@ pub fn encode_labeled(
         same_prompt += usize::from(records[j].prompt == r.prompt);
         let next = &records[j];
         let e = encode_completion(tok, template, &r.prompt, &r.completion, seq_len)
-            .map_err(|e| e.in_record(index))?;
+            .map_err(|e| e.in_record(index + 1))?;
         let m = encode_completion(tok, template, &r.prompt, &next.completion, seq_len)
-            .map_err(|e| e.in_record(index))?;
+            .map_err(|e| e.in_record(index + 1))?;
         match (e, m) {
             (Some(example), Some(mismatched)) => {
                 tokens += example.ids.len() + mismatched.ids.len();
