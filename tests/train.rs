@@ -293,3 +293,64 @@ fn bf16_compute_sft_lowers_held_out_loss() {
         "bf16 LoRA SFT: held-out loss {before:.4} → {after:.4}, wanted at least a 20% drop"
     );
 }
+
+#[test]
+fn a_template_error_names_the_users_file_and_the_record() {
+    // The checkpoint's template raises on a system turn; record 2 has one. The model is copied
+    // into the cache, yet the error names the file the manifest points at.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("models/raiser");
+    std::fs::create_dir_all(&model).unwrap();
+    let src = fixtures().join("models/tiny-qwen2");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        if !f
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("reference")
+        {
+            std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        "{% for m in messages %}{% if m.role == 'system' %}\
+         {{ raise_exception('System role not supported') }}{% endif %}\
+         {{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}",
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("chat.jsonl"),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n\
+         {\"messages\": [{\"role\": \"system\", \"content\": \"be brief\"}, {\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n",
+    )
+    .unwrap();
+    let m = write_manifest(
+        tmp.path(),
+        "pipeline: template-error
+backend: cpu
+stages:
+  base: {kind: model, from: models/raiser}
+  chat: {kind: dataset, path: chat.jsonl, format: chat}
+  sft: {kind: train.sft, model: base, data: chat, chat_template: checkpoint, seq_len: 64, steps: 1}
+",
+    );
+    let out = burnish()
+        .args(["run", m.to_str().unwrap(), "-q"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let err = err
+        .split_whitespace()
+        .filter(|w| *w != "│" && *w != "|")
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(err.contains("System role not supported"), "{err}");
+    assert!(err.contains("models/raiser/chat_template.jinja"), "{err}");
+    assert!(!err.contains(".burnish"), "names the cached copy: {err}");
+    assert!(err.contains("record 2"), "{err}");
+}

@@ -13,9 +13,9 @@ use burnish_stages::data::records::{
     ChatRecord, Dataset, Message, PreferenceRecord, Record, TextRecord,
 };
 use burnish_stages::text::{
-    ChatTemplate, CptPacking, Example, TemplateChoice, TextError, TextTokenizer,
-    TrainTokenizerParams, TrainTokenizerStage, encode_chat, encode_cpt, encode_documents,
-    encode_sft, pack_bfd, pack_wrapped,
+    ChatTemplate, CptPacking, Example, TemplateChoice, TemplateDate, TemplateVars, TextError,
+    TextTokenizer, TrainTokenizerParams, TrainTokenizerStage, encode_chat, encode_cpt,
+    encode_documents, encode_sft, pack_bfd, pack_wrapped,
 };
 use miette::Diagnostic;
 use serde_json::{Value, json};
@@ -58,6 +58,7 @@ const CONVERSATION_CHATML: &str = "<|im_start|>system\nYou are terse.<|im_end|>\
 fn chat(messages: Vec<Message>) -> ChatRecord {
     ChatRecord {
         messages,
+        tools: Vec::new(),
         label: None,
         meta: BTreeMap::new(),
     }
@@ -354,7 +355,8 @@ fn raise_exception_surfaces_its_message() {
     ];
     let e = encode_sft(&tok, &tpl, &records, 64, false, false).unwrap_err();
     assert_eq!(code(&e), "burnish::text::record");
-    assert!(e.to_string().starts_with("record 1: chat template"), "{e}");
+    // Records are numbered from 1, as lines are: the second record fails.
+    assert!(e.to_string().starts_with("record 2: chat template"), "{e}");
     assert!(e.help().is_some());
 }
 
@@ -370,12 +372,8 @@ fn template_syntax_and_render_errors() {
     );
 
     let tok = qwen();
-    let tpl = ChatTemplate::compile(
-        "checkpoint",
-        "t.jinja",
-        "{{ strftime_now('%Y') }}".to_owned(),
-    )
-    .unwrap();
+    let tpl =
+        ChatTemplate::compile("checkpoint", "t.jinja", "{{ utcnow('%Y') }}".to_owned()).unwrap();
     let e = tpl.render(&[], false, &tok).unwrap_err();
     assert_eq!(code(&e), "burnish::text::template_render");
     assert!(e.to_string().contains("unknown function"), "{e}");
@@ -874,13 +872,22 @@ fn train_tokenizer_round_trips() {
     // A frequent word became fewer tokens than its bytes.
     assert!(tok.encode("the model").unwrap().len() < "the model".len());
 
-    // The same structure as the fixture tokenizer.
+    // Qwen2's pipeline (the default `pre_tokenizer`), as transformers' Qwen2Tokenizer builds it.
     let json: Value =
         serde_json::from_str(&fs::read_to_string(ran.main().join("tokenizer.json")).unwrap())
             .unwrap();
+    assert_eq!(json["normalizer"], json!({"type": "NFC"}));
     assert_eq!(
         json["pre_tokenizer"],
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": burnish_stages::text::train_tokenizer::QWEN2_SPLIT_REGEX},
+             "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        ]})
+    );
+    assert_eq!(
+        burnish_stages::export::vocab::detect_pre(&json),
+        Some("qwen2")
     );
     assert_eq!(json["post_processor"], Value::Null);
     assert_eq!(json["decoder"]["type"], json!("ByteLevel"));
@@ -1011,6 +1018,10 @@ fn train_tokenizer_checks_params() {
     assert_eq!(p.min_frequency, 2);
     assert_eq!(p.eos_token, "<|im_end|>");
     assert_eq!(
+        p.pre_tokenizer,
+        burnish_stages::text::train_tokenizer::PreTokenizer::Qwen2
+    );
+    assert_eq!(
         p.special_tokens,
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     );
@@ -1040,7 +1051,8 @@ fn text_leaves<'a>(v: &'a Value, key: Option<&str>, out: &mut Vec<&'a str>) {
 #[test]
 fn train_tokenizer_matches_the_python_fixture() {
     // make_models.py trains the fixture tokenizer with Python `tokenizers` on the text fields of
-    // fixtures/data/*.jsonl (vocab 512, min_frequency 2, the default special tokens): the same
+    // fixtures/data/*.jsonl (GPT-2's ByteLevel pipeline, vocab 512, min_frequency 2, the default
+    // special tokens): the same
     // data through tokenizer.train's trainer gives the same vocabulary and merges.
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/data");
     let mut files: Vec<PathBuf> = fs::read_dir(&data)
@@ -1067,7 +1079,8 @@ fn train_tokenizer_matches_the_python_fixture() {
         text_leaves(r, None, &mut texts);
     }
     let params: TrainTokenizerParams =
-        serde_json::from_value(json!({"data": "d", "vocab_size": 512})).unwrap();
+        serde_json::from_value(json!({"data": "d", "vocab_size": 512, "pre_tokenizer": "gpt2"}))
+            .unwrap();
     let trained = burnish_stages::text::train_tokenizer::train_bpe(&texts, &params).unwrap();
     let ours: Value = serde_json::from_str(&trained.to_string(false).unwrap()).unwrap();
     let fixture: Value = serde_json::from_str(
@@ -1077,4 +1090,175 @@ fn train_tokenizer_matches_the_python_fixture() {
     assert_eq!(ours["model"]["vocab"], fixture["model"]["vocab"]);
     assert_eq!(ours["model"]["merges"], fixture["model"]["merges"]);
     assert_eq!(ours, fixture);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real-world chat data: tool calls, weights, the template context, `{% generation %}`.
+
+fn vars(kwargs: Value, date: Option<&str>) -> TemplateVars {
+    let date = date.map(|d| serde_json::from_value(json!(d)).unwrap());
+    TemplateVars {
+        kwargs: kwargs.as_object().cloned().unwrap_or_default(),
+        date: date.unwrap_or_default(),
+        ..TemplateVars::default()
+    }
+}
+
+#[test]
+fn strftime_now_formats_the_manifest_date_never_the_clock() {
+    let tok = qwen();
+    let src = "{{ strftime_now('%d %b %Y') }}|{{ strftime_now('%Y-%m-%d %H:%M') }}";
+    let tpl = ChatTemplate::compile("t", "t", src.to_owned()).unwrap();
+    assert_eq!(
+        tpl.render(&[], false, &tok).unwrap(),
+        "26 Jul 2024|2024-07-26 00:00"
+    );
+    let tpl = tpl.with_vars(vars(json!({}), Some("2025-03-01T09:30")));
+    assert_eq!(
+        tpl.render(&[], false, &tok).unwrap(),
+        "01 Mar 2025|2025-03-01 09:30"
+    );
+    // A date that is not one is refused when the manifest is read.
+    let bad: Result<TemplateDate, _> = serde_json::from_value(json!("26/07/2024"));
+    assert!(bad.unwrap_err().to_string().contains("is not a date"));
+}
+
+#[test]
+fn tojson_is_python_json_dumps() {
+    let tok = qwen();
+    // Values as Python's json.dumps writes them (insertion order, repr floats, escapes).
+    let kwargs = json!({"x": {"b": 1, "a": [1.0, 1e20, 0.00001, 2.5, "é\n\"q\""]}});
+    let cases = [
+        (
+            "{{ x | tojson }}",
+            r#"{"b": 1, "a": [1.0, 1e+20, 1e-05, 2.5, "é\n\"q\""]}"#,
+        ),
+        (
+            "{{ x | tojson(ensure_ascii=true) }}",
+            r#"{"b": 1, "a": [1.0, 1e+20, 1e-05, 2.5, "\u00e9\n\"q\""]}"#,
+        ),
+        (
+            "{{ x | tojson(sort_keys=true) }}",
+            r#"{"a": [1.0, 1e+20, 1e-05, 2.5, "é\n\"q\""], "b": 1}"#,
+        ),
+        (
+            "{{ x | tojson(separators=[',', ':']) }}",
+            r#"{"b":1,"a":[1.0,1e+20,1e-05,2.5,"é\n\"q\""]}"#,
+        ),
+        ("{{ x.a[:2] | tojson(indent=2) }}", "[\n  1.0,\n  1e+20\n]"),
+        ("{{ {} | tojson(indent=2) }}|{{ [] | tojson }}", "{}|[]"),
+    ];
+    for (src, want) in cases {
+        let tpl = ChatTemplate::compile("t", "t", src.to_owned())
+            .unwrap()
+            .with_vars(vars(kwargs.clone(), None));
+        assert_eq!(tpl.render(&[], false, &tok).unwrap(), want, "{src}");
+    }
+}
+
+#[test]
+fn the_template_sees_tools_documents_and_kwargs() {
+    let tok = qwen();
+    let src = "{{ tools is none }}|{{ documents is none }}|{{ enable_thinking | default('unset') }}|\
+{% for m in messages %}{{ m.role }}:{{ m.content }}{% for c in m.tool_calls | default([]) %}[{{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}{{ m.tool_call_id | default('') }};{% endfor %}";
+    let tpl = ChatTemplate::compile("t", "t", src.to_owned()).unwrap();
+    let rows = read_rows_jsonl(
+        r#"{"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "weather?"}, {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]}, {"role": "tool", "tool_call_id": "c1", "content": "21"}, {"role": "assistant", "content": "21 C", "weight": 0}], "tools": [{"type": "function", "function": {"name": "get_weather"}}]}"#,
+    );
+    let Record::Chat(rec) = &rows[0] else {
+        panic!("a chat record")
+    };
+    assert_eq!(rec.tools.len(), 1);
+    assert_eq!(rec.messages[2].tool_calls[0].id.as_deref(), Some("c1"));
+    assert_eq!(rec.messages[3].tool_call_id.as_deref(), Some("c1"));
+    assert_eq!(rec.messages[4].weight, Some(0));
+    assert!(!rec.messages[4].is_target() && rec.messages[2].is_target());
+    let out = tpl.render(&rec.messages, false, &tok).unwrap();
+    assert_eq!(
+        out,
+        "True|True|unset|developer:be brief;user:weather?;assistant:[get_weather {\"city\": \"Paris\", \"unit\": \"c\"}];tool:21c1;assistant:21 C;"
+    );
+    let with_tools = tpl
+        .clone()
+        .with_vars(vars(json!({"enable_thinking": false}), None));
+    let r = with_tools
+        .render_spans(&rec.messages, &rec.tools, false, &tok)
+        .unwrap();
+    assert!(r.text.starts_with("False|True|False|"), "{}", r.text);
+    // The record round-trips through records.jsonl with nothing dropped.
+    let line = serde_json::to_string(&rows[0]).unwrap();
+    assert_eq!(
+        Record::parse(DatasetFamily::Chat, &line).unwrap(),
+        rows[0].clone()
+    );
+}
+
+fn read_rows_jsonl(line: &str) -> Vec<Record> {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("rows.jsonl");
+    fs::write(&path, format!("{line}\n")).unwrap();
+    let rows = burnish_stages::data::source::read_rows(&path).unwrap();
+    burnish_stages::data::formats::normalize(
+        burnish_stages::data::Format::Chat,
+        &BTreeMap::new(),
+        &rows,
+    )
+    .unwrap()
+}
+
+#[test]
+fn generation_spans_are_the_targets_and_weight_zero_turns_are_context() {
+    let tok = qwen();
+    let src = "{%- for m in messages %}
+{%- if m.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' }}
+{%- generation %}
+{{- m.content + '<|im_end|>' }}
+{%- endgeneration %}
+{{- '\\n' }}
+{%- else %}
+{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}";
+    let tpl = ChatTemplate::compile("t", "t", src.to_owned()).unwrap();
+    assert!(tpl.has_generation());
+    let msgs = vec![
+        Message::user("a"),
+        Message::assistant("bb"),
+        Message::user("c"),
+        Message::assistant("dd"),
+    ];
+    let r = tpl.render_spans(&msgs, &[], false, &tok).unwrap();
+    let chatml_text = chatml().render(&msgs, false, &tok).unwrap();
+    // The markers leave no trace: the text is chatml's.
+    assert_eq!(r.text, chatml_text);
+    let spans: Vec<&str> = r.generation.iter().map(|s| &r.text[s.clone()]).collect();
+    assert_eq!(spans, ["bb<|im_end|>", "dd<|im_end|>"]);
+    let ex = encode_chat(&tok, &tpl, &msgs, false).unwrap();
+    assert_eq!(
+        tok.decode(&ex.target_ids()).unwrap(),
+        "bb<|im_end|>dd<|im_end|>"
+    );
+    // weight 0 makes the first reply context, under either rule.
+    let mut weighted = msgs.clone();
+    weighted[1].weight = Some(0);
+    for t in [&tpl, &chatml()] {
+        let ex = encode_chat(&tok, t, &weighted, false).unwrap();
+        assert_eq!(tok.decode(&ex.target_ids()).unwrap(), "dd<|im_end|>");
+    }
+}
+
+#[test]
+fn an_unclosed_generation_tag_is_a_syntax_error() {
+    let e = ChatTemplate::compile(
+        "t",
+        "t.jinja",
+        "{% generation %}{{ messages[0].content }}".to_owned(),
+    )
+    .unwrap_err();
+    assert_eq!(code(&e), "burnish::text::template_syntax");
+    assert_eq!(
+        e.to_string(),
+        "chat template t.jinja: syntax error: 1 {% generation %} tags but 0 {% endgeneration %}"
+    );
 }

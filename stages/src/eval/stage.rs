@@ -27,7 +27,7 @@ use crate::generate::Sampling;
 use crate::generate::stage::{SampleSpec, Sampled, sample, scorers};
 use crate::model;
 use crate::rl::rewards::{self, Reward, RewardKind, RewardSpec};
-use crate::text::{self, ChatTemplate, TemplateChoice, TextTokenizer};
+use crate::text::{self, ChatTemplate, TemplateSpec, TextTokenizer};
 use crate::train::batch::score;
 use crate::train::{TrainError, tokenizer_dir};
 
@@ -82,7 +82,7 @@ pub struct EvalParams {
     pub batch_size: usize,
     /// The chat template (as in train.sft and generate).
     #[serde(default)]
-    pub chat_template: TemplateChoice,
+    pub chat_template: TemplateSpec,
     /// For chat data: score prompt tokens too.
     #[serde(default)]
     pub train_on_prompt: bool,
@@ -362,7 +362,7 @@ fn score_tokens(
             text::encode_documents(&tok, &docs, p.seq_len)?
         }
         _ => {
-            let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+            let template = ChatTemplate::resolve(&p.chat_template, &tok)?;
             let chats: Vec<ChatRecord> = input_records(cx, "data")?;
             text::encode_sft(&tok, &template, &chats, p.seq_len, p.train_on_prompt, false)?
         }
@@ -429,7 +429,7 @@ fn generation_metrics(
     let check = at.unwrap_or(set.len());
     let pass = |cx: &mut RunContext, n: usize, sampling: &Sampling| {
         let spec = SampleSpec {
-            chat_template: p.chat_template,
+            chat_template: p.chat_template.clone(),
             system_prompt: g.system_prompt.as_deref(),
             n,
             max_new_tokens: g.max_new_tokens,

@@ -41,6 +41,7 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "special_tokens_map.json",
     "chat_template.jinja",
     "generation_config.json",
+    crate::text::tokenizer::TEMPLATE_ORIGIN_FILE,
 ];
 
 /// The subdirectory of an Adapter artifact that holds its base model.

@@ -36,7 +36,7 @@ use crate::backend::{BackendTask, dispatch};
 use crate::data::records::{FamilyRecord, LabeledRecord, PreferenceRecord};
 use crate::data::{input_records, load_input};
 use crate::model::{self, lora};
-use crate::text::{ChatTemplate, TemplateChoice, TextError, TextTokenizer};
+use crate::text::{ChatTemplate, TemplateSpec, TextError, TextTokenizer};
 use crate::train::trainer::{Trainer, TrainerStage};
 use crate::train::{
     BaseQuant, ComputeDType, Fit, TrainError, TrainerParams, fit, pad_id, precision_of,
@@ -106,7 +106,7 @@ pub struct LogProbsParams {
     pub data: StageRef,
     /// Must match the trainer's.
     #[serde(default)]
-    pub chat_template: TemplateChoice,
+    pub chat_template: TemplateSpec,
     /// Must match the trainer's.
     #[serde(default = "default_seq")]
     pub seq_len: usize,
@@ -174,7 +174,7 @@ impl Stage for LogProbsStage {
     }
     fn run(p: &LogProbsParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let tok = model_tokenizer(cx)?;
-        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+        let template = ChatTemplate::resolve(&p.chat_template, &tok)?;
         let ds = load_input(cx, "data")?;
         let family = ds.family;
         let model_art = cx.input("model")?.clone();
@@ -543,7 +543,7 @@ trainer_params! {
         #[serde(default)]
         pub label_smoothing: f64,
         #[serde(default)]
-        pub chat_template: TemplateChoice,
+        pub chat_template: TemplateSpec,
     }
 }
 
@@ -589,7 +589,7 @@ impl Trainer for Dpo {
     fn run(p: &DpoParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let c = p.common();
         let tok = model_tokenizer(cx)?;
-        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+        let template = ChatTemplate::resolve(&p.chat_template, &tok)?;
         let (mut train, eval) = encode_inputs(cx, &c.eval_data, |r: &[PreferenceRecord]| {
             encode_pairs(&tok, &template, r, c.seq_len)
         })?;
@@ -659,7 +659,7 @@ trainer_params! {
         #[serde(default)]
         pub balance: Option<Balance>,
         #[serde(default)]
-        pub chat_template: TemplateChoice,
+        pub chat_template: TemplateSpec,
     }
 }
 
@@ -711,7 +711,7 @@ impl Trainer for Kto {
     fn run(p: &KtoParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let c = p.common();
         let tok = model_tokenizer(cx)?;
-        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+        let template = ChatTemplate::resolve(&p.chat_template, &tok)?;
         let (mut train, eval) = encode_inputs(cx, &c.eval_data, |r: &[LabeledRecord]| {
             encode_labeled(&tok, &template, r, c.seq_len)
         })?;
@@ -757,7 +757,7 @@ trainer_params! {
         #[serde(default = "yes")]
         pub disable_dropout: bool,
         #[serde(default)]
-        pub chat_template: TemplateChoice,
+        pub chat_template: TemplateSpec,
     }
 }
 
@@ -779,7 +779,7 @@ impl Trainer for Orpo {
     fn run(p: &OrpoParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let c = p.common();
         let tok = model_tokenizer(cx)?;
-        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+        let template = ChatTemplate::resolve(&p.chat_template, &tok)?;
         let (train, eval) = encode_inputs(cx, &c.eval_data, |r: &[PreferenceRecord]| {
             encode_pairs(&tok, &template, r, c.seq_len)
         })?;

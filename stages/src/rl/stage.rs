@@ -22,7 +22,7 @@ use crate::data::load_input;
 use crate::generate::stage::{answer_text, check_length, prompts};
 use crate::generate::{GenerateError, Sampling, eos_ids};
 use crate::model::{KvCache, ModelConfig};
-use crate::text::{ChatTemplate, TemplateChoice, TextTokenizer};
+use crate::text::{ChatTemplate, TemplateSpec, TextTokenizer};
 use crate::train::trainer::{Trainer, TrainerStage};
 use crate::train::{Fit, TrainerParams, fit, tokenizer_dir, trainer_params};
 
@@ -85,7 +85,7 @@ trainer_params! {
         /// Chat template for message prompts: `auto`, `checkpoint`, `chatml`, `llama3`,
         /// `alpaca` or `plain`.
         #[serde(default)]
-        pub chat_template: TemplateChoice,
+        pub chat_template: TemplateSpec,
         /// KL coefficient β toward the reference model; 0 (TRL's default) loads no reference.
         #[serde(default)]
         pub beta: f64,
@@ -207,7 +207,7 @@ impl Trainer for Grpo {
         let c = p.common();
         let dir = cx.input("model")?.dir.clone();
         let tok = TextTokenizer::from_dir(&tokenizer_dir(&dir))?;
-        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
+        let template = ChatTemplate::resolve(&p.chat_template, &tok)?;
         cx.log(format!("chat template: {}", template.name()));
         let ds = load_input(cx, "data")?;
         let (cfg, _) = ModelConfig::read(&tokenizer_dir(&dir).join("config.json"))

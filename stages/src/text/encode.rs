@@ -99,17 +99,18 @@ fn check_seq_len(seq_len: usize) -> Result<(), TextError> {
 }
 
 /// The byte ranges of the rendered conversation that are assistant turns (content and
-/// end-of-turn token).
+/// end-of-turn token), found by rendering prefixes of the conversation.
 fn assistant_spans(
     tok: &TextTokenizer,
     template: &ChatTemplate,
-    messages: &[Message],
+    conv: Conversation<'_>,
     first: usize,
     full: &str,
 ) -> Result<Vec<Range<usize>>, TextError> {
+    let messages = conv.messages;
     let mut spans = Vec::new();
     for (i, m) in messages.iter().enumerate() {
-        if m.role != Role::Assistant || i < first {
+        if !m.is_target() || i < first {
             continue;
         }
         let mismatch = |upto: usize, what: &'static str| TextError::TemplatePrefix {
@@ -118,11 +119,15 @@ fn assistant_spans(
             upto,
             what,
         };
-        let before = template.render(&messages[..i], true, tok)?;
+        let before = template
+            .render_spans(&messages[..i], conv.tools, true, tok)?
+            .text;
         if !full.starts_with(&before) {
             return Err(mismatch(i, "with the generation prompt"));
         }
-        let through = template.render(&messages[..=i], false, tok)?;
+        let through = template
+            .render_spans(&messages[..=i], conv.tools, false, tok)?
+            .text;
         let through = through.trim_end();
         if !full.starts_with(through) {
             return Err(mismatch(i + 1, "(trailing whitespace trimmed)"));
@@ -135,10 +140,104 @@ fn assistant_spans(
     Ok(spans)
 }
 
+/// The `{% generation %}` spans that are targets: all of them, unless some assistant turns are
+/// context (before `first`, or `weight: 0`); then the template must mark one span per assistant
+/// turn, so the n-th span is the n-th assistant turn's.
+fn generation_targets(
+    template: &ChatTemplate,
+    messages: &[Message],
+    first: usize,
+    spans: Vec<Range<usize>>,
+) -> Result<Vec<Range<usize>>, TextError> {
+    let assistant: Vec<(usize, &Message)> = messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.role == Role::Assistant)
+        .collect();
+    if assistant.iter().all(|(i, m)| m.is_target() && *i >= first) {
+        return Ok(spans);
+    }
+    if assistant.len() != spans.len() {
+        return Err(TextError::TemplateRender {
+            at: template.origin().to_owned(),
+            message: format!(
+                "the template marks {} {{% generation %}} spans for {} assistant turns, so the turns that are context (weight 0, or the prompt's) cannot be told apart",
+                spans.len(),
+                assistant.len()
+            ),
+            help: Some("drop the `weight` keys, or use a template without {% generation %}".into()),
+        });
+    }
+    Ok(spans
+        .into_iter()
+        .zip(assistant)
+        .filter(|(_, (i, m))| m.is_target() && *i >= first)
+        .map(|(sp, _)| sp)
+        .collect())
+}
+
+/// A conversation and the tools it may call.
+#[derive(Clone, Copy, Debug)]
+pub struct Conversation<'a> {
+    pub messages: &'a [Message],
+    /// The record's tools (empty: the manifest's, if any).
+    pub tools: &'a [serde_json::Value],
+}
+
+impl<'a> Conversation<'a> {
+    pub fn new(messages: &'a [Message]) -> Self {
+        Conversation {
+            messages,
+            tools: &[],
+        }
+    }
+
+    pub fn of(rec: &'a ChatRecord) -> Self {
+        Conversation {
+            messages: &rec.messages,
+            tools: &rec.tools,
+        }
+    }
+}
+
+/// Which tokens of a conversation are SFT targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskRule {
+    /// Every token but the first (`train_on_prompt`).
+    Everything,
+    /// The template's `{% generation %}` spans (TRL's `assistant_only_loss`).
+    Generation,
+    /// Each assistant turn, located by rendering the conversation's prefixes.
+    AssistantTurns,
+}
+
+impl MaskRule {
+    /// The rule `template` gives.
+    pub fn of(template: &ChatTemplate, train_on_prompt: bool) -> Self {
+        if train_on_prompt {
+            MaskRule::Everything
+        } else if template.has_generation() {
+            MaskRule::Generation
+        } else {
+            MaskRule::AssistantTurns
+        }
+    }
+
+    /// How a log line says it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            MaskRule::Everything => "every token (train_on_prompt)",
+            MaskRule::Generation => "the template's {% generation %} spans",
+            MaskRule::AssistantTurns => "assistant turns (found by rendering prefixes)",
+        }
+    }
+}
+
 /// One conversation → one example. Prompt tokens (system, user and tool messages, and the
 /// template's scaffolding such as `<|im_start|>assistant\n`) are masked unless
-/// `train_on_prompt`; each assistant message's content and end-of-turn token are targets. With
-/// `train_on_prompt` every token but the first is a target.
+/// `train_on_prompt`; each assistant message's content and end-of-turn token are targets
+/// (unless its `weight` is 0). A template with `{% generation %}` blocks says itself what the
+/// targets are: exactly its spans. With `train_on_prompt` every token but the first is a target.
 ///
 /// When the tokenizer adds a bos token (`add_bos`) and the rendering does not start with it, it
 /// is put first (not a target).
@@ -148,7 +247,13 @@ pub fn encode_chat(
     messages: &[Message],
     train_on_prompt: bool,
 ) -> Result<Example, TextError> {
-    encode_chat_from(tok, template, messages, train_on_prompt, 0)
+    encode_conversation(
+        tok,
+        template,
+        Conversation::new(messages),
+        train_on_prompt,
+        0,
+    )
 }
 
 /// [`encode_chat`] with only the assistant messages from index `first` on as targets: a
@@ -161,16 +266,42 @@ pub fn encode_chat_from(
     train_on_prompt: bool,
     first: usize,
 ) -> Result<Example, TextError> {
-    let full = template.render(messages, false, tok)?;
-    let spans = if train_on_prompt {
-        Vec::new()
-    } else {
-        assistant_spans(tok, template, messages, first, &full)?
+    encode_conversation(
+        tok,
+        template,
+        Conversation::new(messages),
+        train_on_prompt,
+        first,
+    )
+}
+
+/// [`encode_chat_from`] of a conversation with its tools.
+pub fn encode_conversation(
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    conv: Conversation<'_>,
+    train_on_prompt: bool,
+    first: usize,
+) -> Result<Example, TextError> {
+    let rendered = template.render_spans(conv.messages, conv.tools, false, tok)?;
+    let full = rendered.text;
+    let rule = MaskRule::of(template, train_on_prompt);
+    let spans = match rule {
+        MaskRule::Everything => Vec::new(),
+        MaskRule::Generation => {
+            generation_targets(template, conv.messages, first, rendered.generation)?
+        }
+        MaskRule::AssistantTurns => assistant_spans(tok, template, conv, first, &full)?,
     };
     let (mut ids, offsets) = tok.encode_with_offsets(&full)?;
+    // A generation span takes every token overlapping it (transformers' assistant_masks); an
+    // assistant turn, the tokens starting inside it.
     let mut inside: Vec<bool> = offsets
         .iter()
-        .map(|&(start, _)| spans.iter().any(|sp| sp.contains(&start)))
+        .map(|&(start, end)| match rule {
+            MaskRule::Generation => spans.iter().any(|sp| end > sp.start && start < sp.end),
+            _ => spans.iter().any(|sp| sp.contains(&start)),
+        })
         .collect();
     if tok.add_bos()
         && let Some((_, bos)) = tok.bos()
@@ -209,8 +340,8 @@ pub fn encode_sft(
     let mut examples = Vec::with_capacity(records.len());
     let mut truncated = 0;
     for (index, rec) in records.iter().enumerate() {
-        let mut ex = encode_chat(tok, template, &rec.messages, train_on_prompt)
-            .map_err(|e| e.in_record(index))?;
+        let mut ex = encode_conversation(tok, template, Conversation::of(rec), train_on_prompt, 0)
+            .map_err(|e| e.in_record(index + 1))?;
         let cut = ex.ids.len() > seq_len;
         if cut {
             ex.ids.truncate(seq_len);

@@ -126,7 +126,8 @@ impl TextError {
         }
     }
 
-    /// This error, said of record `index` of a dataset (keeping its help).
+    /// This error, said of record `index` (1-based, as a line number is) of a dataset, keeping
+    /// its help.
     pub fn in_record(self, index: usize) -> Self {
         let help = self.help().map(|h| h.to_string());
         TextError::Record {

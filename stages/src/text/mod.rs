@@ -18,11 +18,14 @@ pub mod train_tokenizer;
 use burnish_engine::stage::Registry;
 
 pub use encode::{
-    CptPacking, Encoded, Example, encode_chat, encode_chat_from, encode_cpt, encode_documents,
-    encode_sft, pack_bfd, pack_wrapped,
+    Conversation, CptPacking, Encoded, Example, MaskRule, encode_chat, encode_chat_from,
+    encode_conversation, encode_cpt, encode_documents, encode_sft, pack_bfd, pack_wrapped,
 };
 pub use error::TextError;
-pub use template::{ChatTemplate, TemplateChoice};
+pub use template::{
+    ChatTemplate, DEFAULT_DATE, Rendered, TemplateChoice, TemplateDate, TemplateOptions,
+    TemplateSpec, TemplateVars,
+};
 pub use tokenizer::TextTokenizer;
 pub use train_tokenizer::{TrainTokenizerParams, TrainTokenizerStage};
 

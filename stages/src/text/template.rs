@@ -1,12 +1,26 @@
 //! Chat templates: the checkpoint's Jinja template or a built-in one, rendered in a sandboxed
 //! minijinja environment the way transformers' `apply_chat_template` renders them.
 //!
-//! The sandbox: no loader (`include`, `import` and `extends` fail), no filesystem, no clock
-//! (`strftime_now` is not defined, so renderings are reproducible); `raise_exception(msg)` fails
-//! the rendering with the template's message; `tojson` (Python's `json.dumps` output, as in
-//! transformers) and a few Python string, dict and list methods (`strip`, `startswith`, `split`,
-//! `items`, `get`, …) are available.
+//! The context is transformers': `messages` (each message as the dataset gave it: `content` a
+//! string or a list of parts, `tool_calls`, `tool_call_id`, `name`, `reasoning_content`, any
+//! other key), `tools` and `documents` (none when not given), `add_generation_prompt`, the
+//! tokenizer's special tokens, and the manifest's `chat_template.kwargs` (`enable_thinking`,
+//! `date_string`, anything a template reads).
+//!
+//! The sandbox: no loader (`include`, `import` and `extends` fail), no filesystem, no clock:
+//! `strftime_now(fmt)` formats the manifest's `chat_template.date` (default [`DEFAULT_DATE`],
+//! never the wall clock), so a rendering is a function of the stage's fingerprint.
+//! `raise_exception(msg)` fails the rendering with the template's message; `tojson` is Python's
+//! `json.dumps` as transformers calls it (`indent`, `sort_keys`, `separators`, `ensure_ascii`;
+//! keys in insertion order); a few Python string, dict and list methods (`strip`, `startswith`,
+//! `split`, `items`, `get`, …) are available.
 //! Blocks are trimmed (`trim_blocks`, `lstrip_blocks`) like transformers' environment does.
+//!
+//! `{% generation %}…{% endgeneration %}` (transformers' `AssistantTracker`, what TRL's
+//! `assistant_only_loss` reads) renders its body and records the body's span: when a template
+//! has the tag, [`ChatTemplate::render_spans`] returns those spans and SFT trains on exactly them.
+//! The tag is compiled as a pair of markers (two Unicode noncharacters, U+FDD0 and U+FDD1) that
+//! the rendering strips; a conversation that itself holds one of them is refused.
 
 use std::fmt;
 
@@ -89,6 +103,215 @@ impl fmt::Display for TemplateChoice {
     }
 }
 
+/// The date `strftime_now` formats when the manifest gives none: the date Llama 3.1's template
+/// falls back to when `strftime_now` is missing, so its guarded and unguarded forms agree.
+pub const DEFAULT_DATE: &str = "2024-07-26";
+
+/// A date (`2024-07-26`) or a date and time (`2024-07-26T09:30:00`), checked when the manifest is
+/// read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(transparent)]
+pub struct TemplateDate(
+    #[schemars(regex(pattern = r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?)?$"))] String,
+);
+
+impl TemplateDate {
+    fn parse(s: &str) -> Option<chrono::NaiveDateTime> {
+        chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S")
+            .or_else(|_| chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M"))
+            .ok()
+            .or_else(|| {
+                chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                    .ok()
+                    .and_then(|d| d.and_hms_opt(0, 0, 0))
+            })
+    }
+
+    fn moment(&self) -> chrono::NaiveDateTime {
+        TemplateDate::parse(&self.0)
+            .or_else(|| TemplateDate::parse(DEFAULT_DATE))
+            .unwrap_or_default()
+    }
+}
+
+impl Default for TemplateDate {
+    fn default() -> Self {
+        TemplateDate(DEFAULT_DATE.to_owned())
+    }
+}
+
+impl<'de> Deserialize<'de> for TemplateDate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match TemplateDate::parse(&s) {
+            Some(_) => Ok(TemplateDate(s)),
+            None => Err(serde::de::Error::custom(format!(
+                "{s:?} is not a date: write YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS"
+            ))),
+        }
+    }
+}
+
+/// `chat_template:` in a manifest: a template's name (`auto`, `chatml`, …), or the name with the
+/// context transformers' `apply_chat_template` takes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum TemplateSpec {
+    /// `chat_template: chatml`.
+    Choice(TemplateChoice),
+    /// `chat_template: {name: checkpoint, kwargs: {enable_thinking: false}, tools: […], date: …}`.
+    Options(TemplateOptions),
+}
+
+impl Default for TemplateSpec {
+    fn default() -> Self {
+        TemplateSpec::Choice(TemplateChoice::Auto)
+    }
+}
+
+impl From<TemplateChoice> for TemplateSpec {
+    fn from(c: TemplateChoice) -> Self {
+        TemplateSpec::Choice(c)
+    }
+}
+
+impl From<&TemplateSpec> for TemplateSpec {
+    fn from(s: &TemplateSpec) -> Self {
+        s.clone()
+    }
+}
+
+impl TemplateSpec {
+    /// Which template.
+    pub fn choice(&self) -> TemplateChoice {
+        match self {
+            TemplateSpec::Choice(c) => *c,
+            TemplateSpec::Options(o) => o.name,
+        }
+    }
+
+    /// The context it renders with.
+    pub fn vars(&self) -> TemplateVars {
+        match self {
+            TemplateSpec::Choice(_) => TemplateVars::default(),
+            TemplateSpec::Options(o) => TemplateVars {
+                kwargs: o.kwargs.clone(),
+                tools: o.tools.clone(),
+                documents: o.documents.clone(),
+                date: o.date.clone().unwrap_or_default(),
+            },
+        }
+    }
+}
+
+/// The long form of `chat_template:`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateOptions {
+    /// Which template (as the short form).
+    #[serde(default)]
+    pub name: TemplateChoice,
+    /// Extra template variables, transformers' `chat_template_kwargs`: `enable_thinking`,
+    /// `date_string`, `reasoning_effort`, or anything else the template reads.
+    #[serde(default)]
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+    /// The tools (JSON schemas) a template sees as `tools` when a record brings none of its own.
+    #[serde(default)]
+    pub tools: Vec<serde_json::Value>,
+    /// The documents a template sees as `documents` (retrieval-augmented templates).
+    #[serde(default)]
+    pub documents: Vec<serde_json::Value>,
+    /// What `strftime_now` formats (default 2024-07-26, never the wall clock).
+    #[serde(default)]
+    pub date: Option<TemplateDate>,
+}
+
+/// What a template sees besides the conversation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TemplateVars {
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+    pub tools: Vec<serde_json::Value>,
+    pub documents: Vec<serde_json::Value>,
+    pub date: TemplateDate,
+}
+
+/// A rendering, with the spans of its `{% generation %}` blocks (empty when the template has
+/// none).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rendered {
+    pub text: String,
+    pub generation: Vec<std::ops::Range<usize>>,
+}
+
+/// The markers `{% generation %}` and `{% endgeneration %}` compile to.
+const GEN_OPEN: char = '\u{FDD0}';
+const GEN_CLOSE: char = '\u{FDD1}';
+
+/// Rewrite `{% generation %}` / `{% endgeneration %}` (with any whitespace control) into block
+/// tags that print a marker, keeping the tag's trimming: `{%- if true %}{{ M }}{% endif -%}`.
+fn compile_generation(source: &str) -> (String, bool) {
+    static TAG: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\{%([-+]?)\s*(end)?generation\s*([-+]?)%\}").expect("valid regex")
+    });
+    let mut found = false;
+    let out = TAG.replace_all(source, |c: &regex::Captures<'_>| {
+        found = true;
+        let marker = if c.get(2).is_some() {
+            GEN_CLOSE
+        } else {
+            GEN_OPEN
+        };
+        format!(
+            "{{%{} if true %}}{{{{ '{marker}' }}}}{{% endif {}%}}",
+            &c[1], &c[3]
+        )
+    });
+    (out.into_owned(), found)
+}
+
+/// Strip the generation markers from a rendering, returning the spans between them.
+fn strip_generation(raw: &str, origin: &str) -> Result<Rendered, TextError> {
+    let mut text = String::with_capacity(raw.len());
+    let mut spans = Vec::new();
+    let mut open: Option<usize> = None;
+    for c in raw.chars() {
+        match c {
+            GEN_OPEN => {
+                if open.is_some() {
+                    return Err(TextError::TemplateRender {
+                        at: origin.to_owned(),
+                        message: "{% generation %} opened inside another".into(),
+                        help: None,
+                    });
+                }
+                open = Some(text.len());
+            }
+            GEN_CLOSE => match open.take() {
+                Some(start) => spans.push(start..text.len()),
+                None => {
+                    return Err(TextError::TemplateRender {
+                        at: origin.to_owned(),
+                        message: "{% endgeneration %} without {% generation %}".into(),
+                        help: None,
+                    });
+                }
+            },
+            c => text.push(c),
+        }
+    }
+    if open.is_some() {
+        return Err(TextError::TemplateRender {
+            at: origin.to_owned(),
+            message: "{% generation %} not closed by {% endgeneration %}".into(),
+            help: None,
+        });
+    }
+    Ok(Rendered {
+        text,
+        generation: spans,
+    })
+}
+
 const TEMPLATE: &str = "chat_template";
 /// Prefix of the error detail `raise_exception` produces.
 const RAISED: &str = "raise_exception: ";
@@ -100,6 +323,8 @@ pub struct ChatTemplate {
     origin: String,
     source: String,
     env: Environment<'static>,
+    vars: TemplateVars,
+    has_generation: bool,
 }
 
 impl fmt::Debug for ChatTemplate {
@@ -112,8 +337,23 @@ impl fmt::Debug for ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The template `choice` names, for conversations tokenized by `tok`.
-    pub fn resolve(choice: TemplateChoice, tok: &TextTokenizer) -> Result<Self, TextError> {
+    /// The template `spec` names, with its context, for conversations tokenized by `tok`.
+    pub fn resolve(spec: impl Into<TemplateSpec>, tok: &TextTokenizer) -> Result<Self, TextError> {
+        let spec = spec.into();
+        Ok(ChatTemplate::resolve_choice(spec.choice(), tok)?.with_vars(spec.vars()))
+    }
+
+    /// This template rendering with `vars`.
+    pub fn with_vars(mut self, vars: TemplateVars) -> Self {
+        let moment = vars.date.moment();
+        self.env.add_function("strftime_now", move |fmt: String| {
+            Ok::<_, Error>(Value::from(moment.format(&fmt).to_string()))
+        });
+        self.vars = vars;
+        self
+    }
+
+    fn resolve_choice(choice: TemplateChoice, tok: &TextTokenizer) -> Result<Self, TextError> {
         let checkpoint = tok.checkpoint_template_origin();
         match (choice, checkpoint) {
             (TemplateChoice::Auto | TemplateChoice::Checkpoint, Some(t)) => {
@@ -150,19 +390,46 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(python_method);
+        env.set_formatter(python_formatter);
+        env.add_test("iterable", python_iterable);
+        env.add_filter("string", |v: &Value| python_str(v));
+        env.add_filter("trim", python_trim);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE, source.clone())
+        let (compiled, has_generation) = compile_generation(&source);
+        let (opens, closes) = (
+            compiled.matches(GEN_OPEN).count(),
+            compiled.matches(GEN_CLOSE).count(),
+        );
+        if opens != closes {
+            return Err(TextError::TemplateSyntax {
+                at: origin.to_owned(),
+                message: format!(
+                    "syntax error: {opens} {{% generation %}} tags but {closes} {{% endgeneration %}}"
+                ),
+            });
+        }
+        env.add_template_owned(TEMPLATE, compiled)
             .map_err(|e| TextError::TemplateSyntax {
                 at: at(origin, &e),
                 message: describe(&e),
             })?;
-        Ok(ChatTemplate {
+        let template = ChatTemplate {
             name: name.to_owned(),
             origin: origin.to_owned(),
             source,
             env,
-        })
+            vars: TemplateVars::default(),
+            has_generation,
+        };
+        Ok(template.with_vars(TemplateVars::default()))
+    }
+
+    /// Compile the template in the file at `path`, read as Python reads a text file (universal
+    /// newlines: `\r\n` and `\r` become `\n`), as transformers reads `chat_template.jinja`.
+    pub fn from_file(name: &str, path: &std::path::Path) -> Result<Self, TextError> {
+        let source = read_template_file(path)?;
+        ChatTemplate::compile(name, &path.display().to_string(), source)
     }
 
     /// `checkpoint`, `chatml`, `llama3` or `alpaca` (or the name given to `compile`).
@@ -180,18 +447,57 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// Render a conversation: the template sees `messages` (`[{role, content}]`),
-    /// `add_generation_prompt`, and `bos_token`, `eos_token`, `pad_token`, `unk_token` for those
-    /// the tokenizer has.
+    /// Whether the template marks assistant output with `{% generation %}`.
+    pub fn has_generation(&self) -> bool {
+        self.has_generation
+    }
+
+    /// Render a conversation with the manifest's tools (see [`ChatTemplate::render_spans`]).
     pub fn render(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
         tok: &TextTokenizer,
     ) -> Result<String, TextError> {
-        let mut ctx: Vec<(&str, Value)> = vec![
-            ("messages", Value::from_serialize(messages)),
-            ("add_generation_prompt", Value::from(add_generation_prompt)),
+        Ok(self
+            .render_spans(messages, &[], add_generation_prompt, tok)?
+            .text)
+    }
+
+    /// Render a conversation: the template sees `messages`, `tools` (the record's, else the
+    /// manifest's, else none), `documents`, `add_generation_prompt`, `bos_token`, `eos_token`,
+    /// `pad_token`, `unk_token` for those the tokenizer has, and the manifest's kwargs (which
+    /// override any of these, as transformers' `**kwargs` do).
+    pub fn render_spans(
+        &self,
+        messages: &[Message],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+        tok: &TextTokenizer,
+    ) -> Result<Rendered, TextError> {
+        let tools = if tools.is_empty() {
+            &self.vars.tools
+        } else {
+            tools
+        };
+        let listed = |items: &[serde_json::Value]| {
+            if items.is_empty() {
+                Value::from(())
+            } else {
+                Value::from_serialize(items)
+            }
+        };
+        let mut ctx: Vec<(String, Value)> = vec![
+            (
+                "messages".into(),
+                Value::from_serialize(template_messages(messages)),
+            ),
+            ("tools".into(), listed(tools)),
+            ("documents".into(), listed(&self.vars.documents)),
+            (
+                "add_generation_prompt".into(),
+                Value::from(add_generation_prompt),
+            ),
         ];
         for (key, token) in [
             ("bos_token", tok.bos()),
@@ -200,15 +506,38 @@ impl ChatTemplate {
             ("unk_token", tok.unk()),
         ] {
             if let Some((s, _)) = token {
-                ctx.push((key, Value::from(s)));
+                ctx.push((key.into(), Value::from(s)));
             }
+        }
+        for (key, v) in &self.vars.kwargs {
+            ctx.retain(|(k, _)| k != key);
+            ctx.push((key.clone(), Value::from_serialize(v)));
         }
         let ctx: Value = ctx.into_iter().collect();
         let template = self
             .env
             .get_template(TEMPLATE)
             .map_err(|e| self.render_error(e))?;
-        template.render(ctx).map_err(|e| self.render_error(e))
+        let raw = template.render(ctx).map_err(|e| self.render_error(e))?;
+        if !self.has_generation {
+            return Ok(Rendered {
+                text: raw,
+                generation: Vec::new(),
+            });
+        }
+        let holds_marker = messages
+            .iter()
+            .any(|m| m.text().contains([GEN_OPEN, GEN_CLOSE]));
+        if holds_marker {
+            return Err(TextError::TemplateRender {
+                at: self.origin.clone(),
+                message:
+                    "the conversation holds U+FDD0 or U+FDD1, which mark {% generation %} spans"
+                        .into(),
+                help: None,
+            });
+        }
+        strip_generation(&raw, &self.origin)
     }
 
     fn render_error(&self, e: Error) -> TextError {
@@ -224,7 +553,7 @@ impl ChatTemplate {
                 Some("chat templates are sandboxed: include, import and extends are not available".into())
             }
             ErrorKind::UnknownFunction => Some(
-                "available functions: raise_exception, range, dict, namespace, and jinja's builtins (strftime_now is not provided)"
+                "available functions: raise_exception, strftime_now, range, dict, namespace, and jinja's builtins"
                     .into(),
             ),
             _ => None,
@@ -253,70 +582,388 @@ fn describe(e: &Error) -> String {
     }
 }
 
-/// transformers' `tojson`: Python's `json.dumps` (`", "` and `": "` separators, no HTML
-/// escaping, non-ASCII kept), with an optional `indent`.
-fn tojson(value: &Value, indent: Option<usize>, kwargs: Kwargs) -> Result<Value, Error> {
-    let indent = match indent {
-        Some(i) => Some(i),
-        None => kwargs.get::<Option<usize>>("indent")?,
+/// transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`:
+/// Python's `json.dumps` with those arguments, positional or by keyword. Keys keep their
+/// insertion order unless `sort_keys`; floats print as Python's `repr` does.
+fn tojson(value: &Value, args: &[Value]) -> Result<Value, Error> {
+    if value.is_undefined() {
+        // Python's json.dumps cannot write jinja's Undefined either.
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "object of type undefined is not json serializable",
+        ));
+    }
+    let (positional, kwargs): (&[Value], Kwargs) = from_args(args)?;
+    if positional.len() > 4 {
+        return Err(Error::new(
+            ErrorKind::TooManyArguments,
+            "tojson takes at most 4 arguments (ensure_ascii, indent, separators, sort_keys)",
+        ));
+    }
+    let arg = |i: usize, name: &str| -> Result<Option<Value>, Error> {
+        let by_name: Option<Value> = kwargs.get(name)?;
+        Ok(by_name
+            .or_else(|| positional.get(i).cloned())
+            .filter(|v| !v.is_none() && !v.is_undefined()))
     };
-    kwargs.assert_all_used()?;
-    let mut out = Vec::new();
-    let result = match indent {
-        Some(n) => {
-            let pad = " ".repeat(n);
-            let fmt = serde_json::ser::PrettyFormatter::with_indent(pad.as_bytes());
-            serde::Serialize::serialize(
-                value,
-                &mut serde_json::Serializer::with_formatter(&mut out, fmt),
-            )
+    let ensure_ascii = arg(0, "ensure_ascii")?.is_some_and(|v| v.is_true());
+    let indent = match arg(1, "indent")? {
+        None => None,
+        Some(v) => match (v.as_str(), i64::try_from(v.clone())) {
+            (Some(s), _) => Some(s.to_owned()),
+            (None, Ok(n)) => Some(" ".repeat(n.max(0) as usize)),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson's indent is a number or a string",
+                ));
+            }
+        },
+    };
+    let separators = match arg(2, "separators")? {
+        None => None,
+        Some(v) => {
+            let parts: Vec<String> = v
+                .try_iter()?
+                .map(|p| p.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson's separators are two strings",
+                    )
+                })?;
+            match <[String; 2]>::try_from(parts) {
+                Ok(pair) => Some(pair),
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson's separators are two strings (item, key)",
+                    ));
+                }
+            }
         }
-        None => serde::Serialize::serialize(
-            value,
-            &mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter),
-        ),
     };
-    result.map_err(|e| {
+    let sort_keys = arg(3, "sort_keys")?.is_some_and(|v| v.is_true());
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(value).map_err(|e| {
         Error::new(ErrorKind::InvalidOperation, "cannot serialize to JSON").with_source(e)
     })?;
-    Ok(Value::from_safe_string(
-        String::from_utf8_lossy(&out).into_owned(),
-    ))
+    let [item_sep, key_sep] = separators.unwrap_or_else(|| match indent {
+        Some(_) => [",".into(), ": ".into()],
+        None => [", ".into(), ": ".into()],
+    });
+    let dumper = PyJson {
+        ensure_ascii,
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys,
+    };
+    let mut out = String::new();
+    dumper.value(&json, 0, &mut out);
+    Ok(Value::from_safe_string(out))
 }
 
-/// Compact JSON with Python's default separators.
-struct PythonFormatter;
+/// The messages as the template sees them, as transformers' `apply_chat_template` passes them:
+/// null keys dropped (an absent `content` is no key), and a reasoning (`reasoning_content`, or
+/// an older `thinking` or `reasoning` key) given as both `thinking` (first, for gpt-oss's
+/// template) and `reasoning_content` (transformers 5's `_alias_reasoning_fields`).
+fn template_messages(messages: &[Message]) -> Vec<serde_json::Value> {
+    use serde_json::Value as J;
+    const REASONING: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+    messages
+        .iter()
+        .map(|m| {
+            let J::Object(mut map) = serde_json::to_value(m).unwrap_or(J::Null) else {
+                return J::Null;
+            };
+            map.retain(|_, v| !v.is_null());
+            let reasoning = REASONING.iter().find_map(|k| map.get(*k)).cloned();
+            let Some(reasoning) = reasoning else {
+                return J::Object(map);
+            };
+            let mut aliased = serde_json::Map::new();
+            aliased.insert("thinking".into(), reasoning.clone());
+            aliased.extend(map);
+            aliased.insert("reasoning_content".into(), reasoning);
+            J::Object(aliased)
+        })
+        .collect()
+}
 
-impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
+/// Read a template file as Python's text mode does (universal newlines).
+pub(crate) fn read_template_file(path: &std::path::Path) -> Result<String, TextError> {
+    let bytes = std::fs::read(path).map_err(|e| TextError::io("read", path, e))?;
+    let source = String::from_utf8(bytes).map_err(|e| TextError::Config {
+        path: path.display().to_string(),
+        message: format!("not utf-8 text: {e}"),
+        help: None,
+    })?;
+    Ok(universal_newlines(source))
+}
+
+/// `\r\n` and lone `\r` as `\n`, as Python's text mode reads a file.
+pub(crate) fn universal_newlines(source: String) -> String {
+    if source.contains('\r') {
+        source.replace("\r\n", "\n").replace('\r', "\n")
+    } else {
+        source
+    }
+}
+
+/// `{{ value }}` as jinja2 prints it: Python's `str`, so a list or dict prints as its repr
+/// (`[{'type': 'text'}]`), booleans as `True`/`False`, none as `None`, floats as `repr`.
+fn python_formatter(
+    out: &mut minijinja::Output<'_>,
+    state: &State<'_, '_>,
+    value: &Value,
+) -> Result<(), Error> {
+    match value.kind() {
+        ValueKind::Seq | ValueKind::Map | ValueKind::Bool | ValueKind::None => {
+            let mut s = String::new();
+            python_repr(value, &mut s);
+            out.write_str(&s).map_err(Error::from)
+        }
+        ValueKind::Number if !value.is_integer() => {
+            let mut s = String::new();
+            python_repr(value, &mut s);
+            out.write_str(&s).map_err(Error::from)
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    }
+}
+
+/// Python's `str` of a value (jinja2's `soft_str`): a string as itself, undefined as empty,
+/// anything else as its repr.
+fn python_str(value: &Value) -> String {
+    match value.kind() {
+        ValueKind::String => value.as_str().unwrap_or_default().to_owned(),
+        ValueKind::Undefined => String::new(),
+        ValueKind::Number if value.is_integer() => value.to_string(),
+        _ => {
+            let mut s = String::new();
+            python_repr(value, &mut s);
+            s
+        }
+    }
+}
+
+/// jinja2's `trim(chars=None)`: the value as Python's `str`, then `strip(chars)`.
+fn python_trim(value: &Value, chars: Option<String>) -> String {
+    let s = python_str(value);
+    match chars {
+        Some(chars) => s.trim_matches(|c| chars.contains(c)).to_owned(),
+        None => s.trim().to_owned(),
+    }
+}
+
+/// Python's `repr` of a value.
+fn python_repr(value: &Value, out: &mut String) {
+    match value.kind() {
+        ValueKind::None | ValueKind::Undefined => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
+        ValueKind::Number if value.is_integer() => out.push_str(&value.to_string()),
+        ValueKind::Number => match f64::try_from(value.clone()) {
+            Ok(f) if f.is_nan() => out.push_str("nan"),
+            Ok(f) if f.is_infinite() => out.push_str(if f > 0.0 { "inf" } else { "-inf" }),
+            Ok(f) => out.push_str(&py_float(f)),
+            Err(_) => out.push_str(&value.to_string()),
+        },
+        ValueKind::String => python_str_repr(value.as_str().unwrap_or_default(), out),
+        ValueKind::Map => {
+            out.push('{');
+            for (i, key) in value.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(&key, out);
+                out.push_str(": ");
+                python_repr(&value.get_item(&key).unwrap_or_default(), out);
+            }
+            out.push('}');
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            out.push('[');
+            for (i, item) in value.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(&item, out);
+            }
+            out.push(']');
+        }
+        _ => out.push_str(&value.to_string()),
+    }
+}
+
+/// Python's `repr` of a string: single quotes unless the text holds one and no double quote.
+fn python_str_repr(s: &str, out: &mut String) {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || (0x7f..0xa0).contains(&(c as u32)) => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+}
+
+/// jinja2's `iterable` test is Python's `iter()`: strings, lists, dicts and jinja's undefined
+/// are iterable; none, numbers and booleans are not (minijinja iterates none as empty).
+fn python_iterable(value: &Value) -> bool {
+    matches!(
+        value.kind(),
+        ValueKind::String
+            | ValueKind::Seq
+            | ValueKind::Map
+            | ValueKind::Iterable
+            | ValueKind::Undefined
+    )
+}
+
+/// Python's `json.dumps`.
+struct PyJson {
+    ensure_ascii: bool,
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+}
+
+impl PyJson {
+    fn newline(&self, depth: usize, out: &mut String) {
+        if let Some(pad) = &self.indent {
+            out.push('\n');
+            for _ in 0..depth {
+                out.push_str(pad);
+            }
         }
     }
 
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
+    fn value(&self, v: &serde_json::Value, depth: usize, out: &mut String) {
+        use serde_json::Value as J;
+        match v {
+            J::Null => out.push_str("null"),
+            J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            J::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                (Some(i), _, _) => out.push_str(&i.to_string()),
+                (_, Some(u), _) => out.push_str(&u.to_string()),
+                (_, _, Some(f)) => out.push_str(&py_float(f)),
+                _ => out.push_str(&n.to_string()),
+            },
+            J::String(s) => self.string(s, out),
+            J::Array(items) => {
+                if items.is_empty() {
+                    out.push_str("[]");
+                    return;
+                }
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
+                    self.newline(depth + 1, out);
+                    self.value(item, depth + 1, out);
+                }
+                self.newline(depth, out);
+                out.push(']');
+            }
+            J::Object(map) => {
+                if map.is_empty() {
+                    out.push_str("{}");
+                    return;
+                }
+                let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(b.0));
+                }
+                out.push('{');
+                for (i, (k, item)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
+                    self.newline(depth + 1, out);
+                    self.string(k, out);
+                    out.push_str(&self.key_sep);
+                    self.value(item, depth + 1, out);
+                }
+                self.newline(depth, out);
+                out.push('}');
+            }
         }
     }
 
-    fn begin_object_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-    ) -> std::io::Result<()> {
-        writer.write_all(b": ")
+    fn string(&self, s: &str, out: &mut String) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 || (self.ensure_ascii && !(' '..='~').contains(&c)) => {
+                    let mut buf = [0u16; 2];
+                    for unit in c.encode_utf16(&mut buf) {
+                        out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+}
+
+/// A float as Python's `repr` writes it: the shortest digits that round-trip, positional for
+/// exponents from -4 to 15, else `d.ddde+XX`.
+fn py_float(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    let sci = format!("{f:e}"); // e.g. "-1.2345e17", "1e-5"
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
+    };
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    if (-4..16).contains(&exp) {
+        let n = digits.len() as i32;
+        let body = if exp < 0 {
+            format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
+        } else if exp + 1 >= n {
+            format!("{digits}{}.0", "0".repeat((exp + 1 - n) as usize))
+        } else {
+            let (int, frac) = digits.split_at((exp + 1) as usize);
+            format!("{int}.{frac}")
+        };
+        format!("{sign}{body}")
+    } else {
+        let e_sign = if exp < 0 { '-' } else { '+' };
+        format!("{sign}{mantissa}e{e_sign}{:02}", exp.abs())
     }
 }
 

@@ -20,6 +20,9 @@ pub const CONFIG_FILE: &str = "tokenizer_config.json";
 pub const TEMPLATE_FILE: &str = "chat_template.jinja";
 /// Older transformers' special tokens (read as a fallback for the config's).
 pub const SPECIAL_TOKENS_FILE: &str = "special_tokens_map.json";
+/// Where a copied model's chat template came from, `{"from": "<file as the manifest names
+/// it>"}`: written beside the copy in the cache so that template errors name the user's file.
+pub const TEMPLATE_ORIGIN_FILE: &str = "burnish_template.json";
 
 /// The files [`TextTokenizer::save_to`] copies, when the source directory has them.
 const COPIED: [&str; 4] = [
@@ -298,11 +301,19 @@ impl TextTokenizer {
                 message: format!("not utf-8 text: {e}"),
                 help: None,
             })?;
+            // Read as transformers reads it: a Python text file, universal newlines.
+            let source = super::template::universal_newlines(source);
             template = Some(CheckpointTemplate {
                 source,
                 origin: tpl_path.display().to_string(),
             });
             files.push((TEMPLATE_FILE, bytes));
+        }
+
+        if let Some(t) = &mut template
+            && let Some(from) = recorded_template_origin(dir)
+        {
+            t.origin = from;
         }
 
         let vocab = inner.get_vocab(true);
@@ -423,6 +434,12 @@ impl TextTokenizer {
         self.template.as_ref()
     }
 
+    /// The file (and key) the checkpoint's chat template was read from, as error messages name
+    /// it: for a model copied into the cache, the user's file it was copied from.
+    pub fn template_origin(&self) -> Option<&str> {
+        self.template.as_ref().map(|t| t.origin.as_str())
+    }
+
     /// The directory it was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -444,4 +461,38 @@ impl TextTokenizer {
         }
         Ok(())
     }
+}
+
+/// The `from` of a model directory's [`TEMPLATE_ORIGIN_FILE`], when it has a readable one.
+fn recorded_template_origin(dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(dir.join(TEMPLATE_ORIGIN_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("from")?.as_str().map(str::to_owned)
+}
+
+/// Record in `out` (a copy of a model directory) where its chat template came from: `tok`'s
+/// origin with the directory `dir` it was loaded from shown as `shown` (the manifest's path).
+/// A directory that already records an origin keeps it.
+pub fn record_template_origin(
+    tok: &TextTokenizer,
+    dir: &Path,
+    shown: &str,
+    out: &Path,
+) -> Result<(), TextError> {
+    let Some(origin) = tok.template_origin() else {
+        return Ok(());
+    };
+    let from = match origin.strip_prefix(&dir.display().to_string()) {
+        Some(rest) if recorded_template_origin(dir).is_none() => {
+            format!("{}{rest}", shown.trim_end_matches('/'))
+        }
+        _ => origin.to_owned(),
+    };
+    let path = out.join(TEMPLATE_ORIGIN_FILE);
+    // The copy may be a hard link to the source's file: replace it, never write through it.
+    if path.exists() {
+        fs::remove_file(&path).map_err(|e| TextError::io("replace", &path, e))?;
+    }
+    let text = serde_json::json!({ "from": from }).to_string() + "\n";
+    fs::write(&path, text).map_err(|e| TextError::io("write", &path, e))
 }

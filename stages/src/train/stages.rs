@@ -15,7 +15,8 @@ use super::{Fit, Prepared, TrainError, TrainerParams, fit, tokenizer_dir, traine
 use crate::data::input_records;
 use crate::data::records::{ChatRecord, TextRecord};
 use crate::model::{self, Arch, ModelConfig, SizePreset};
-use crate::text::{self, ChatTemplate, CptPacking, Encoded, TemplateChoice, TextTokenizer};
+use crate::text::train_tokenizer::survives_qwen2_rebuild;
+use crate::text::{self, ChatTemplate, CptPacking, Encoded, TemplateSpec, TextTokenizer};
 
 fn texts(cx: &RunContext, field: &str) -> Result<Vec<TextRecord>, StageError> {
     input_records(cx, field)
@@ -94,7 +95,7 @@ trainer_params! {
         /// Chat template: `auto` (the checkpoint's, else chatml), `checkpoint`, `chatml`,
         /// `llama3` or `alpaca`.
         #[serde(default)]
-        pub chat_template: TemplateChoice,
+        pub chat_template: TemplateSpec,
         /// Also train on system/user tokens. By default only assistant replies and their
         /// end-of-turn token are targets: TRL's `assistant_only_loss` also trains the
         /// template's newlines around them, and TRL's default trains every token (this
@@ -128,8 +129,12 @@ impl Trainer for Sft {
     fn run(p: &SftParams, cx: &mut RunContext) -> Result<StageOutcome, StageError> {
         let c = p.common();
         let tok = model_tokenizer(cx)?;
-        let template = ChatTemplate::resolve(p.chat_template, &tok)?;
-        cx.log(format!("chat template: {}", template.name()));
+        let template = ChatTemplate::resolve(&p.chat_template, &tok)?;
+        cx.log(format!(
+            "chat template: {}; targets: {}",
+            template.name(),
+            text::MaskRule::of(&template, p.train_on_prompt).describe()
+        ));
         let enc = |records: &[ChatRecord], pack: bool| {
             text::encode_sft(&tok, &template, records, c.seq_len, p.train_on_prompt, pack)
         };
@@ -188,7 +193,9 @@ pub struct ModelParams {
     /// With `init`: the tokenizer (a `tokenizer.train` stage); its vocabulary sizes the model.
     #[serde(default)]
     pub tokenizer: Option<StageRef>,
-    /// With `init`: `llama` (default) or `qwen2`.
+    /// With `init`: `llama` (default) or `qwen2`. transformers 5 reads a qwen2 checkpoint's
+    /// tokenizer with Qwen2's own pre-tokenizer: the ids are burnish's when the tokenizer was
+    /// trained with `pre_tokenizer: qwen2` (the default; a warning is logged otherwise).
     #[serde(default)]
     pub arch: Option<Arch>,
     /// With `init`: tie the output head to the embeddings.
@@ -201,7 +208,8 @@ pub struct ModelStage;
 
 impl Stage for ModelStage {
     const KIND: &'static str = "model";
-    const VERSION: u32 = 1;
+    // 2: the output records where its chat template came from (burnish_template.json).
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "A model: a Hugging Face checkpoint directory (`from:`) or a fresh one (`init:` + `tokenizer:`)";
     type Params = ModelParams;
 
@@ -285,6 +293,8 @@ impl Stage for ModelStage {
             let ck = model::Checkpoint::open(&dir)?;
             let tok = TextTokenizer::from_dir(&dir)?;
             model::link_model_dir(&dir, &out)?;
+            let from = p.from.as_ref().map_or("", |f| f.0.as_str());
+            crate::text::tokenizer::record_template_origin(&tok, &dir, from, &out)?;
             let cfg = &ck.config;
             return Ok(StageOutcome::default()
                 .metric("arch", cfg.arch.model_type())
@@ -315,6 +325,12 @@ impl Stage for ModelStage {
             ),
         };
         let arch = p.arch.unwrap_or(Arch::Llama);
+        if arch == Arch::Qwen2 && !survives_qwen2_rebuild(tok.inner()) {
+            cx.log(format!(
+                "warning: transformers 5 loads a qwen2 checkpoint's tokenizer as Qwen2Tokenizer, which replaces the pre-tokenizer of {} with Qwen2's, so its ids will differ from burnish's; train the tokenizer with `pre_tokenizer: qwen2` (the default) or use `arch: llama`",
+                tok_dir.display()
+            ));
+        }
         let cfg = ModelConfig {
             arch,
             vocab_size: tok.vocab_size(),
