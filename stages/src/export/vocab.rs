@@ -230,8 +230,8 @@ pub fn detect_pre(tokenizer_json: &Value) -> Option<&'static str> {
 
 /// Llama 3's split regex as its tokenizer.json spells it.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-/// Qwen2's split regex as its tokenizer.json spells it.
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split regex as its tokenizer.json spells it (and `tokenizer.train` writes it).
+const QWEN2_REGEX: &str = crate::text::train_tokenizer::QWEN2_SPLIT_REGEX;
 
 /// The converter's `does_token_look_special`.
 fn looks_special(t: &str) -> bool {

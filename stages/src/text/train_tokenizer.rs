@@ -1,11 +1,33 @@
 //! `tokenizer.train`: learn a byte-level BPE tokenizer from a text or chat dataset.
 //!
-//! The artifact is a tokenizer directory like a checkpoint's: `tokenizer.json` (ByteLevel
-//! pre-tokenizer without prefix space, ByteLevel decoder, no post-processor, the special tokens
-//! first with ids 0..n, then the 256 byte tokens, then the merges) and `tokenizer_config.json`
-//! (eos, pad = the first special token, no bos, the chatml template). The same data gives the
-//! same bytes, and the same `tokenizer.json` as Python `tokenizers`' `BpeTrainer` with
-//! `initial_alphabet=ByteLevel.alphabet()` (the fixture tokenizers are checked against it).
+//! The artifact is a tokenizer directory like a checkpoint's: `tokenizer.json` (the
+//! `pre_tokenizer:` pipeline, ByteLevel decoder, no post-processor, the special tokens first with
+//! ids 0..n, then the 256 byte tokens, then the merges) and `tokenizer_config.json` (eos, pad =
+//! the first special token, no bos, the chatml template). The same data gives the same bytes, and
+//! the same `tokenizer.json` as Python `tokenizers`' `BpeTrainer` with
+//! `initial_alphabet=ByteLevel.alphabet()` on the same pipeline (the fixture tokenizers, trained
+//! with `pre_tokenizer: gpt2`, are checked against it).
+//!
+//! # Loading the same in transformers
+//! A model directory written with this tokenizer (`model` with `init:`, then `export.hf`,
+//! `merge`, trainers) is read back with `AutoTokenizer.from_pretrained`, which picks the class
+//! from `config.json`'s `model_type` and `tokenizer_config.json`'s `tokenizer_class`:
+//! - transformers 4 honours `tokenizer_class: PreTrainedTokenizerFast` for every model type and
+//!   loads `tokenizer.json` as it is;
+//! - transformers 5 (checked on 5.25) loads `llama` and `mistral` directories as
+//!   `TokenizersBackend` (the 5.x name of `PreTrainedTokenizerFast`, `tokenizer.json` as it is),
+//!   but `qwen2` is on its list of model types whose Hub `tokenizer_class` it distrusts
+//!   (`MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS` in `tokenization_auto.py`): whatever the config
+//!   says, it builds `Qwen2Tokenizer`, which keeps only the vocabulary, merges and added tokens of
+//!   `tokenizer.json` and puts its own pipeline around them (NFC, Qwen2's split regex, ByteLevel
+//!   without its regex). No key of `tokenizer_config.json` avoids that (an `auto_map` would,
+//!   until someone passes `trust_remote_code=True`).
+//!
+//! So the default pipeline, `pre_tokenizer: qwen2`, *is* that pipeline: transformers rebuilds it
+//! identically under `qwen2` and reads it as written under the other types, and the ids are
+//! burnish's everywhere. `pre_tokenizer: gpt2` (GPT-2's ByteLevel regex, no normalizer) matches
+//! transformers 4 everywhere and transformers 5 for llama and mistral, not for a `qwen2`
+//! `config.json` (`model` warns when it initialises one).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -21,9 +43,12 @@ use serde_json::{Value, json};
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::models::{ModelWrapper, TrainerWrapper};
+use tokenizers::normalizers::{NFC, NormalizerWrapper};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Model, Tokenizer};
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, Model, SplitDelimiterBehavior, Tokenizer};
 
 use super::error::TextError;
 use super::template::CHATML;
@@ -49,6 +74,27 @@ fn default_eos_token() -> String {
     "<|im_end|>".into()
 }
 
+/// Qwen2's split regex, as transformers' `Qwen2Tokenizer` (`PRETOKENIZE_REGEX`) and Qwen2's
+/// `tokenizer.json` spell it: contractions, a letter run with at most one leading non-letter,
+/// single digits, punctuation runs with their newlines, newline runs, spaces.
+pub const QWEN2_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// How text becomes words before the merges are learned (and applied).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PreTokenizer {
+    /// Qwen2's: NFC normalization, a split on Qwen2's regex (contractions, letter runs, single
+    /// digits, punctuation runs, newlines, spaces), then ByteLevel without its own regex. It is
+    /// the pipeline transformers 5 rebuilds for a `qwen2` checkpoint, so `AutoTokenizer` gives
+    /// burnish's ids under every architecture (llama, mistral, qwen2) and transformers version.
+    #[default]
+    Qwen2,
+    /// GPT-2's: ByteLevel with its own regex, no normalizer. transformers 5 replaces it with
+    /// Qwen2's pipeline in a `qwen2` checkpoint (other ids there); llama and mistral load it as
+    /// it is.
+    Gpt2,
+}
+
 /// Parameters of `tokenizer.train`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +114,10 @@ pub struct TrainTokenizerParams {
     /// The end-of-sequence (end-of-turn) token; one of `special_tokens`.
     #[serde(default = "default_eos_token")]
     pub eos_token: String,
+    /// How text is split before byte-level BPE: `qwen2` (default: what transformers rebuilds for
+    /// every architecture, so checkpoints load with the same ids everywhere) or `gpt2`.
+    #[serde(default)]
+    pub pre_tokenizer: PreTokenizer,
 }
 
 /// The `tokenizer.train` stage kind.
@@ -75,7 +125,8 @@ pub struct TrainTokenizerStage;
 
 impl Stage for TrainTokenizerStage {
     const KIND: &'static str = "tokenizer.train";
-    const VERSION: u32 = 1;
+    // 2: `pre_tokenizer:`, Qwen2's pipeline by default.
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Train a byte-level BPE tokenizer (with a chatml template) on a text or chat dataset";
 
@@ -219,9 +270,18 @@ pub fn train_bpe(texts: &[&str], params: &TrainTokenizerParams) -> Result<Tokeni
         .build();
     let mut trainer = TrainerWrapper::BpeTrainer(trainer);
     let mut tokenizer = Tokenizer::new(ModelWrapper::BPE(BPE::default()));
-    // As Python's `pre_tokenizers.ByteLevel(add_prefix_space=False)` and `decoders.ByteLevel()`.
-    let pre = ByteLevel::default().add_prefix_space(false);
-    tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(pre)));
+    match params.pre_tokenizer {
+        PreTokenizer::Qwen2 => {
+            tokenizer.with_normalizer(Some(NormalizerWrapper::NFC(NFC)));
+            tokenizer.with_pre_tokenizer(Some(qwen2_pre_tokenizer()?));
+        }
+        PreTokenizer::Gpt2 => {
+            // As Python's `pre_tokenizers.ByteLevel(add_prefix_space=False)`.
+            let pre = ByteLevel::default().add_prefix_space(false);
+            tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(pre)));
+        }
+    }
+    // As Python's `decoders.ByteLevel()`.
     tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
     tokenizer
         .train(&mut trainer, texts.iter())
@@ -230,6 +290,50 @@ pub fn train_bpe(texts: &[&str], params: &TrainTokenizerParams) -> Result<Tokeni
         })?;
     tokenizer.add_special_tokens(&specials);
     Ok(tokenizer)
+}
+
+/// Qwen2's pre-tokenizer as transformers' `Qwen2Tokenizer` builds it:
+/// `Sequence([Split(Regex(..), behavior="isolated"), ByteLevel(add_prefix_space=False,
+/// use_regex=False)])` (after `normalizers.NFC()`).
+fn qwen2_pre_tokenizer() -> Result<PreTokenizerWrapper, TextError> {
+    let split = Split::new(
+        SplitPattern::Regex(QWEN2_SPLIT_REGEX.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| TextError::Train {
+        message: format!("compiling the qwen2 split regex: {e}"),
+    })?;
+    let bytes = ByteLevel::default()
+        .add_prefix_space(false)
+        .use_regex(false);
+    Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        PreTokenizerWrapper::Split(split),
+        PreTokenizerWrapper::ByteLevel(bytes),
+    ])))
+}
+
+/// Whether transformers 5 tokenizes `tokenizer` as it is in a `qwen2` checkpoint: its
+/// `Qwen2Tokenizer` keeps the vocabulary, merges, added tokens and post-processor and replaces the
+/// rest with NFC, Qwen2's split and ByteLevel without regex, so that pipeline (and the ByteLevel
+/// decoder) must already be the tokenizer's. True for `pre_tokenizer: qwen2` and for Qwen2's own
+/// tokenizers.
+pub fn survives_qwen2_rebuild(tokenizer: &Tokenizer) -> bool {
+    let json = |v: Result<Value, serde_json::Error>| v.ok();
+    let Ok(pre) = qwen2_pre_tokenizer() else {
+        return false;
+    };
+    let is_bpe = matches!(tokenizer.get_model(), ModelWrapper::BPE(_));
+    let normalizer = tokenizer.get_normalizer().map(serde_json::to_value);
+    let decoder = tokenizer.get_decoder().map(serde_json::to_value);
+    let ours = tokenizer.get_pre_tokenizer().map(serde_json::to_value);
+    is_bpe
+        && normalizer.and_then(json) == json(serde_json::to_value(NormalizerWrapper::NFC(NFC)))
+        && ours.and_then(json) == json(serde_json::to_value(&pre))
+        && decoder.and_then(json)
+            == json(serde_json::to_value(DecoderWrapper::ByteLevel(
+                ByteLevel::default(),
+            )))
 }
 
 /// Write `tokenizer.json` and `tokenizer_config.json` into `dir`.
@@ -256,6 +360,12 @@ pub fn write_tokenizer(
 }
 
 /// transformers' `tokenizer_config.json` for a trained tokenizer (keys sorted).
+///
+/// `tokenizer_class: PreTrainedTokenizerFast` makes transformers 4 read `tokenizer.json` as it
+/// is under any `model_type` rather than build the model type's own class; transformers 5 maps
+/// the name to `TokenizersBackend` (as it is) for llama and mistral and ignores it for qwen2
+/// (see the module doc). The special tokens are named once each (`added_tokens_decoder` with their ids; `bos`,
+/// `unk` explicitly null, so that no class falls back on its own default token).
 fn tokenizer_config(params: &TrainTokenizerParams) -> Value {
     let added: BTreeMap<String, Value> = params
         .special_tokens
