@@ -19,6 +19,7 @@ use miette::{IntoDiagnostic, Result, miette};
 mod alloc;
 mod generate;
 mod probe;
+mod render;
 mod testing;
 
 #[derive(Parser)]
@@ -153,6 +154,8 @@ enum Command {
     },
     /// Sample completions of a prompt from a model directory
     Generate(generate::GenerateArgs),
+    /// Show a dataset's first examples as SFT encodes them, target tokens marked
+    Render(render::RenderArgs),
     /// Check a backend against transformers' logits and the CPU backend; exit 1 on any FAIL
     Selftest(probe::SelftestArgs),
     /// Training throughput of a model made from a shape (the GPU lane's speed rows)
@@ -547,6 +550,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => generate::generate(&args),
+        Command::Render(args) => render::render(&args),
         Command::Selftest(args) => probe::selftest(&args),
         Command::BenchTrain(args) => probe::bench_train(&args),
     }
