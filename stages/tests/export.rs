@@ -12,6 +12,8 @@
 //! - PyPI `gguf`'s `GGUFReader` when it is importable (`BURNISH_PYTHON`, default `python3`;
 //!   `BURNISH_REQUIRE_PY=1` turns a missing package into a failure).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -156,7 +158,6 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// burnish's reader. Skips (with a message) when `gguf` cannot be imported, unless
 /// `BURNISH_REQUIRE_PY=1`.
 fn python_reads(path: &Path, ours: &GgufFile) {
-    let python = std::env::var("BURNISH_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = r#"
 import sys
 try:
@@ -173,36 +174,15 @@ tok = r.fields["tokenizer.ggml.tokens"]
 print("N", len(tok.data))
 print("K", len(r.fields))
 "#;
-    let out = std::process::Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .arg(path)
-        .output();
-    let require = std::env::var("BURNISH_REQUIRE_PY").is_ok_and(|v| v == "1");
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            assert!(
-                !require,
-                "BURNISH_REQUIRE_PY=1 but {python} does not run: {e}"
-            );
-            eprintln!("skipping the Python gguf check: {python} does not run ({e})");
-            return;
-        }
+    let Some(stdout) = common::run_python(script, &path.display().to_string(), "GGUFReader") else {
+        return;
     };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "GGUFReader failed on {}:\n{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
     if stdout.trim() == "NO_GGUF" {
         assert!(
-            !require,
-            "BURNISH_REQUIRE_PY=1 but `import gguf` fails in {python} (pip install gguf)"
+            !common::require_python(),
+            "BURNISH_REQUIRE_PY=1 but `import gguf` fails (pip install gguf)"
         );
-        eprintln!("skipping the Python gguf check: `import gguf` fails in {python}");
+        eprintln!("skipping the Python gguf check: `import gguf` fails");
         return;
     }
     let mut tensors = Vec::new();
@@ -2048,7 +2028,6 @@ fn a_model_past_the_shard_size_is_split_with_an_index_and_loads_back() {
 /// (`BURNISH_PYTHON`; `BURNISH_REQUIRE_PY=1` turns its absence into a failure).
 #[test]
 fn shards_match_huggingface_hubs_splitter() {
-    let python = std::env::var("BURNISH_PYTHON").unwrap_or_else(|_| "python3".into());
     let cases: [(&[u64], u64); 4] = [
         (&[6, 6, 2, 6, 2, 2], 10),
         (&[3, 12, 3, 9, 1], 10),
@@ -2074,24 +2053,12 @@ for sizes, limit in json.loads(sys.argv[1]):
     print(json.dumps([[int(k[1:]) for k in keys] for keys in split.filename_to_tensors.values()]))
 "#;
     let arg = serde_json::to_string(&cases).unwrap();
-    let out = std::process::Command::new(&python)
-        .args(["-c", script, &arg])
-        .output();
-    let require = std::env::var("BURNISH_REQUIRE_PY").is_ok_and(|v| v == "1");
-    let stdout = match &out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-        _ => {
-            assert!(
-                !require,
-                "BURNISH_REQUIRE_PY=1 but {python} failed: {out:?}"
-            );
-            eprintln!("skipping: {python} does not run the splitter");
-            return;
-        }
+    let Some(stdout) = common::run_python(script, &arg, "the splitter") else {
+        return;
     };
     if stdout.trim() == "NO_HUB" {
         assert!(
-            !require,
+            !common::require_python(),
             "BURNISH_REQUIRE_PY=1 but huggingface_hub is not importable"
         );
         eprintln!("skipping: huggingface_hub is not importable");
