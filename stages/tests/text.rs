@@ -1262,3 +1262,32 @@ fn an_unclosed_generation_tag_is_a_syntax_error() {
         "chat template t.jinja: syntax error: 1 {% generation %} tags but 0 {% endgeneration %}"
     );
 }
+
+#[test]
+fn a_template_that_loops_without_end_runs_out_of_fuel() {
+    // Two nested 10,000-step loops (what hung `burnish run` at 5 GB): an error, in about a second.
+    let src =
+        "{% for i in range(10000) %}{% for j in range(10000) %}{{ i }}{% endfor %}{% endfor %}";
+    let tpl = ChatTemplate::compile("t", "models/x/chat_template.jinja", src.to_owned()).unwrap();
+    let start = std::time::Instant::now();
+    let e = tpl.render(&conversation(), false, &qwen()).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("models/x/chat_template.jinja"), "{msg}");
+    assert!(msg.contains("exceeded the fuel limit of 20000000"), "{msg}");
+    eprintln!("ran out of fuel after {:?}", start.elapsed());
+    // A real template on a long conversation stays far inside the limit.
+    let long: Vec<Message> = (0..500)
+        .flat_map(|i| {
+            [
+                Message::user(format!("q{i}")),
+                Message::assistant(format!("a{i}")),
+            ]
+        })
+        .collect();
+    let tpl = ChatTemplate::from_file(
+        "qwen3",
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/templates/trl/qwen3.jinja"),
+    )
+    .unwrap();
+    assert!(tpl.render(&long, false, &qwen()).is_ok());
+}

@@ -313,6 +313,12 @@ fn strip_generation(raw: &str, origin: &str) -> Result<Rendered, TextError> {
 }
 
 const TEMPLATE: &str = "chat_template";
+/// The instructions one rendering may run (a long tool-calling conversation through a large
+/// template takes well under a million): a template that loops without end fails instead of
+/// hanging (about a second of work at most).
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// How deep macros and includes may nest in one rendering.
+const TEMPLATE_RECURSION: usize = 100;
 /// Prefix of the error detail `raise_exception` produces.
 const RAISED: &str = "raise_exception: ";
 
@@ -389,6 +395,8 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION);
         env.set_unknown_method_callback(python_method);
         env.set_formatter(python_formatter);
         env.add_test("iterable", python_iterable);
@@ -552,17 +560,23 @@ impl ChatTemplate {
             ErrorKind::TemplateNotFound => {
                 Some("chat templates are sandboxed: include, import and extends are not available".into())
             }
+            ErrorKind::OutOfFuel => Some(format!(
+                "a rendering of one conversation may run {TEMPLATE_FUEL} instructions; this \
+                 template loops without end, or far longer than any chat needs"
+            )),
             ErrorKind::UnknownFunction => Some(
                 "available functions: raise_exception, strftime_now, range, dict, namespace, and jinja's builtins"
                     .into(),
             ),
             _ => None,
         };
-        TextError::TemplateRender {
-            at,
-            message: describe(&e),
-            help,
-        }
+        let message = match e.kind() {
+            ErrorKind::OutOfFuel => {
+                format!("exceeded the fuel limit of {TEMPLATE_FUEL} instructions")
+            }
+            _ => describe(&e),
+        };
+        TextError::TemplateRender { at, message, help }
     }
 }
 
