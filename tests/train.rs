@@ -7,7 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{burnish, find, fixtures, lock, metric, run_ok, write_manifest};
+use common::{burnish, find, fixtures, lock, metric, run, run_ok, write_manifest};
 
 /// A manifest training the fixture Llama on alpaca with the given `sft` body lines.
 fn manifest(sft: &str) -> String {
@@ -337,11 +337,7 @@ stages:
   sft: {kind: train.sft, model: base, data: chat, chat_template: checkpoint, seq_len: 64, steps: 1}
 ",
     );
-    let out = burnish()
-        .args(["run", m.to_str().unwrap(), "-q"])
-        .current_dir(tmp.path())
-        .output()
-        .unwrap();
+    let out = run(&["run", m.to_str().unwrap(), "-q"], tmp.path());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let err = err

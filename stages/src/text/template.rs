@@ -733,19 +733,17 @@ fn python_formatter(
     state: &State<'_, '_>,
     value: &Value,
 ) -> Result<(), Error> {
-    match value.kind() {
-        ValueKind::Seq | ValueKind::Map | ValueKind::Bool | ValueKind::None => {
-            let mut s = String::new();
-            python_repr(value, &mut s);
-            out.write_str(&s).map_err(Error::from)
-        }
-        ValueKind::Number if !value.is_integer() => {
-            let mut s = String::new();
-            python_repr(value, &mut s);
-            out.write_str(&s).map_err(Error::from)
-        }
-        _ => minijinja::escape_formatter(out, state, value),
+    let pythonic = match value.kind() {
+        ValueKind::Seq | ValueKind::Map | ValueKind::Bool | ValueKind::None => true,
+        ValueKind::Number => !value.is_integer(),
+        _ => false,
+    };
+    if !pythonic {
+        return minijinja::escape_formatter(out, state, value);
     }
+    let mut s = String::new();
+    python_repr(value, &mut s);
+    out.write_str(&s).map_err(Error::from)
 }
 
 /// Python's `str` of a value (jinja2's `soft_str`): a string as itself, undefined as empty,

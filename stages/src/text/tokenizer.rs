@@ -482,11 +482,10 @@ pub fn record_template_origin(
     let Some(origin) = tok.template_origin() else {
         return Ok(());
     };
+    // An origin `dir` recorded already is not under `dir`, and stays as it is.
     let from = match origin.strip_prefix(&dir.display().to_string()) {
-        Some(rest) if recorded_template_origin(dir).is_none() => {
-            format!("{}{rest}", shown.trim_end_matches('/'))
-        }
-        _ => origin.to_owned(),
+        Some(rest) => format!("{}{rest}", shown.trim_end_matches('/')),
+        None => origin.to_owned(),
     };
     let path = out.join(TEMPLATE_ORIGIN_FILE);
     // The copy may be a hard link to the source's file: replace it, never write through it.
