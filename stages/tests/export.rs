@@ -178,11 +178,10 @@ print("K", len(r.fields))
         return;
     };
     if stdout.trim() == "NO_GGUF" {
-        assert!(
-            !common::require_python(),
-            "BURNISH_REQUIRE_PY=1 but `import gguf` fails (pip install gguf)"
+        common::skip(
+            "BURNISH_REQUIRE_PY",
+            "`import gguf` fails (pip install gguf)",
         );
-        eprintln!("skipping the Python gguf check: `import gguf` fails");
         return;
     }
     let mut tensors = Vec::new();
@@ -1296,8 +1295,9 @@ fn burnish_perplexity_like_llama_cpp(model_dir: &Path, ids: &[u32], n_ctx: usize
 #[test]
 fn llama_cpp_tokenizes_loads_and_scores_every_export_like_burnish() {
     let Some(tools) = llama_cpp_tools() else {
-        eprintln!(
-            "skipping: set BURNISH_LLAMA_CPP to a directory with llama.cpp's llama-perplexity and llama-tokenize"
+        common::skip(
+            "BURNISH_REQUIRE_LLAMA_CPP",
+            "BURNISH_LLAMA_CPP does not name a directory with llama.cpp's llama-perplexity and llama-tokenize",
         );
         return;
     };
@@ -1377,7 +1377,10 @@ fn llama_cpp_tokenizes_loads_and_scores_every_export_like_burnish() {
 #[test]
 fn llama_quantize_on_the_f32_export_gives_the_same_tensors_byte_for_byte() {
     let Some(tools) = llama_cpp_tools().filter(|t| t.join("llama-quantize").is_file()) else {
-        eprintln!("skipping: set BURNISH_LLAMA_CPP to a directory with llama.cpp's llama-quantize");
+        common::skip(
+            "BURNISH_REQUIRE_LLAMA_CPP",
+            "BURNISH_LLAMA_CPP does not name a directory with llama.cpp's llama-quantize",
+        );
         return;
     };
     for name in ["tiny-llama", "tiny-qwen2"] {
@@ -1583,7 +1586,10 @@ fn llama_attention_biases_are_written_and_q_k_biases_permuted_with_their_rows() 
 #[test]
 fn llama_cpp_tokenizes_the_byte_fallback_vocab_like_burnish() {
     let Some(tools) = llama_cpp_tools() else {
-        eprintln!("skipping: set BURNISH_LLAMA_CPP to a directory with llama.cpp's llama-tokenize");
+        common::skip(
+            "BURNISH_REQUIRE_LLAMA_CPP",
+            "BURNISH_LLAMA_CPP does not name a directory with llama.cpp's llama-tokenize",
+        );
         return;
     };
     let dir = spm_model_dir();
@@ -2057,11 +2063,7 @@ for sizes, limit in json.loads(sys.argv[1]):
         return;
     };
     if stdout.trim() == "NO_HUB" {
-        assert!(
-            !common::require_python(),
-            "BURNISH_REQUIRE_PY=1 but huggingface_hub is not importable"
-        );
-        eprintln!("skipping: huggingface_hub is not importable");
+        common::skip("BURNISH_REQUIRE_PY", "huggingface_hub is not importable");
         return;
     }
     let theirs: Vec<Vec<Vec<usize>>> = stdout
