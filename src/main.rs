@@ -360,6 +360,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             for (_, e) in &failed {
                 eprint!("{}", render_diagnostic(*e));
             }
+            if let Some(e) = &report.record_error {
+                eprint!("{}", render_diagnostic(e));
+            }
             if !report.lock_diff.is_empty() {
                 eprintln!(
                     "error: the run differs from {}:",
@@ -406,7 +409,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let mut stages = serde_json::Map::new();
             for s in &status {
                 let metrics = match &s.fingerprint {
-                    Some(fp) => cache.record(fp)?.map(|r| r.metrics).unwrap_or_default(),
+                    Some(fp) => cache
+                        .usable_record(fp)?
+                        .map(|r| r.metrics)
+                        .unwrap_or_default(),
                     None => Default::default(),
                 };
                 if s.state == State::Cached {

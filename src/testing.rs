@@ -177,15 +177,16 @@ impl Stage for Blob {
             None => "root".into(),
         };
         let mut xof = blake3::Hasher::new().update(seed.as_bytes()).finalize_xof();
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(cx.output_dir(None)?.join("blob.bin")).map_err(err)?,
-        );
+        let path = cx.output_dir(None)?.join("blob.bin");
+        let cannot = |e: std::io::Error| err(format!("cannot write {}: {e}", path.display()));
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).map_err(cannot)?);
         let mut buf = vec![0u8; 1 << 20];
         for _ in 0..p.mb {
             xof.fill(&mut buf);
-            f.write_all(&buf).map_err(err)?;
+            f.write_all(&buf).map_err(cannot)?;
         }
-        f.flush().map_err(err)?;
+        f.flush().map_err(cannot)?;
+        f.get_ref().sync_all().map_err(cannot)?;
         Ok(StageOutcome::default().metric("mb", p.mb))
     }
 }

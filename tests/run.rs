@@ -2,6 +2,8 @@
 //! (`BURNISH_TEST_KINDS=1`): crash/resume under SIGKILL, two processes on one cache, failure
 //! isolation, `--locked`, `verify`, `gc`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -123,57 +125,80 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-#[test]
-fn two_processes_on_one_cache_compute_a_stage_once() {
+/// `n` concurrent `run`s of overlapping manifests on one cache (all share `slow` → `after`; each
+/// adds a stage of its own): all succeed, each shared stage body runs once, `verify` finds
+/// nothing corrupt.
+fn concurrent_runs_compute_each_stage_once(n: usize, round: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let count = tmp.path().join("count.txt");
-    let manifest = format!(
-        "pipeline: conc\nstages:\n  slow: {{kind: test.steps, steps: 25, step_ms: 20, count_file: '{}'}}\n  after: {{kind: test.steps, steps: 2, data: slow, count_file: '{}'}}\n",
-        count.display(),
-        count.display()
-    );
-    let a = write(&tmp.path().join("a"), "p.yaml", &manifest);
-    let b = write(&tmp.path().join("b"), "p.yaml", &manifest);
+    let c = count.display();
     let cache = tmp.path().join("cache");
-    let spawn = |m: &Path| {
-        burnish()
-            .args(["run", "-q", "--cache-dir"])
-            .arg(&cache)
-            .arg(m)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let p1 = spawn(&a);
-    let p2 = spawn(&b);
-    let o1 = p1.wait_with_output().unwrap();
-    let o2 = p2.wait_with_output().unwrap();
-    assert!(
-        o1.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o1.stderr)
-    );
-    assert!(
-        o2.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o2.stderr)
-    );
+    let manifests: Vec<PathBuf> = (0..n)
+        .map(|i| {
+            let text = format!(
+                "pipeline: conc{i}\nstages:\n  slow: {{kind: test.steps, steps: 25, step_ms: 20, count_file: '{c}'}}\n  after: {{kind: test.steps, steps: 2, data: slow, count_file: '{c}'}}\n  own{i}: {{kind: test.steps, steps: 3, step_ms: 5, salt: '{i}', data: after, count_file: '{c}'}}\n"
+            );
+            write(&tmp.path().join(format!("m{i}")), "p.yaml", &text)
+        })
+        .collect();
+    let children: Vec<_> = manifests
+        .iter()
+        .map(|m| {
+            burnish()
+                .args(["run", "-q", "--cache-dir"])
+                .arg(&cache)
+                .arg(m)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, child) in children.into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "run {i} of {n} (round {round}): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
     let lines = std::fs::read_to_string(&count).unwrap();
-    assert_eq!(
-        lines.lines().filter(|l| *l == "slow").count(),
-        1,
-        "slow ran more than once:\n{lines}"
+    for stage in ["slow".to_owned(), "after".to_owned()]
+        .into_iter()
+        .chain((0..n).map(|i| format!("own{i}")))
+    {
+        let ran = lines.lines().filter(|l| *l == stage).count();
+        assert_eq!(
+            ran, 1,
+            "{stage} ran {ran} times with {n} runs (round {round}):\n{lines}"
+        );
+    }
+    let slow_of = |m: &PathBuf| {
+        let l: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(m.with_extension("lock")).unwrap())
+                .unwrap();
+        l["stages"]["after"].clone()
+    };
+    assert!(
+        manifests
+            .iter()
+            .all(|m| slow_of(m) == slow_of(&manifests[0]))
     );
-    assert_eq!(
-        lines.lines().filter(|l| *l == "after").count(),
-        1,
-        "after ran more than once:\n{lines}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(a.with_extension("lock")).unwrap(),
-        std::fs::read_to_string(b.with_extension("lock")).unwrap()
-    );
+    let out = burnish()
+        .args(["verify", "--cache-dir"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && report.contains("0 bad"), "{report}");
+}
+
+#[test]
+fn two_and_four_concurrent_runs_on_one_cache_compute_each_stage_once() {
+    for round in 0..3 {
+        concurrent_runs_compute_each_stage_once(2, round);
+        concurrent_runs_compute_each_stage_once(4, round);
+    }
 }
 
 #[test]
@@ -358,4 +383,196 @@ fn every_seed_pipeline_validates() {
         }
     }
     assert!(seen >= 11, "{seen} pipelines");
+}
+
+/// Runs `script` in a private mount namespace (`unshare -rm`), where it may mount a tmpfs.
+/// `None` (with the reason printed) where the machine does not allow it; under
+/// `BURNISH_REQUIRE_TMPFS` that is a failure.
+fn in_mount_namespace(script: &str, cwd: &Path) -> Option<Output> {
+    let probe = Command::new("unshare")
+        .args(["-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs \"$1\""])
+        .arg("sh")
+        .arg(cwd)
+        .output();
+    let why = match &probe {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
+        Err(e) => Some(format!("unshare: {e}")),
+    };
+    if let Some(why) = why {
+        common::skip(
+            "BURNISH_REQUIRE_TMPFS",
+            &format!("a tmpfs cannot be mounted in a private namespace here ({why})"),
+        );
+        return None;
+    }
+    let out = Command::new("unshare")
+        .args(["-rm", "sh", "-c", script])
+        .env("BURNISH", env!("CARGO_BIN_EXE_burnish"))
+        .env("BURNISH_TEST_KINDS", "1")
+        .env("NO_COLOR", "1")
+        .env_remove("BURNISH_CACHE")
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    Some(out)
+}
+
+/// The cache on a 2 MiB tmpfs: three independent stages that each write 3 MiB fail with "no
+/// space left" and their paths, all three named in the summary; nothing is left in `entries/`,
+/// `tmp/` or the lock file; with space (the tmpfs grown), the same run succeeds and verifies.
+#[test]
+fn a_full_disk_fails_each_stage_with_its_cause_and_the_next_run_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write(
+        dir,
+        "full.yaml",
+        "pipeline: full\nstages:\n  a: {kind: test.blob, mb: 3}\n  b: {kind: test.steps, steps: 2}\n  c: {kind: test.blob, mb: 3, data: b}\n  d: {kind: test.blob, mb: 4}\n",
+    );
+    std::fs::create_dir(dir.join("cache")).unwrap();
+    let script = r#"
+        set -u
+        mount -t tmpfs -o size=2m tmpfs cache || exit 90
+        "$BURNISH" run -q --jobs 1 --cache-dir cache full.yaml 2>first.err; echo $? >first.rc
+        ls -A cache/entries >entries.txt; ls -A cache/tmp >tmp.txt
+        test -e full.lock && echo yes >lock.txt
+        mount -o remount,size=64m cache || exit 91
+        "$BURNISH" run -q --jobs 2 --cache-dir cache full.yaml 2>second.err; echo $? >second.rc
+        "$BURNISH" verify --cache-dir cache full.yaml >verify.out 2>&1; echo $? >verify.rc
+    "#;
+    let Some(out) = in_mount_namespace(script, dir) else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let first = read("first.err");
+    assert_eq!(read("first.rc").trim(), "1", "{first}");
+    for stage in ["a", "c", "d"] {
+        let named = first
+            .lines()
+            .any(|l| l.contains(&format!("stage `{stage}` failed")));
+        assert!(named, "stage `{stage}`'s failure is not reported:\n{first}");
+    }
+    let causes = first.matches("No space left on device").count();
+    assert!(causes >= 3, "{causes} causes for 3 failures:\n{first}");
+    assert!(first.contains("blob.bin"), "no path in:\n{first}");
+    // `b` fits, so its entry is the only one; nothing half-written remains.
+    assert_eq!(
+        read("entries.txt").lines().count(),
+        1,
+        "{}",
+        read("entries.txt")
+    );
+    assert_eq!(read("tmp.txt"), "", "staging left behind");
+    assert_eq!(
+        read("lock.txt"),
+        "",
+        "a lock file was written for a failed run"
+    );
+    assert_eq!(read("second.rc").trim(), "0", "{}", read("second.err"));
+    assert_eq!(read("verify.rc").trim(), "0", "{}", read("verify.out"));
+    assert!(
+        read("verify.out").contains("0 bad"),
+        "{}",
+        read("verify.out")
+    );
+}
+
+/// A truncated `record.json`, a record of another entry, and an output whose size differs from
+/// its record: `plan` calls each entry broken, `run` warns naming it and recomputes, and the
+/// result equals the first run's.
+#[test]
+fn a_broken_entry_is_recomputed_never_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write(
+        dir,
+        "b.yaml",
+        "pipeline: b\nstages:\n  a: {kind: test.steps, steps: 2, salt: a}\n  b: {kind: test.steps, steps: 2, salt: b}\n  c: {kind: test.steps, steps: 2, salt: c}\n",
+    );
+    run_ok(&["run", "-q", "b.yaml"], dir);
+    let lock = std::fs::read_to_string(dir.join("b.lock")).unwrap();
+    let entry_of = |stage: &str| {
+        let plan = run_ok(&["plan", "--json", "b.yaml"], dir);
+        let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+        let fp = v["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .unwrap()["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (fp.clone(), dir.join(".burnish/entries").join(fp))
+    };
+    let (fa, ea) = entry_of("a");
+    let (fb, eb) = entry_of("b");
+    let (fc, ec) = entry_of("c");
+    let record = ea.join("record.json");
+    let text = std::fs::read(&record).unwrap();
+    std::fs::write(&record, &text[..text.len() / 2]).unwrap();
+    let rb = std::fs::read_to_string(ec.join("record.json")).unwrap();
+    std::fs::write(eb.join("record.json"), rb).unwrap();
+    std::fs::write(ec.join("out/main/result.txt"), "short\n").unwrap();
+
+    let plan = String::from_utf8_lossy(&run_ok(&["plan", "b.yaml"], dir).stdout).into_owned();
+    assert!(plan.contains("record.json is unreadable"), "{plan}");
+    assert!(
+        plan.contains(&format!("record.json belongs to entry {fc}")),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("main/result.txt has 6 bytes, the record says 65"),
+        "{plan}"
+    );
+    let out = run_ok(&["run", "b.yaml"], dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (stage, fp) in [("a", &fa), ("b", &fb), ("c", &fc)] {
+        let warned = err.lines().any(|l| {
+            l.contains(&format!("warning  {stage}: cache entry {}", &fp[..12]))
+                && l.contains("recomputing")
+        });
+        assert!(warned, "no warning for `{stage}`:\n{err}");
+    }
+    assert!(err.contains("3 ran, 0 cached"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("b.lock")).unwrap(), lock);
+    let out = run_ok(&["verify", "b.yaml"], dir);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 bad"));
+}
+
+/// An edit that keeps the file's size, with its old mtime put back (what a coarse-time file
+/// system does to an edit in the same second), is seen by `plan`.
+#[test]
+fn a_same_size_edit_with_the_old_mtime_is_not_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = write(dir, "d.jsonl", "{\"text\": \"aaaa\"}\n");
+    write(
+        dir,
+        "r.yaml",
+        "pipeline: r\nstages:\n  d: {kind: dataset, path: d.jsonl, format: text}\n",
+    );
+    run_ok(&["run", "-q", "r.yaml"], dir);
+    let plan =
+        |dir: &Path| String::from_utf8_lossy(&run_ok(&["plan", "r.yaml"], dir).stdout).into_owned();
+    assert!(plan(dir).contains("cached"), "{}", plan(dir));
+    let mtime = std::fs::metadata(&data).unwrap().modified().unwrap();
+    std::fs::write(&data, "{\"text\": \"bbbb\"}\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let p = plan(dir);
+    assert!(
+        p.contains("file in `path` changed") && p.contains("0 cached, 1 stale"),
+        "a same-size edit went unseen:\n{p}"
+    );
 }

@@ -26,8 +26,16 @@
 //! - **Formatting.** Comments, key order, flow vs block style, quoting: the parameters are read into
 //!   typed structs and re-serialized, so only values count (and `1` and `1.0` for a float field are
 //!   the same value).
-//! - **mtimes.** File digests are over content. [`FileHasher`] remembers (size, mtime, inode) →
-//!   digest to skip re-hashing unchanged files, but that is a shortcut, never a key.
+//! - **mtimes.** File digests are over content. [`FileHasher`] remembers (size, mtime, ctime,
+//!   inode) → digest to skip re-hashing unchanged files, but that is a shortcut, never a key.
+//!   The shortcut follows git's "racy git" rule: a digest taken less than [`RACY_WINDOW_NS`]
+//!   after the file's last change is *suspect* and the file is hashed again next time. On file
+//!   systems with coarse or zeroed sub-second times (containers, network mounts, FAT's two
+//!   seconds) a same-size edit in the same second as the digest keeps every stat field, so only
+//!   a digest taken safely after the change may be trusted. The ctime (which no program can set
+//!   back) catches an edit whose mtime was restored. Known limit: a file server whose clock runs
+//!   behind this machine's by more than the window defeats the rule; `burnish run --force`
+//!   or touching the file recovers.
 //! - **The manifest's own name, the pipeline name, the matrix cell name.** A stage in two
 //!   manifests with the same parameters and inputs is one cache entry: ablations share work.
 //!   (The exception is a kind whose output *contains* those names, which says so through
@@ -52,7 +60,7 @@
 //!                                       (an advisory `File::lock`, released by the OS on exit)
 //! <cache>/scratch/<fp>/                 checkpoints of an unfinished stage; survive crashes
 //! <cache>/runs/<run-id>/                run records and per-stage logs
-//! <cache>/hashes.json                   the (size, mtime, inode) → digest shortcut table
+//! <cache>/hashes.json                   the (size, mtime, ctime, inode) → digest shortcut table
 //! ```
 //!
 //! An entry **without `record.json` does not exist**. A stage writes into `tmp/`, the directory is
@@ -450,12 +458,46 @@ pub struct FileHasher {
     dirty: bool,
 }
 
+/// How long after a file's last change its digest stays suspect (the racy-git window): two
+/// seconds covers one-second and FAT's two-second time stamps.
+pub const RACY_WINDOW_NS: u128 = 2_000_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stat {
+    size: u64,
+    mtime_ns: u128,
+    ctime_ns: u128,
+    inode: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct StatEntry {
     size: u64,
     mtime_ns: u128,
+    #[serde(default)]
+    ctime_ns: u128,
     inode: u64,
     digest: String,
+    /// When the digest was taken (0 in tables written before the racy rule: always suspect).
+    #[serde(default)]
+    recorded_ns: u128,
+}
+
+impl StatEntry {
+    /// The digest may be reused for a file with this stat: every field agrees and the digest was
+    /// taken safely after the last change.
+    fn trusted_for(&self, st: &Stat) -> bool {
+        let changed = self.mtime_ns.max(self.ctime_ns);
+        self.size == st.size
+            && self.mtime_ns == st.mtime_ns
+            && self.ctime_ns == st.ctime_ns
+            && self.inode == st.inode
+            && self.recorded_ns >= changed.saturating_add(RACY_WINDOW_NS)
+    }
+}
+
+fn unix_ns(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
 impl FileHasher {
@@ -468,17 +510,23 @@ impl FileHasher {
         }
     }
 
-    fn stat_key(meta: &fs::Metadata) -> (u64, u128, u64) {
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|m| m.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
+    fn stat(meta: &fs::Metadata) -> Stat {
+        let mtime_ns = meta.modified().map_or(0, unix_ns);
         #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(meta);
+        let (ctime_ns, inode) = {
+            use std::os::unix::fs::MetadataExt;
+            let secs = u128::try_from(meta.ctime()).unwrap_or(0);
+            let nsec = u128::try_from(meta.ctime_nsec()).unwrap_or(0);
+            (secs * 1_000_000_000 + nsec, meta.ino())
+        };
         #[cfg(not(unix))]
-        let inode = 0;
-        (meta.len(), mtime, inode)
+        let (ctime_ns, inode) = (0, 0);
+        Stat {
+            size: meta.len(),
+            mtime_ns,
+            ctime_ns,
+            inode,
+        }
     }
 
     /// Content digest of a file, or of a directory (over its sorted relative paths and file
@@ -500,21 +548,24 @@ impl FileHasher {
             return Ok(artifact_digest(&files));
         }
         let key = path.to_string_lossy().into_owned();
-        let (size, mtime_ns, inode) = Self::stat_key(&meta);
-        if let Some(e) = self.table.get(&key) {
-            // Known limit: a rewrite that keeps size, mtime (nanoseconds) and inode goes unseen.
-            if e.size == size && e.mtime_ns == mtime_ns && e.inode == inode {
-                return Ok(e.digest.clone());
-            }
+        let st = Self::stat(&meta);
+        if let Some(e) = self.table.get(&key)
+            && e.trusted_for(&st)
+        {
+            return Ok(e.digest.clone());
         }
+        // Taken before reading, so that a change during the read counts as after the digest.
+        let recorded_ns = unix_ns(SystemTime::now());
         let rec = hash_file(path)?;
         self.table.insert(
             key,
             StatEntry {
-                size,
-                mtime_ns,
-                inode,
+                size: st.size,
+                mtime_ns: st.mtime_ns,
+                ctime_ns: st.ctime_ns,
+                inode: st.inode,
                 digest: rec.blake3.clone(),
+                recorded_ns,
             },
         );
         self.dirty = true;
@@ -538,14 +589,16 @@ impl FileHasher {
 /// Write a file through a temporary sibling and a rename, with the data synced first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp.{}.{}", std::process::id(), unique_suffix()));
-    {
-        let mut f = fs::File::create(&tmp)?;
+    let written = fs::File::create(&tmp).and_then(|mut f| {
         f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })
+        f.sync_all()
+    });
+    // A failed write (a full disk) or rename leaves no temporary file behind.
+    written
+        .and_then(|()| fs::rename(&tmp, path))
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })
 }
 
 fn unique_suffix() -> u64 {
@@ -588,6 +641,15 @@ impl Staging {
     pub fn output_dir(&self, name: &str) -> PathBuf {
         self.dir.join("out").join(name)
     }
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    Hit(EntryRecord),
+    Miss,
+    /// An entry that must not be used; the reason names what is wrong.
+    Broken(String),
 }
 
 /// What `verify` found in one entry.
@@ -663,6 +725,55 @@ impl Cache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io("read", &path)(e)),
         }
+    }
+
+    /// Look an entry up for reuse. A record that cannot be read, names another fingerprint, or
+    /// whose files are missing or have other sizes than it records is [`Lookup::Broken`]: never
+    /// used, recomputed (and replaced on publish). Sizes are checked by `stat` alone; contents
+    /// are re-hashed only by `verify`.
+    pub fn lookup(&self, fp: &str) -> Result<Lookup, CacheError> {
+        let record = match self.record(fp) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(Lookup::Miss),
+            Err(CacheError::BadRecord { reason, .. }) => {
+                return Ok(Lookup::Broken(format!(
+                    "record.json is unreadable: {reason}"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        if record.fingerprint != fp {
+            return Ok(Lookup::Broken(format!(
+                "record.json belongs to entry {}",
+                record.fingerprint
+            )));
+        }
+        for (name, out) in &record.outputs {
+            let dir = self.entry_dir(fp).join("out").join(name);
+            for (rel, f) in &out.files {
+                match fs::metadata(dir.join(rel)) {
+                    Ok(m) if m.len() == f.size => {}
+                    Ok(m) => {
+                        return Ok(Lookup::Broken(format!(
+                            "{name}/{rel} has {} bytes, the record says {}",
+                            m.len(),
+                            f.size
+                        )));
+                    }
+                    Err(_) => return Ok(Lookup::Broken(format!("{name}/{rel} is missing"))),
+                }
+            }
+        }
+        Ok(Lookup::Hit(record))
+    }
+
+    /// [`Cache::lookup`] for readers that only show results (`plan`, `compare`, `metrics`): a
+    /// broken entry counts as absent.
+    pub fn usable_record(&self, fp: &str) -> Result<Option<EntryRecord>, CacheError> {
+        Ok(match self.lookup(fp)? {
+            Lookup::Hit(r) => Some(r),
+            Lookup::Miss | Lookup::Broken(_) => None,
+        })
     }
 
     /// The fingerprint inputs stored with an entry (complete or not).
@@ -751,6 +862,30 @@ impl Cache {
         metrics: BTreeMap<String, Value>,
         duration_ms: u64,
         _lock: &EntryLock,
+    ) -> Result<EntryRecord, CacheError> {
+        let fp = staging.fingerprint.clone();
+        let staged = staging.dir.clone();
+        let result = self.publish_staged(staging, inputs, stage, types, metrics, duration_ms);
+        if result.is_err() {
+            // Out of space, or any other failure: leave neither a staging directory nor an
+            // entry without its record behind (the entry would be invisible, but hold space).
+            let _ = fs::remove_dir_all(&staged);
+            let entry = self.entry_dir(&fp);
+            if !entry.join("record.json").exists() {
+                let _ = fs::remove_dir_all(&entry);
+            }
+        }
+        result
+    }
+
+    fn publish_staged(
+        &self,
+        staging: Staging,
+        inputs: &FingerprintInputs,
+        stage: &str,
+        types: &BTreeMap<String, ArtifactType>,
+        metrics: BTreeMap<String, Value>,
+        duration_ms: u64,
     ) -> Result<EntryRecord, CacheError> {
         let fp = staging.fingerprint.clone();
         let mut outputs = BTreeMap::new();
@@ -947,6 +1082,47 @@ mod tests {
                 "seed changed 1 → 2",
             ]
         );
+    }
+
+    /// The racy-git rule: a digest recorded within the window after the file's change is not
+    /// reused; one recorded safely after it is (so the shortcut still works).
+    #[test]
+    fn a_digest_taken_right_after_a_change_is_suspect() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.jsonl");
+        fs::write(&path, b"{\"text\": \"b\"}\n").unwrap();
+        let real = hash_file(&path).unwrap().blake3;
+        let st = FileHasher::stat(&fs::metadata(&path).unwrap());
+        let changed = st.mtime_ns.max(st.ctime_ns);
+        let with_recorded = |recorded_ns, ctime_ns| {
+            let mut h = FileHasher::ephemeral();
+            h.table.insert(
+                path.to_string_lossy().into_owned(),
+                StatEntry {
+                    size: st.size,
+                    mtime_ns: st.mtime_ns,
+                    ctime_ns,
+                    inode: st.inode,
+                    // What the file held when the digest was taken: same size, other bytes.
+                    digest: "stale".into(),
+                    recorded_ns,
+                },
+            );
+            h.digest(&path).unwrap()
+        };
+        let late = changed + 2 * RACY_WINDOW_NS;
+        assert_eq!(
+            with_recorded(changed + RACY_WINDOW_NS / 4, st.ctime_ns),
+            real
+        );
+        assert_eq!(
+            with_recorded(0, st.ctime_ns),
+            real,
+            "a table from before the rule"
+        );
+        // Size, mtime and inode agree but the ctime moved: an edit whose mtime was put back.
+        assert_eq!(with_recorded(late, st.ctime_ns.saturating_sub(1)), real);
+        assert_eq!(with_recorded(late, st.ctime_ns), "stale");
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub fn rows(plan: &Plan, status: &[CellStatus], cache: &Cache) -> Vec<Row> {
                 }
                 flatten(&c.stage, &c.params.to_json(), &mut params);
                 if let Some(fp) = &status[i].fingerprint
-                    && let Ok(Some(r)) = cache.record(fp)
+                    && let Ok(Some(r)) = cache.usable_record(fp)
                 {
                     for (m, v) in r.metrics {
                         metrics.insert(format!("{}.{m}", c.stage), v);

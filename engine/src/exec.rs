@@ -18,7 +18,7 @@ use miette::Diagnostic;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::cache::{self, Cache, CacheError, EntryRecord, FingerprintInputs};
+use crate::cache::{self, Cache, CacheError, EntryRecord, FingerprintInputs, Lookup};
 use crate::lock::{LockFile, LockedStage, diff_stage};
 use crate::plan::{Plan, short};
 use crate::stage::{Artifact, ProgressSink, RunContext, StageError};
@@ -102,6 +102,8 @@ pub struct RunReport {
     pub interrupted: bool,
     /// Differences from the lock file found with `--locked`.
     pub lock_diff: Vec<String>,
+    /// Why `runs/<id>/run.json` could not be written, if it could not.
+    pub record_error: Option<ExecError>,
 }
 
 impl RunReport {
@@ -413,6 +415,7 @@ pub fn run(
     let running = Arc::new(Mutex::new(0usize));
     let mut in_flight = 0usize;
     let mut started_cells = vec![false; n];
+    let mut warned_broken = vec![false; n];
 
     std::thread::scope(|scope| -> Result<(), ExecError> {
         loop {
@@ -495,15 +498,25 @@ pub fn run(
                         continue;
                     }
                     if !forced[i] {
-                        match cache.record(&fp) {
-                            Ok(Some(r)) => {
+                        match cache.lookup(&fp) {
+                            Ok(Lookup::Hit(r)) => {
                                 reporter.line(format!("  cached   {} ({})", cell.name, short(&fp)));
                                 records[i] = Some(r);
                                 outcome[i] = Some(Outcome::Cached);
                                 progressed = true;
                                 continue;
                             }
-                            Ok(None) => {}
+                            Ok(Lookup::Miss) => {}
+                            Ok(Lookup::Broken(why)) => {
+                                if !warned_broken[i] {
+                                    warned_broken[i] = true;
+                                    reporter.line(format!(
+                                        "  warning  {}: cache entry {} is broken ({why}); recomputing it",
+                                        cell.name,
+                                        short(&fp)
+                                    ));
+                                }
+                            }
                             Err(e) => {
                                 reporter.line(format!("  failed   {}: {e}", cell.name));
                                 outcome[i] = Some(Outcome::Failed(e.into()));
@@ -669,19 +682,40 @@ pub fn run(
             })
             .collect(),
     };
+    // A run record that cannot be written (a full disk) does not hide what happened to the
+    // cells: the report still carries every outcome, and the error beside them.
     let rp = run_dir.join("run.json");
-    cache::write_atomic(&rp, &serde_json::to_vec_pretty(&record).unwrap_or_default()).map_err(
-        |source| ExecError::Io {
-            path: rp.display().to_string(),
-            source,
-        },
-    )?;
+    let record_error =
+        cache::write_atomic(&rp, &serde_json::to_vec_pretty(&record).unwrap_or_default())
+            .err()
+            .map(|source| ExecError::Io {
+                path: rp.display().to_string(),
+                source,
+            });
     Ok(RunReport {
         run_id,
         cells,
         interrupted,
         lock_diff,
+        record_error,
     })
+}
+
+/// `<cell>.log`, with every character that could leave the run directory (`/`, `\\`, a name
+/// of dots: matrix values are free text) replaced by `_`.
+fn log_file_name(cell: &str) -> String {
+    let safe: String = cell
+        .chars()
+        .map(|c| match c {
+            '/' | '\\' | '\0' => '_',
+            c => c,
+        })
+        .collect();
+    if safe.trim_matches('.').is_empty() {
+        format!("_{safe}.log")
+    } else {
+        format!("{safe}.log")
+    }
 }
 
 /// Run one cell in a worker thread: lock, re-check, stage, run, publish.
@@ -702,7 +736,7 @@ fn run_cell(
         ));
     })?;
     if !job.force
-        && let Some(r) = cache.record(fp)?
+        && let Lookup::Hit(r) = cache.lookup(fp)?
     {
         return Ok((r, false));
     }
@@ -713,7 +747,7 @@ fn run_cell(
         path: scratch.display().to_string(),
         source,
     })?;
-    let log_path = run_dir.join(format!("{}.log", cell.name));
+    let log_path = run_dir.join(log_file_name(&cell.name));
     let log = std::fs::File::create(&log_path).ok();
     reporter.line(format!("  running  {} ({})", cell.name, cell.kind));
     let progress = reporter.bar(&cell.name);
@@ -788,6 +822,13 @@ fn run_cell(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn log_files_stay_in_the_run_directory() {
+        assert_eq!(super::log_file_name("sft[lr=1e-4]"), "sft[lr=1e-4].log");
+        assert_eq!(super::log_file_name("a[d=../../x]"), "a[d=.._.._x].log");
+        assert_eq!(super::log_file_name(".."), "_...log");
+    }
+
     #[test]
     fn civil_dates() {
         assert_eq!(super::civil_from_days(0), (1970, 1, 1));

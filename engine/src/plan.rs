@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::cache::{self, Cache, CacheError, FileHasher, FingerprintInputs, PENDING};
+use crate::cache::{self, Cache, CacheError, FileHasher, FingerprintInputs, Lookup, PENDING};
 use crate::error::InternalError;
 use crate::lock::LockFile;
 use crate::manifest::{Manifest, apply_matrix_values};
@@ -350,9 +350,13 @@ impl Plan {
                 .map(|inp| self.cells[inp.upstream].name.clone())
                 .collect();
             let fingerprint = pending.is_empty().then(|| fi.fingerprint());
-            let record = match &fingerprint {
-                Some(fp) => cache.record(fp)?,
-                None => None,
+            let (record, broken) = match &fingerprint {
+                Some(fp) => match cache.lookup(fp)? {
+                    Lookup::Hit(r) => (Some(r), None),
+                    Lookup::Miss => (None, None),
+                    Lookup::Broken(why) => (None, Some(format!("{}: {why}", short(fp)))),
+                },
+                None => (None, None),
             };
             if let Some(r) = &record {
                 digests[i] = Some(
@@ -373,6 +377,11 @@ impl Plan {
                 .map(|s| s.fingerprint.clone());
             let (state, reasons) = if record.is_some() {
                 (State::Cached, Vec::new())
+            } else if let Some(why) = broken {
+                (
+                    State::Stale,
+                    vec![format!("cache entry {why}; it will be recomputed")],
+                )
             } else {
                 match &locked_fp {
                     None => (State::New, Vec::new()),
