@@ -493,7 +493,7 @@ impl Dataset {
         let info = read_info(dir)?;
         let path = dir.join(RECORDS_FILE);
         let text = fs::read_to_string(&path).map_err(|e| DataError::io("read", &path, e))?;
-        let mut records = Vec::with_capacity(info.records);
+        let mut records = Vec::with_capacity(info.records.min(text.len() / 2));
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -578,7 +578,7 @@ pub fn read_records<T: FamilyRecord>(dir: &Path) -> Result<Vec<T>, DataError> {
     }
     let path = dir.join(RECORDS_FILE);
     let text = fs::read_to_string(&path).map_err(|e| DataError::io("read", &path, e))?;
-    let mut out = Vec::with_capacity(info.records);
+    let mut out = Vec::with_capacity(info.records.min(text.len() / 2));
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;

@@ -3,7 +3,7 @@
 //! `save_to_disk` directory ([`saved_dataset_files`]).
 
 use std::fs;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
@@ -89,7 +89,7 @@ pub fn read_rows_named(file_path: &Path, shown: &str) -> Result<Vec<SourceRow>, 
             ext: file_type_of(file_path),
         })?;
     match kind {
-        FileKind::Jsonl => read_jsonl(path, &read_text(file_path, path, gz)?),
+        FileKind::Jsonl => read_jsonl_stream(file_path, path, gz),
         FileKind::Json => {
             let text = read_text(file_path, path, gz)?;
             // Many `.json` files on the hub are JSON Lines: a file that opens with an object is
@@ -135,33 +135,113 @@ fn file_type_of(path: &Path) -> String {
     }
 }
 
-fn read_text(file_path: &Path, shown: &Path, gz: bool) -> Result<String, DataError> {
-    let text = if gz {
-        let file = fs::File::open(file_path).map_err(|e| DataError::io("open", file_path, e))?;
-        let mut bytes = Vec::new();
-        MultiGzDecoder::new(BufReader::new(file))
-            .read_to_end(&mut bytes)
-            .map_err(|e| DataError::io("decompress", file_path, e))?;
-        String::from_utf8(bytes).map_err(|e| {
-            let valid = e.utf8_error().valid_up_to();
-            let line = e.as_bytes()[..valid]
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count() as u64
-                + 1;
-            DataError::Malformed {
-                at: Location::line(shown, line),
-                what: "text",
-                message: "invalid utf-8".into(),
-            }
-        })?
+/// Longest line a text data file may have (a JSON Lines record, a CSV line): a longer one is
+/// reported with its line number and not read further, so that a hostile file's 1 GB line is
+/// never held whole.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// Largest uncompressed row group of a Parquet file that is read (`datasets` writes row groups
+/// of at most 100 MB).
+pub const MAX_ROW_GROUP_BYTES: u64 = 512 << 20;
+
+/// Most columns a CSV or TSV header may have.
+pub const MAX_COLUMNS: usize = 65_536;
+
+fn open_bytes(file_path: &Path, gz: bool) -> Result<Box<dyn BufRead>, DataError> {
+    let file = fs::File::open(file_path).map_err(|e| DataError::io("open", file_path, e))?;
+    Ok(if gz {
+        Box::new(BufReader::new(MultiGzDecoder::new(BufReader::new(file))))
     } else {
-        fs::read_to_string(file_path).map_err(|e| DataError::io("read", file_path, e))?
-    };
+        Box::new(BufReader::new(file))
+    })
+}
+
+fn too_long(shown: &Path, line: u64) -> DataError {
+    DataError::Malformed {
+        at: Location::line(shown, line),
+        what: "text",
+        message: format!("the line is longer than {MAX_LINE_BYTES} bytes"),
+    }
+}
+
+/// Decode one line as UTF-8, naming the line and the byte where it stops being UTF-8.
+fn utf8_line<'a>(bytes: &'a [u8], shown: &Path, line: u64) -> Result<&'a str, DataError> {
+    std::str::from_utf8(bytes).map_err(|e| DataError::Malformed {
+        at: Location::line(shown, line),
+        what: "text",
+        message: format!(
+            "invalid utf-8 (byte 0x{:02x} at column {})",
+            bytes[e.valid_up_to()],
+            e.valid_up_to() + 1
+        ),
+    })
+}
+
+/// The whole text of a file, as UTF-8 (a leading BOM dropped), every line at most
+/// [`MAX_LINE_BYTES`]; errors name the line.
+fn read_text(file_path: &Path, shown: &Path, gz: bool) -> Result<String, DataError> {
+    let mut reader = open_bytes(file_path, gz)?;
+    let action = if gz { "decompress" } else { "read" };
+    let mut text = String::new();
+    let mut buf = Vec::new();
+    let mut line = 0u64;
+    while let Some(()) = next_line(&mut reader, &mut buf, file_path, action)? {
+        line += 1;
+        if buf.len() - usize::from(buf.ends_with(b"\n")) > MAX_LINE_BYTES {
+            return Err(too_long(shown, line));
+        }
+        text.push_str(utf8_line(&buf, shown, line)?);
+    }
     Ok(match text.strip_prefix('\u{feff}') {
         Some(rest) => rest.to_owned(),
         None => text,
     })
+}
+
+/// Read the next line (with its `\n`) into `buf`, reading at most one byte past
+/// [`MAX_LINE_BYTES`]; `None` at the end.
+fn next_line(
+    reader: &mut dyn BufRead,
+    buf: &mut Vec<u8>,
+    file_path: &Path,
+    action: &'static str,
+) -> Result<Option<()>, DataError> {
+    buf.clear();
+    let n = reader
+        .take(MAX_LINE_BYTES as u64 + 2)
+        .read_until(b'\n', buf)
+        .map_err(|e| DataError::io(action, file_path, e))?;
+    Ok((n > 0).then_some(()))
+}
+
+/// JSON Lines read line by line: memory is the rows plus one line.
+fn read_jsonl_stream(
+    file_path: &Path,
+    shown: &Path,
+    gz: bool,
+) -> Result<Vec<SourceRow>, DataError> {
+    let mut reader = open_bytes(file_path, gz)?;
+    let action = if gz { "decompress" } else { "read" };
+    let mut rows = Vec::new();
+    let mut buf = Vec::new();
+    let mut line = 0u64;
+    while let Some(()) = next_line(&mut reader, &mut buf, file_path, action)? {
+        line += 1;
+        // The line without its end (`\n` or `\r\n`), as `str::lines` gives it.
+        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        let body = body.strip_suffix(b"\r").unwrap_or(body);
+        if body.len() > MAX_LINE_BYTES {
+            return Err(too_long(shown, line));
+        }
+        let text = utf8_line(body, shown, line)?;
+        let text = if line == 1 {
+            text.strip_prefix('\u{feff}').unwrap_or(text)
+        } else {
+            text
+        };
+        jsonl_row(shown, line, text, &mut rows)?;
+    }
+    Ok(rows)
 }
 
 /// A short description of a JSON value for messages: `a number 42`, `a string "abc…"`.
@@ -186,27 +266,38 @@ pub fn describe(v: &Value) -> String {
 fn read_jsonl(path: &Path, text: &str) -> Result<Vec<SourceRow>, DataError> {
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = Location::line(path, i as u64 + 1);
-        let value: Value = serde_json::from_str(line).map_err(|e| DataError::Malformed {
-            at: at.clone(),
-            what: "json",
-            message: json_message(&e),
-        })?;
-        match value {
-            Value::Object(fields) => rows.push(SourceRow { at, fields }),
-            other => {
-                return Err(DataError::Malformed {
-                    at,
-                    what: "row",
-                    message: format!("expected a json object, found {}", describe(&other)),
-                });
-            }
-        }
+        jsonl_row(path, i as u64 + 1, line, &mut rows)?;
     }
     Ok(rows)
+}
+
+/// One JSON Lines line: blank lines are skipped, anything else must be an object.
+fn jsonl_row(
+    path: &Path,
+    line_no: u64,
+    line: &str,
+    rows: &mut Vec<SourceRow>,
+) -> Result<(), DataError> {
+    if line.trim().is_empty() {
+        return Ok(());
+    }
+    let at = Location::line(path, line_no);
+    let value: Value = serde_json::from_str(line).map_err(|e| DataError::Malformed {
+        at: at.clone(),
+        what: "json",
+        message: json_message(&e),
+    })?;
+    match value {
+        Value::Object(fields) => {
+            rows.push(SourceRow { at, fields });
+            Ok(())
+        }
+        other => Err(DataError::Malformed {
+            at,
+            what: "row",
+            message: format!("expected a json object, found {}", describe(&other)),
+        }),
+    }
 }
 
 fn read_json_array(path: &Path, text: &str) -> Result<Vec<SourceRow>, DataError> {
@@ -259,21 +350,29 @@ fn read_delimited(
                 expected_len, len, ..
             } => format!("expected {expected_len} fields as in the header, found {len}"),
             csv::ErrorKind::Utf8 { err, .. } => format!("invalid utf-8: {err}"),
-            csv::ErrorKind::Io(err) if gz => format!("cannot decompress: {err}"),
+            csv::ErrorKind::Io(err) => {
+                if let Some(long) = err.get_ref().and_then(|e| e.downcast_ref::<LineTooLong>()) {
+                    return too_long(path, long.0);
+                }
+                if gz {
+                    format!("cannot decompress: {err}")
+                } else {
+                    format!("cannot read: {err}")
+                }
+            }
             _ => e.to_string(),
         };
         DataError::Malformed { at, what, message }
     };
-    let file = fs::File::open(file_path).map_err(|e| DataError::io("open", file_path, e))?;
-    let input: Box<dyn Read> = if gz {
-        Box::new(MultiGzDecoder::new(BufReader::new(file)))
-    } else {
-        Box::new(file)
+    let input = LineLimit {
+        inner: open_bytes(file_path, gz)?,
+        line: 1,
+        run: 0,
     };
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .delimiter(delimiter)
-        .from_reader(BufReader::new(input));
+        .from_reader(input);
     let headers: Vec<String> = reader
         .headers()
         .map_err(csv_err)?
@@ -288,6 +387,16 @@ fn read_delimited(
             h.to_owned()
         })
         .collect();
+    if headers.len() > MAX_COLUMNS {
+        return Err(DataError::Malformed {
+            at: Location::line(path, 1),
+            what,
+            message: format!(
+                "the header has {} columns; at most {MAX_COLUMNS} are read",
+                headers.len()
+            ),
+        });
+    }
     let mut rows = Vec::new();
     for record in reader.records() {
         let record = record.map_err(csv_err)?;
@@ -305,6 +414,47 @@ fn read_delimited(
     Ok(rows)
 }
 
+/// The payload of the I/O error [`LineLimit`] gives: the line that is too long.
+#[derive(Debug)]
+struct LineTooLong(u64);
+
+impl std::fmt::Display for LineTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {} is longer than {MAX_LINE_BYTES} bytes", self.0)
+    }
+}
+
+impl std::error::Error for LineTooLong {}
+
+/// A reader that fails once a physical line grows past [`MAX_LINE_BYTES`], so that the CSV
+/// reader (which grows its record buffer without bound) never holds more than one such line.
+struct LineLimit<R> {
+    inner: R,
+    line: u64,
+    run: usize,
+}
+
+impl<R: Read> Read for LineLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                self.line += 1;
+                self.run = 0;
+            } else {
+                self.run += 1;
+                if self.run > MAX_LINE_BYTES {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        LineTooLong(self.line),
+                    ));
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
 fn read_parquet(file_path: &Path, path: &Path) -> Result<Vec<SourceRow>, DataError> {
     let bad = |at: Location, e: parquet::errors::ParquetError| DataError::Malformed {
         at,
@@ -313,6 +463,22 @@ fn read_parquet(file_path: &Path, path: &Path) -> Result<Vec<SourceRow>, DataErr
     };
     let file = fs::File::open(file_path).map_err(|e| DataError::io("open", file_path, e))?;
     let reader = SerializedFileReader::new(file).map_err(|e| bad(Location::whole(path), e))?;
+    // The footer says how large each row group is once decompressed: a small file that claims
+    // gigabytes (a compression bomb, or metadata that lies) is refused before any page is read.
+    for (i, rg) in reader.metadata().row_groups().iter().enumerate() {
+        let claimed = u64::try_from(rg.total_byte_size()).unwrap_or(u64::MAX);
+        if claimed > MAX_ROW_GROUP_BYTES {
+            return Err(DataError::Malformed {
+                at: Location::whole(path),
+                what: "parquet",
+                message: format!(
+                    "row group {i} holds {claimed} bytes uncompressed; at most \
+                     {MAX_ROW_GROUP_BYTES} are read per row group (rewrite the file with smaller \
+                     row groups)"
+                ),
+            });
+        }
+    }
     let iter = reader
         .get_row_iter(None)
         .map_err(|e| bad(Location::whole(path), e))?;
@@ -688,4 +854,46 @@ fn read_json(path: &Path) -> Result<Value, DataError> {
         what: "json",
         message: json_message(&e),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn long_line_error(name: &str, head: &[u8], tail: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        let mut bytes = head.to_vec();
+        bytes.resize(head.len() + MAX_LINE_BYTES + 10, b'a');
+        bytes.extend_from_slice(tail);
+        fs::write(&path, bytes).unwrap();
+        read_rows_named(&path, name).unwrap_err().to_string()
+    }
+
+    /// Plain JSON Lines and CSV stop at the line limit and name the line.
+    #[test]
+    fn a_line_past_the_limit_is_reported_with_its_number() {
+        let e = long_line_error("a.jsonl", b"{\"text\": \"x\"}\r\n{\"text\": \"", b"\"}\n");
+        assert_eq!(
+            e,
+            format!("a.jsonl:2: malformed text: the line is longer than {MAX_LINE_BYTES} bytes")
+        );
+        let e = long_line_error("a.csv", b"text\nshort\n\"multi\nline\"\n", b"\n");
+        assert_eq!(
+            e,
+            format!("a.csv:5: malformed text: the line is longer than {MAX_LINE_BYTES} bytes")
+        );
+    }
+
+    /// CRLF ends, a BOM and a line of exactly the limit read as before.
+    #[test]
+    fn crlf_and_a_bom_read_as_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.jsonl");
+        fs::write(&path, "\u{feff}{\"a\": 1}\r\n\r\n{\"a\": 2}").unwrap();
+        let rows = read_rows(&path).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].at, Location::line(&path, 3));
+        assert_eq!(rows[1].fields["a"], 2);
+    }
 }
