@@ -317,6 +317,32 @@ const TEMPLATE: &str = "chat_template";
 /// template takes well under a million): a template that loops without end fails instead of
 /// hanging (about a second of work at most).
 pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// The most bytes one rendering may write (the longest data line a reader accepts, so any
+/// conversation it read fits): a template that repeats output fails instead of filling memory.
+pub const TEMPLATE_OUTPUT: usize = crate::data::source::MAX_LINE_BYTES;
+
+/// A rendering's output, refusing to grow past [`TEMPLATE_OUTPUT`].
+#[derive(Default)]
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > TEMPLATE_OUTPUT {
+            self.over = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// How deep macros and includes may nest in one rendering.
 const TEMPLATE_RECURSION: usize = 100;
 /// Prefix of the error detail `raise_exception` produces.
@@ -526,7 +552,27 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE)
             .map_err(|e| self.render_error(e))?;
-        let raw = template.render(ctx).map_err(|e| self.render_error(e))?;
+        let mut out = BoundedOutput::default();
+        if let Err(e) = template.render_captured_to(ctx, &mut out) {
+            if out.over {
+                return Err(TextError::TemplateRender {
+                    at: self.origin.clone(),
+                    message: format!("exceeded the output limit of {TEMPLATE_OUTPUT} bytes"),
+                    help: Some(
+                        "one rendered conversation may be at most that long; this template \
+                         repeats its output without end"
+                            .into(),
+                    ),
+                });
+            }
+            return Err(self.render_error(e));
+        }
+        // minijinja writes whole strings, so the bytes are UTF-8.
+        let raw = String::from_utf8(out.bytes).map_err(|e| TextError::TemplateRender {
+            at: self.origin.clone(),
+            message: format!("the output is not utf-8: {e}"),
+            help: None,
+        })?;
         if !self.has_generation {
             return Ok(Rendered {
                 text: raw,
