@@ -244,7 +244,16 @@ fn a_diverging_run_fails_with_the_step_number() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("burnish::train::non_finite"), "{err}");
-    assert!(err.contains("at step 2"), "{err}");
+    assert!(err.contains("at step 2 (the last finite loss was"), "{err}");
+    // Nothing of the failed trainer is cached, and no lock file claims the run.
+    let kinds: Vec<String> = std::fs::read_dir(tmp.path().join(".burnish/entries"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("record.json")).ok())
+        .map(|r| serde_json::from_str::<serde_json::Value>(&r).unwrap()["kind"].to_string())
+        .collect();
+    assert!(!kinds.iter().any(|k| k.contains("train.")), "{kinds:?}");
+    assert!(!m.with_extension("lock").exists());
 }
 
 #[test]
@@ -349,4 +358,83 @@ stages:
     assert!(err.contains("models/raiser/chat_template.jinja"), "{err}");
     assert!(!err.contains(".burnish"), "names the cached copy: {err}");
     assert!(err.contains("record 2"), "{err}");
+}
+
+/// Two LoRA trainers side by side (`--jobs 2`), SIGKILLed at a random moment of a run 20
+/// times, each time from a fresh cache and then run to the end: every trial ends with the lock
+/// an uninterrupted run writes (fingerprints, output digests, metrics) and `verify` passes.
+#[test]
+fn twenty_sigkills_at_random_moments_under_two_trainers_end_like_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trainer = |name: &str, lr: &str| {
+        format!(
+            "  {name}:
+    kind: train.sft
+    model: base
+    data: split.train
+    chat_template: chatml
+    seq_len: 64
+    batch_size: 2
+    lora: {{rank: 4, alpha: 8}}
+    steps: 16
+    lr: {lr}
+    checkpoint_every: 2
+"
+        )
+    };
+    let text = manifest(RESUMABLE)
+        .split("  sft:\n")
+        .next()
+        .unwrap()
+        .to_owned()
+        + &trainer("sft_a", "2.0e-3")
+        + &trainer("sft_b", "4.0e-3");
+    let straight = tmp.path().join("straight");
+    let m = write_manifest(&straight, &text);
+    let t0 = Instant::now();
+    run_ok(
+        &["run", m.to_str().unwrap(), "-q", "--jobs", "2"],
+        &straight,
+    );
+    let full = t0.elapsed();
+    let reference = lock(&straight);
+
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut killed = 0;
+    for trial in 0..20 {
+        let dir = tmp.path().join(format!("trial{trial}"));
+        let m = write_manifest(&dir, &text);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let at = full.mul_f64((seed % 1000) as f64 / 1000.0);
+        let mut child = burnish()
+            .args(["run", m.to_str().unwrap(), "-q", "--jobs", "2"])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(at);
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL on Unix
+            killed += 1;
+        }
+        child.wait().unwrap();
+        run_ok(&["run", m.to_str().unwrap(), "-q", "--jobs", "2"], &dir);
+        assert_eq!(
+            lock(&dir),
+            reference,
+            "trial {trial} (killed after {at:?}) ends unlike an uninterrupted run"
+        );
+        let out = run_ok(&["verify", m.to_str().unwrap()], &dir);
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(report.contains("0 bad"), "trial {trial}: {report}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    assert!(killed >= 12, "only {killed} of 20 runs were killed mid-way");
+    let line = format!(
+        "sigkill: {killed} of 20 runs killed mid-way (a full run takes {full:?}); 20 of 20 ended like an uninterrupted run\n"
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 }

@@ -34,12 +34,17 @@ pub enum TrainError {
     )]
     Checkpoint { path: String, message: String },
 
-    #[error("loss is {value} at step {step}")]
+    #[error("loss is {value} at step {step}{}", last_finite(*.last))]
     #[diagnostic(
         code(burnish::train::non_finite),
         help("lower `lr`, set `max_grad_norm`, or check the data for empty or huge examples")
     )]
-    NonFinite { step: usize, value: f64 },
+    NonFinite {
+        step: usize,
+        value: f64,
+        /// The last logged step and its (finite) loss.
+        last: Option<(usize, f64)>,
+    },
 
     #[error("no training examples left after tokenization")]
     #[diagnostic(
@@ -79,5 +84,12 @@ impl TrainError {
             path: path.display().to_string(),
             message: e.to_string(),
         }
+    }
+}
+
+fn last_finite(last: Option<(usize, f64)>) -> String {
+    match last {
+        Some((step, loss)) => format!(" (the last finite loss was {loss:.6} at step {step})"),
+        None => " (the first step)".into(),
     }
 }

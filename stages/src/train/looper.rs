@@ -342,6 +342,7 @@ pub fn train_with<B: AutodiffBackend, O: Objective>(
                 return Err(TrainError::NonFinite {
                     step: step + 1,
                     value: value as f64,
+                    last: log.last().map(|l| (l.step, l.loss)),
                 });
             }
             loss_sum += value as f64;
@@ -353,6 +354,7 @@ pub fn train_with<B: AutodiffBackend, O: Objective>(
             return Err(TrainError::NonFinite {
                 step: step + 1,
                 value: norm,
+                last: log.last().map(|l| (l.step, l.loss)),
             });
         }
         let clip = match spec.max_grad_norm {
