@@ -253,3 +253,25 @@ fn a_yaml_billion_laughs_is_refused_within_limits() {
         &["laughs.yaml:7", "expands to more than 200000 nodes"],
     );
 }
+
+#[test]
+fn a_model_init_larger_than_memory_is_refused_before_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(fixtures().join("../pipelines/grpo-math-tiny.yaml"))
+        .unwrap()
+        .replace("../fixtures", &fixtures().display().to_string())
+        .replace("init: {hidden_size: 64,", "init: {hidden_size: 1000000,");
+    assert!(text.contains("hidden_size: 1000000,"));
+    let m = tmp.path().join("pipeline.yaml");
+    std::fs::write(&m, text).unwrap();
+    fails_within_limits(
+        "init hidden_size 1e6",
+        &["run", "-q", "--until", "base", m.to_str().unwrap()],
+        tmp.path(),
+        &[
+            "stage `base` failed",
+            "`init`: the model has 8001799000000 parameters",
+            "GB of memory available",
+        ],
+    );
+}

@@ -244,6 +244,53 @@ impl ModelConfig {
         v
     }
 
+    /// [`ModelConfig::num_params`] in checked arithmetic: `None` when absurd dimensions
+    /// overflow it.
+    pub fn checked_params(&self) -> Option<u128> {
+        let n = |x: usize| x as u128;
+        let h = n(self.hidden_size);
+        let q = n(self.num_heads).checked_mul(n(self.head_dim))?;
+        let kv = n(self.num_kv_heads).checked_mul(n(self.head_dim))?;
+        let attn = h
+            .checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?
+            .checked_add(if self.qkv_bias { q + 2 * kv } else { 0 })?;
+        let mlp = h.checked_mul(n(self.intermediate_size))?.checked_mul(3)?;
+        let layer = attn.checked_add(mlp)?.checked_add(h.checked_mul(2)?)?;
+        let embed = n(self.vocab_size).checked_mul(h)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        n(self.num_layers)
+            .checked_mul(layer)?
+            .checked_add(embed)?
+            .checked_add(h)?
+            .checked_add(head)
+    }
+
+    /// Refuse, before allocating, a model whose f32 weights do not fit in the memory this
+    /// machine has available (`MemAvailable`; unchecked where the system does not say).
+    pub fn check_fits_in_memory(&self) -> Result<(), String> {
+        let Some(bytes) = self.checked_params().and_then(|p| p.checked_mul(4)) else {
+            return Err(format!(
+                "hidden_size {}, intermediate_size {}, {} layers and a vocabulary of {} overflow \
+                 any parameter count",
+                self.hidden_size, self.intermediate_size, self.num_layers, self.vocab_size
+            ));
+        };
+        match available_memory() {
+            Some(avail) if bytes > avail as u128 => Err(format!(
+                "the model has {} parameters ({:.1} GB in f32: hidden_size {}, intermediate_size \
+                 {}, {} layers, vocabulary {}); this machine has {:.1} GB of memory available",
+                bytes / 4,
+                bytes as f64 / 1e9,
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_layers,
+                self.vocab_size,
+                avail as f64 / 1e9
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Parameters in the model (tied embeddings counted once).
     pub fn num_params(&self) -> usize {
         let h = self.hidden_size;
@@ -284,5 +331,57 @@ impl SizePreset {
             SizePreset::M500 => (960, 32, 15, 5, 2560),
             SizePreset::B1 => (2048, 22, 32, 4, 5632),
         }
+    }
+}
+
+/// Bytes of memory available to a new allocation (Linux's `MemAvailable`), if known.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(hidden_size: usize) -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Qwen2,
+            vocab_size: 512,
+            hidden_size,
+            intermediate_size: 176,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: hidden_size / 4,
+            max_positions: 256,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: false,
+            qkv_bias: true,
+            o_bias: false,
+        }
+    }
+
+    #[test]
+    fn absurd_dimensions_are_refused_before_allocating() {
+        let tiny = cfg(64);
+        assert_eq!(tiny.checked_params(), Some(tiny.num_params() as u128));
+        assert!(tiny.check_fits_in_memory().is_ok());
+        let e = cfg(1_000_000).check_fits_in_memory().unwrap_err();
+        assert!(
+            e.contains("parameters (") && e.contains("GB of memory available"),
+            "{e}"
+        );
+        let e = cfg(usize::MAX / 2).check_fits_in_memory().unwrap_err();
+        assert!(e.contains("overflow any parameter count"), "{e}");
     }
 }

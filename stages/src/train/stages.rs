@@ -347,6 +347,10 @@ impl Stage for ModelStage {
             qkv_bias: arch == Arch::Qwen2,
             o_bias: false,
         };
+        cfg.check_fits_in_memory()
+            .map_err(|message| TrainError::Input {
+                message: format!("`init`: {message}"),
+            })?;
         let net = model::init::<Flex>(&cfg, cx.seed(), &FlexDevice);
         let raw = cfg.to_hf_json(tok.bos().map(|b| b.1), tok.eos().map(|e| e.1), tok.pad_id());
         model::save_model_dir(&net, &raw, &tok_dir, &out)?;
