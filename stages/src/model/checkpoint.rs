@@ -101,6 +101,34 @@ pub fn model_tensors(cfg: &ModelConfig) -> Vec<CheckpointTensor> {
     out
 }
 
+/// Refuse a `config.json` whose dimensions overflow, or that declares more layers than the files
+/// hold tensors (a layer has several of its own), before anything is listed or built per layer.
+pub(crate) fn check_config_against(
+    cfg: &ModelConfig,
+    config_path: &Path,
+    files: &TensorFiles,
+) -> Result<(), ModelError> {
+    if cfg.checked_params().is_none_or(|p| p > usize::MAX as u128) {
+        return Err(ModelError::Config {
+            file: config_path.display().to_string(),
+            message: format!(
+                "hidden_size {}, intermediate_size {}, {} layers and a vocabulary of {} overflow \
+                 any parameter count",
+                cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+            ),
+        });
+    }
+    if cfg.num_layers > files.names().count() {
+        // Some layer is missing: name the first layer norm that is not there.
+        let name = (0..cfg.num_layers)
+            .map(|i| format!("model.layers.{i}.input_layernorm.weight"))
+            .find(|n| !files.contains(n))
+            .unwrap_or_default();
+        files.expect(&name, &[cfg.hidden_size])?;
+    }
+    Ok(())
+}
+
 /// The layer and projection of a projection weight's name
 /// (`model.layers.3.mlp.down_proj.weight` → `(3, DownProj)`).
 fn projection_of(name: &str) -> Option<(usize, LoraTarget)> {
@@ -178,6 +206,7 @@ impl Checkpoint {
         }
         let (config, raw_config) = ModelConfig::read(&config_path)?;
         let files = TensorFiles::open_model_dir(&model_dir)?;
+        check_config_against(&config, &config_path, &files)?;
         let tensors = model_tensors(&config);
         for t in &tensors {
             files.expect(&t.name, &t.shape)?;

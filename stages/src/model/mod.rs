@@ -135,6 +135,7 @@ pub fn load_model_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<Load
     }
     let (cfg, raw) = ModelConfig::read(&config_path)?;
     let files = TensorFiles::open_model_dir(dir)?;
+    checkpoint::check_config_against(&cfg, &config_path, &files)?;
     let model = from_tensors::<B>(&cfg, &files, device)?;
     let unused = files.unused(|n| {
         n.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && n == "lm_head.weight")
