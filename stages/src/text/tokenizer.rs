@@ -207,6 +207,27 @@ fn config_template(
     }
 }
 
+/// Refuse what `tokenizers` panics on instead of failing: malformed JSON inside `decoder`, and
+/// a `Precompiled` normalizer whose `precompiled_charsmap` does not parse.
+fn check_tokenizer_json(bytes: &[u8]) -> Result<(), String> {
+    let json: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut todo: Vec<&Value> = json.get("normalizer").into_iter().collect();
+    while let Some(v) = todo.pop() {
+        match v {
+            Value::Object(map) => {
+                if map.get("type").and_then(Value::as_str) == Some("Precompiled") {
+                    serde_json::from_str::<tokenizers::normalizers::Precompiled>(&v.to_string())
+                        .map_err(|e| format!("normalizer `Precompiled`: {e}"))?;
+                }
+                todo.extend(map.values());
+            }
+            Value::Array(items) => todo.extend(items),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl TextTokenizer {
     /// Load `tokenizer.json`, `tokenizer_config.json` (optional: special tokens may be strings,
     /// null or AddedToken objects; `add_bos_token`/`add_eos_token`; `chat_template` as a string
@@ -218,6 +239,10 @@ impl TextTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self, TextError> {
         let tok_path = dir.join(TOKENIZER_FILE);
         let tok_bytes = fs::read(&tok_path).map_err(|e| TextError::io("read", &tok_path, e))?;
+        check_tokenizer_json(&tok_bytes).map_err(|message| TextError::TokenizerJson {
+            path: tok_path.display().to_string(),
+            message,
+        })?;
         let mut inner =
             Tokenizer::from_bytes(&tok_bytes).map_err(|e| TextError::TokenizerJson {
                 path: tok_path.display().to_string(),
