@@ -6,6 +6,8 @@ pub mod backend;
 pub mod data;
 pub mod eval;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generate;
 pub mod model;
 pub mod pref;
