@@ -177,57 +177,28 @@ fn utf8_line<'a>(bytes: &'a [u8], shown: &Path, line: u64) -> Result<&'a str, Da
     })
 }
 
-/// The whole text of a file, as UTF-8 (a leading BOM dropped), every line at most
-/// [`MAX_LINE_BYTES`]; errors name the line.
-fn read_text(file_path: &Path, shown: &Path, gz: bool) -> Result<String, DataError> {
-    let mut reader = open_bytes(file_path, gz)?;
-    let action = if gz { "decompress" } else { "read" };
-    let mut text = String::new();
-    let mut buf = Vec::new();
-    let mut line = 0u64;
-    while let Some(()) = next_line(&mut reader, &mut buf, file_path, action)? {
-        line += 1;
-        if buf.len() - usize::from(buf.ends_with(b"\n")) > MAX_LINE_BYTES {
-            return Err(too_long(shown, line));
-        }
-        text.push_str(utf8_line(&buf, shown, line)?);
-    }
-    Ok(match text.strip_prefix('\u{feff}') {
-        Some(rest) => rest.to_owned(),
-        None => text,
-    })
-}
-
-/// Read the next line (with its `\n`) into `buf`, reading at most one byte past
-/// [`MAX_LINE_BYTES`]; `None` at the end.
-fn next_line(
-    reader: &mut dyn BufRead,
-    buf: &mut Vec<u8>,
-    file_path: &Path,
-    action: &'static str,
-) -> Result<Option<()>, DataError> {
-    buf.clear();
-    let n = reader
-        .take(MAX_LINE_BYTES as u64 + 2)
-        .read_until(b'\n', buf)
-        .map_err(|e| DataError::io(action, file_path, e))?;
-    Ok((n > 0).then_some(()))
-}
-
-/// JSON Lines read line by line: memory is the rows plus one line.
-fn read_jsonl_stream(
+/// Call `f(number, line)` for each line of a file (1-based; the line without its `\n` or
+/// `\r\n`, as `str::lines` gives it; a leading BOM dropped), reading one line at a time: a line
+/// past [`MAX_LINE_BYTES`] or one that is not UTF-8 fails with its number, having read at most
+/// the limit.
+fn for_each_line(
     file_path: &Path,
     shown: &Path,
     gz: bool,
-) -> Result<Vec<SourceRow>, DataError> {
+    mut f: impl FnMut(u64, &str) -> Result<(), DataError>,
+) -> Result<(), DataError> {
     let mut reader = open_bytes(file_path, gz)?;
     let action = if gz { "decompress" } else { "read" };
-    let mut rows = Vec::new();
     let mut buf = Vec::new();
-    let mut line = 0u64;
-    while let Some(()) = next_line(&mut reader, &mut buf, file_path, action)? {
-        line += 1;
-        // The line without its end (`\n` or `\r\n`), as `str::lines` gives it.
+    for line in 1u64.. {
+        buf.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE_BYTES as u64 + 2)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| DataError::io(action, file_path, e))?;
+        if n == 0 {
+            break;
+        }
         let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
         let body = body.strip_suffix(b"\r").unwrap_or(body);
         if body.len() > MAX_LINE_BYTES {
@@ -239,8 +210,32 @@ fn read_jsonl_stream(
         } else {
             text
         };
-        jsonl_row(shown, line, text, &mut rows)?;
+        f(line, text)?;
     }
+    Ok(())
+}
+
+/// The whole text of a file, line by line through [`for_each_line`] (line ends become `\n`).
+fn read_text(file_path: &Path, shown: &Path, gz: bool) -> Result<String, DataError> {
+    let mut text = String::new();
+    for_each_line(file_path, shown, gz, |_, line| {
+        text.push_str(line);
+        text.push('\n');
+        Ok(())
+    })?;
+    Ok(text)
+}
+
+/// JSON Lines read line by line: memory is the rows plus one line.
+fn read_jsonl_stream(
+    file_path: &Path,
+    shown: &Path,
+    gz: bool,
+) -> Result<Vec<SourceRow>, DataError> {
+    let mut rows = Vec::new();
+    for_each_line(file_path, shown, gz, |line, text| {
+        jsonl_row(shown, line, text, &mut rows)
+    })?;
     Ok(rows)
 }
 
