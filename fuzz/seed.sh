@@ -88,39 +88,10 @@ for g in "$root"/fixtures/gguf/*.gguf; do
     small "$g" && cp "$g" "$corpus/gguf/"
 done
 
-# lock, record: no fixture holds one (runs write them), so a small one each.
-cat > "$corpus/lock/quickstart.lock" <<'EOF'
-{
-  "pipeline": "quickstart",
-  "stages": {
-    "data": {
-      "fingerprint": "4f1c",
-      "kind": "dataset",
-      "metrics": {"records": 52, "loss": 1.25},
-      "outputs": {"main": "9a0b"}
-    }
-  },
-  "version": 1
-}
-EOF
-cat > "$corpus/record/record.json" <<'EOF'
-{"cache_version": 1,
- "fingerprint": "0000000000000000000000000000000000000000000000000000000000000000",
- "kind": "dataset", "stage": "data",
- "outputs": {"main": {"type": {"kind": "dataset", "family": "chat"}, "digest": "ab",
-   "files": {"records.jsonl": {"blake3": "cd", "size": 3}}}},
- "metrics": {"records": 1}, "created": 1700000000, "duration_ms": 5}
-EOF
-cat > "$corpus/record/inputs.json" <<'EOF'
-{"cache_version": 1, "kind": "dataset", "kind_version": 1, "params": {"format": "chat"},
- "inputs": {}, "files": {"path": "ab"}, "seed": 7}
-EOF
-cat > "$corpus/record/run.json" <<'EOF'
-{"run_id": "20240726-093000-1", "manifest": "pipelines/quickstart.yaml",
- "pipeline": "quickstart", "started": 1700000000, "finished": 1700000005,
- "cells": [{"name": "data", "kind": "dataset", "outcome": "ran",
-   "fingerprint": "00", "duration_ms": 5}]}
-EOF
+# lock, record: no fixture holds one (runs write them); fuzz/seeds has a small one each,
+# which the replay test reads too.
+cp "$root"/fuzz/seeds/lock/* "$corpus/lock/"
+cp "$root"/fuzz/seeds/record/* "$corpus/record/"
 
 for d in "$corpus"/*/; do
     printf '%-14s %3d files\n' "$(basename "$d")" "$(find "$d" -type f | wc -l)"

@@ -143,31 +143,10 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
     }
 }
 
-const LOCK: &str = r#"{
-  "pipeline": "quickstart",
-  "stages": {
-    "data": {
-      "fingerprint": "4f1c",
-      "kind": "dataset",
-      "metrics": {"records": 52, "loss": 1.25},
-      "outputs": {"main": "9a0b"}
-    }
-  },
-  "version": 1
-}
-"#;
-
-const RECORD: &str = r#"{"cache_version": 1,
- "fingerprint": "0000000000000000000000000000000000000000000000000000000000000000",
- "kind": "dataset", "stage": "data",
- "outputs": {"main": {"type": {"kind": "dataset", "family": "chat"}, "digest": "ab",
-   "files": {"records.jsonl": {"blake3": "cd", "size": 3}}}},
- "metrics": {"records": 1}, "created": 1700000000, "duration_ms": 5}"#;
-
-const RUN: &str = r#"{"run_id": "20240726-093000-1", "manifest": "pipelines/quickstart.yaml",
- "pipeline": "quickstart", "started": 1700000000, "finished": 1700000005,
- "cells": [{"name": "data", "kind": "dataset", "outcome": "ran",
-   "fingerprint": "00", "duration_ms": 5}]}"#;
+// The seeds fuzz/seed.sh copies for these targets (no fixture holds a lock or a record).
+const LOCK: &str = include_str!("../../fuzz/seeds/lock/quickstart.lock");
+const RECORD: &str = include_str!("../../fuzz/seeds/record/record.json");
+const RUN: &str = include_str!("../../fuzz/seeds/record/run.json");
 
 #[test]
 fn every_regression_input_replays() {
