@@ -173,7 +173,7 @@ fn concurrent_runs_compute_each_stage_once(n: usize, round: usize) {
             "{stage} ran {ran} times with {n} runs (round {round}):\n{lines}"
         );
     }
-    let slow_of = |m: &PathBuf| {
+    let after_of = |m: &PathBuf| {
         let l: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(m.with_extension("lock")).unwrap())
                 .unwrap();
@@ -182,7 +182,7 @@ fn concurrent_runs_compute_each_stage_once(n: usize, round: usize) {
     assert!(
         manifests
             .iter()
-            .all(|m| slow_of(m) == slow_of(&manifests[0]))
+            .all(|m| after_of(m) == after_of(&manifests[0]))
     );
     let out = burnish()
         .args(["verify", "--cache-dir"])
