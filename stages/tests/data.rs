@@ -1622,3 +1622,62 @@ fn claudesidian_tool_turns_keep_their_text() {
         .count();
     assert!(calls >= 40, "{calls} tool calls");
 }
+
+/// Arrow and Parquet files whose footers lie (found by fuzzing, kept under
+/// `fuzz/regressions/dataset/`: the first byte picks the file type there, the rest is the file):
+/// each is an error naming the file and what it claims, not an allocation of what it claims or a
+/// panic inside the decoder.
+#[test]
+fn arrow_and_parquet_files_whose_footers_lie_are_errors() {
+    let regressions = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/dataset");
+    let cases = [
+        (
+            "arrow-block-6tb",
+            "lie.arrow",
+            "block 0 (record batch) claims",
+        ),
+        (
+            "arrow-block-1.8gb",
+            "lie.arrow",
+            "claims 1836610676 metadata",
+        ),
+        (
+            "arrow-block-unwrap-996",
+            "lie.arrow",
+            "-5687137033252765584 body bytes",
+        ),
+        (
+            "arrow-block-unwrap-997",
+            "lie.arrow",
+            "claims -201326304 metadata",
+        ),
+        (
+            "parquet-negative-column-range",
+            "lie.parquet",
+            "outside the file of 529 bytes",
+        ),
+        (
+            "parquet-dict-byte-array-short",
+            "lie.parquet",
+            "outside the file of 565 bytes",
+        ),
+    ];
+    for (case, name, expect) in cases {
+        let tmp = TempDir::new().unwrap();
+        let bytes = fs::read(regressions.join(case)).unwrap();
+        let file = tmp.path().join(name);
+        fs::write(&file, &bytes[1..]).unwrap();
+        let p = json!({"path": name, "format": "text"});
+        let (msg, _) = err_text(run::<DatasetStage>(
+            p,
+            42,
+            &[],
+            &[("path", file)],
+            &["main"],
+        ));
+        assert!(
+            msg.starts_with(name) && msg.contains(expect),
+            "{case}: {msg}"
+        );
+    }
+}

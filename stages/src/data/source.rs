@@ -18,8 +18,8 @@ use arrow_array::types::{
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{ArrowError, DataType, TimeUnit};
 use flate2::read::MultiGzDecoder;
-use parquet::file::reader::{FileReader, SerializedFileReader};
-use parquet::record::{Field, Row};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::metadata::ParquetMetaData;
 use serde_json::{Map, Number, Value};
 
 use super::error::{DataError, Location};
@@ -457,84 +457,97 @@ fn read_parquet(file_path: &Path, path: &Path) -> Result<Vec<SourceRow>, DataErr
         message: e.to_string(),
     };
     let file = fs::File::open(file_path).map_err(|e| DataError::io("open", file_path, e))?;
-    let reader = SerializedFileReader::new(file).map_err(|e| bad(Location::whole(path), e))?;
-    // The footer says how large each row group is once decompressed: a small file that claims
-    // gigabytes (a compression bomb, or metadata that lies) is refused before any page is read.
-    for (i, rg) in reader.metadata().row_groups().iter().enumerate() {
-        let claimed = u64::try_from(rg.total_byte_size()).unwrap_or(u64::MAX);
-        if claimed > MAX_ROW_GROUP_BYTES {
-            return Err(DataError::Malformed {
-                at: Location::whole(path),
-                what: "parquet",
-                message: format!(
-                    "row group {i} holds {claimed} bytes uncompressed; at most \
-                     {MAX_ROW_GROUP_BYTES} are read per row group (rewrite the file with smaller \
-                     row groups)"
-                ),
-            });
-        }
-    }
-    let iter = reader
-        .get_row_iter(None)
+    let file_len = file
+        .metadata()
+        .map_err(|e| DataError::io("read", file_path, e))?
+        .len();
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| bad(Location::whole(path), e))?;
+    check_parquet_layout(builder.metadata(), file_len).map_err(|message| DataError::Malformed {
+        at: Location::whole(path),
+        what: "parquet",
+        message,
+    })?;
+    let batches = builder
+        .with_batch_size(1024)
+        .build()
         .map_err(|e| bad(Location::whole(path), e))?;
     let mut rows = Vec::new();
-    for (i, row) in iter.enumerate() {
-        let at = Location::row(path, i);
-        let row = row.map_err(|e| bad(at.clone(), e))?;
-        rows.push(SourceRow {
-            at,
-            fields: row_to_json(&row),
-        });
+    for batch in batches {
+        let batch = batch.map_err(|e| DataError::Malformed {
+            at: Location::row(path, rows.len()),
+            what: "parquet",
+            message: e.to_string(),
+        })?;
+        push_batch_rows(&batch, path, "parquet", &mut rows)?;
     }
     Ok(rows)
 }
 
-fn row_to_json(row: &Row) -> Map<String, Value> {
-    row.get_column_iter()
-        .map(|(name, field)| (name.clone(), field_to_json(field)))
-        .collect()
+/// What the footer of a Parquet file claims, checked before any page is read: each row group's
+/// uncompressed size (a small file claiming gigabytes is a compression bomb or a lie), and each
+/// column chunk's byte range, which must lie inside the file (the `parquet` crate asserts that
+/// a range is not negative, and panics when it is).
+fn check_parquet_layout(meta: &ParquetMetaData, file_len: u64) -> Result<(), String> {
+    for (i, rg) in meta.row_groups().iter().enumerate() {
+        let claimed = u64::try_from(rg.total_byte_size()).unwrap_or(u64::MAX);
+        if claimed > MAX_ROW_GROUP_BYTES {
+            return Err(format!(
+                "row group {i} holds {claimed} bytes uncompressed; at most \
+                 {MAX_ROW_GROUP_BYTES} are read per row group (rewrite the file with smaller \
+                 row groups)"
+            ));
+        }
+        for (c, column) in rg.columns().iter().enumerate() {
+            let start = column
+                .dictionary_page_offset()
+                .unwrap_or_else(|| column.data_page_offset());
+            let len = column.compressed_size();
+            let inside = u64::try_from(start)
+                .ok()
+                .zip(u64::try_from(len).ok())
+                .and_then(|(s, l)| s.checked_add(l))
+                .is_some_and(|end| end <= file_len);
+            if !inside {
+                return Err(format!(
+                    "row group {i} column {c} (`{}`) claims bytes {start}..+{len}, outside the \
+                     file of {file_len} bytes",
+                    column.column_path()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The rows of one record batch, numbered on from `rows.len()`: each column's value as JSON
+/// (`arrow_value`), keyed by the column's name.
+fn push_batch_rows(
+    batch: &RecordBatch,
+    path: &Path,
+    what: &'static str,
+    rows: &mut Vec<SourceRow>,
+) -> Result<(), DataError> {
+    let schema = batch.schema();
+    for r in 0..batch.num_rows() {
+        let at = Location::row(path, rows.len());
+        let mut fields = Map::new();
+        for (field, column) in schema.fields().iter().zip(batch.columns()) {
+            let value =
+                arrow_value(column.as_ref(), r).map_err(|message| DataError::Malformed {
+                    at: at.clone(),
+                    what,
+                    message: format!("column `{}`: {message}", field.name()),
+                })?;
+            fields.insert(field.name().clone(), value);
+        }
+        rows.push(SourceRow { at, fields });
+    }
+    Ok(())
 }
 
 fn float(f: f64) -> Value {
     Number::from_f64(f).map_or(Value::Null, Value::Number)
-}
-
-fn field_to_json(field: &Field) -> Value {
-    match field {
-        Field::Null => Value::Null,
-        Field::Bool(b) => Value::Bool(*b),
-        Field::Byte(n) => Value::from(*n),
-        Field::Short(n) => Value::from(*n),
-        Field::Int(n) => Value::from(*n),
-        Field::Long(n) => Value::from(*n),
-        Field::UByte(n) => Value::from(*n),
-        Field::UShort(n) => Value::from(*n),
-        Field::UInt(n) => Value::from(*n),
-        Field::ULong(n) => Value::from(*n),
-        Field::Float16(n) => float(f64::from(*n)),
-        Field::Float(n) => float(f64::from(*n)),
-        Field::Double(n) => float(*n),
-        Field::Str(s) => Value::String(s.clone()),
-        Field::Bytes(b) => Value::String(String::from_utf8_lossy(b.data()).into_owned()),
-        Field::Group(row) => Value::Object(row_to_json(row)),
-        Field::ListInternal(list) => {
-            Value::Array(list.elements().iter().map(field_to_json).collect())
-        }
-        Field::MapInternal(map) => Value::Object(
-            map.entries()
-                .iter()
-                .map(|(k, v)| {
-                    let key = match field_to_json(k) {
-                        Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    (key, field_to_json(v))
-                })
-                .collect(),
-        ),
-        // Decimals, dates, times and timestamps: their display form.
-        other => Value::String(other.to_string()),
-    }
 }
 
 /// Arrow IPC: the stream format (what `datasets` writes: `save_to_disk`, its cache), or the file
@@ -551,6 +564,16 @@ fn read_arrow(file_path: &Path, path: &Path) -> Result<Vec<SourceRow>, DataError
     file.seek(SeekFrom::Start(0))
         .map_err(|e| DataError::io("read", file_path, e))?;
     let batches: Box<dyn Iterator<Item = Result<RecordBatch, ArrowError>>> = if file_format {
+        check_arrow_file_layout(&mut file).map_err(|e| match e {
+            Layout::Io(e) => DataError::io("read", file_path, e),
+            Layout::Bad(message) => DataError::Malformed {
+                at: Location::whole(path),
+                what: "arrow",
+                message,
+            },
+        })?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| DataError::io("read", file_path, e))?;
         Box::new(
             arrow_ipc::reader::FileReader::try_new_buffered(file, None)
                 .map_err(|e| bad(Location::whole(path), e))?,
@@ -564,23 +587,76 @@ fn read_arrow(file_path: &Path, path: &Path) -> Result<Vec<SourceRow>, DataError
     let mut rows = Vec::new();
     for batch in batches {
         let batch = batch.map_err(|e| bad(Location::row(path, rows.len()), e))?;
-        let schema = batch.schema();
-        for r in 0..batch.num_rows() {
-            let at = Location::row(path, rows.len());
-            let mut fields = Map::new();
-            for (field, column) in schema.fields().iter().zip(batch.columns()) {
-                let value =
-                    arrow_value(column.as_ref(), r).map_err(|message| DataError::Malformed {
-                        at: at.clone(),
-                        what: "arrow",
-                        message: format!("column `{}`: {message}", field.name()),
-                    })?;
-                fields.insert(field.name().clone(), value);
-            }
-            rows.push(SourceRow { at, fields });
-        }
+        push_batch_rows(&batch, path, "arrow", &mut rows)?;
     }
     Ok(rows)
+}
+
+enum Layout {
+    Io(std::io::Error),
+    Bad(String),
+}
+
+/// What the footer of an Arrow IPC file claims, checked against the file's size before
+/// `arrow-ipc` acts on it: the footer length (read into a buffer of that size), and each
+/// dictionary and record batch block's offset and lengths (the reader allocates a block's length
+/// before reading it, and unwraps a negative one). The stream format needs no such check: its
+/// reader grows a body's buffer as the bytes arrive.
+fn check_arrow_file_layout(file: &mut fs::File) -> Result<(), Layout> {
+    let file_len = file.metadata().map_err(Layout::Io)?.len();
+    let bad = |m: String| Err(Layout::Bad(m));
+    if file_len < 16 {
+        return bad(format!(
+            "a file of {file_len} bytes is too short for the Arrow file format"
+        ));
+    }
+    let mut tail = [0u8; 10];
+    file.seek(SeekFrom::End(-10)).map_err(Layout::Io)?;
+    file.read_exact(&mut tail).map_err(Layout::Io)?;
+    let footer_len = match arrow_ipc::reader::read_footer_length(tail) {
+        Ok(n) => n as u64,
+        Err(e) => return bad(e.to_string()),
+    };
+    let Some(footer_start) = (file_len - 10).checked_sub(footer_len) else {
+        return bad(format!(
+            "the footer claims {footer_len} bytes, more than the file of {file_len} bytes"
+        ));
+    };
+    let mut footer = vec![0u8; footer_len as usize];
+    file.seek(SeekFrom::Start(footer_start))
+        .map_err(Layout::Io)?;
+    file.read_exact(&mut footer).map_err(Layout::Io)?;
+    let footer = match arrow_ipc::root_as_footer(&footer) {
+        Ok(f) => f,
+        Err(e) => return bad(format!("unable to read the footer: {e}")),
+    };
+    let blocks = footer
+        .dictionaries()
+        .into_iter()
+        .flatten()
+        .map(|b| ("dictionary", b));
+    let blocks = blocks.chain(
+        footer
+            .recordBatches()
+            .into_iter()
+            .flatten()
+            .map(|b| ("record batch", b)),
+    );
+    for (i, (kind, block)) in blocks.enumerate() {
+        let (offset, meta, body) = (block.offset(), block.metaDataLength(), block.bodyLength());
+        let end = u64::try_from(offset)
+            .ok()
+            .zip(u64::try_from(meta).ok())
+            .zip(u64::try_from(body).ok())
+            .and_then(|((o, m), b)| o.checked_add(m)?.checked_add(b));
+        if end.is_none_or(|end| end > footer_start) {
+            return bad(format!(
+                "block {i} ({kind}) claims {meta} metadata and {body} body bytes at offset \
+                 {offset}, outside the {footer_start} bytes before the footer"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One Arrow value as JSON, as Parquet values are: numbers, strings, lists, objects; bytes as

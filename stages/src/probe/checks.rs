@@ -597,6 +597,7 @@ pub struct Options {
 
 /// Why the backend called `name` cannot run here, if it cannot (`allow_cpu_adapter`: wgpu on
 /// a CPU adapter counts).
+#[cfg_attr(not(feature = "wgpu"), allow(unused_variables))]
 pub fn unavailable(name: &str, allow_cpu_adapter: bool) -> Option<String> {
     if !backend::available().contains(&name) {
         return Some(format!(
