@@ -4,14 +4,13 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use burnish_engine::cache::{Cache, EntryHealth};
-use burnish_engine::exec::{self, Outcome, RunOptions};
+use burnish_engine::cache::EntryHealth;
 use burnish_engine::lock::LockFile;
 use burnish_engine::manifest::{self, BackendChoice, Manifest};
 use burnish_engine::plan::{Plan, State, short};
 use burnish_engine::stage::Registry;
+use burnish_engine::store::{GcOptions, Store};
 use burnish_engine::{compare, schema};
 use clap::{Parser, Subcommand, ValueEnum};
 use miette::{IntoDiagnostic, Result, miette};
@@ -20,6 +19,7 @@ mod alloc;
 mod generate;
 mod probe;
 mod render;
+mod run;
 mod testing;
 
 #[derive(Parser)]
@@ -34,14 +34,14 @@ struct Cli {
 }
 
 #[derive(clap::Args, Clone)]
-struct CacheArgs {
+pub(crate) struct CacheArgs {
     /// Cache directory (default: $BURNISH_CACHE, else .burnish/ beside the manifest)
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum BackendArg {
+pub(crate) enum BackendArg {
     Auto,
     Cpu,
     Wgpu,
@@ -66,29 +66,10 @@ enum Command {
         cache: CacheArgs,
     },
     /// Run a pipeline: restore cached stages, run the rest, write the lock file
-    Run {
-        file: PathBuf,
-        /// Run this stage (or matrix cell) even if cached; repeatable
-        #[arg(long, value_name = "STAGE")]
-        force: Vec<String>,
-        /// Run only this stage and what it depends on
-        #[arg(long, value_name = "STAGE")]
-        until: Option<String>,
-        /// Independent stages to run at once
-        #[arg(long, short = 'j', default_value_t = 1)]
-        jobs: usize,
-        /// Override the manifest's backend
-        #[arg(long, value_enum)]
-        backend: Option<BackendArg>,
-        /// Fail if anything would differ from the lock file
-        #[arg(long)]
-        locked: bool,
-        /// No progress output
-        #[arg(long, short)]
-        quiet: bool,
-        #[command(flatten)]
-        cache: CacheArgs,
-    },
+    Run(run::RunArgs),
+    /// Run exactly one cell whose inputs are cached (for launchers that run cells elsewhere)
+    #[command(hide = true)]
+    RunCell(run::RunCellArgs),
     /// Print the manifest JSON Schema
     Schema,
     /// Print each stage's metrics
@@ -207,7 +188,7 @@ fn report_peak_rss() {
 }
 
 /// Exit code for invalid manifests.
-const INVALID: u8 = 2;
+pub(crate) const INVALID: u8 = 2;
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     let reg = registry();
@@ -243,10 +224,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let Some(m) = load(&file, &reg) else {
                 return Ok(ExitCode::from(INVALID));
             };
-            let (plan, cache, _) = plan_and_cache(m, &reg, backend, &cache)?;
+            let (plan, store, _) = plan_and_cache(m, &reg, backend, &cache)?;
             let lock = LockFile::read(&plan.manifest.lock_path())?;
-            let mut hasher = cache.file_hasher();
-            let status = plan.status(&cache, lock.as_ref(), &mut hasher)?;
+            let mut hasher = store.file_hasher();
+            let status = plan.status(&store, lock.as_ref(), &mut hasher)?;
             hasher.save();
             if json {
                 let stages: Vec<serde_json::Value> = status
@@ -295,121 +276,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run {
-            file,
-            force,
-            until,
-            jobs,
-            backend,
-            locked,
-            quiet,
-            cache,
-        } => {
-            let Some(m) = load(&file, &reg) else {
-                return Ok(ExitCode::from(INVALID));
-            };
-            let (plan, cache, note) = plan_and_cache(m, &reg, backend, &cache)?;
-            if let Some(note) = note
-                && !quiet
-                && plan.cells.iter().any(|c| c.sensitivity.backend)
-            {
-                eprintln!("{note}");
-            }
-            for name in force.iter().chain(until.iter()) {
-                if plan.select(name).is_empty() {
-                    let names: Vec<&str> = plan.cells.iter().map(|c| c.name.as_str()).collect();
-                    return Err(miette!(
-                        code = "burnish::run::unknown_stage",
-                        help = format!("stages: {}", names.join(", ")),
-                        "no stage or matrix cell named `{name}` in {}",
-                        file.display()
-                    ));
-                }
-            }
-            let cancel = Arc::new(AtomicBool::new(false));
-            {
-                let cancel = cancel.clone();
-                let _ = ctrlc::set_handler(move || {
-                    if cancel.swap(true, Ordering::SeqCst) {
-                        eprintln!(
-                            "\ninterrupted again: exiting now; nothing unfinished was cached"
-                        );
-                        std::process::exit(130);
-                    }
-                    eprintln!(
-                        "\ninterrupting: stages stop at their next step (Ctrl-C again to exit now); the next run resumes"
-                    );
-                });
-            }
-            let opts = RunOptions {
-                force,
-                until,
-                jobs,
-                locked,
-                quiet,
-            };
-            let t0 = std::time::Instant::now();
-            let report = exec::run(&plan, &cache, &opts, cancel)?;
-            let elapsed = t0.elapsed();
-            let count =
-                |f: fn(&Outcome) -> bool| report.cells.iter().filter(|c| f(&c.outcome)).count();
-            let ran = count(|o| matches!(o, Outcome::Ran));
-            let cached = count(|o| matches!(o, Outcome::Cached));
-            let failed: Vec<_> = report.failures().collect();
-            let skipped = count(|o| matches!(o, Outcome::Skipped { .. }));
-            for (_, e) in &failed {
-                eprint!("{}", render_diagnostic(*e));
-            }
-            if let Some(e) = &report.record_error {
-                eprint!("{}", render_diagnostic(e));
-            }
-            if !report.lock_diff.is_empty() {
-                eprintln!(
-                    "error: the run differs from {}:",
-                    plan.manifest.lock_path().display()
-                );
-                for d in &report.lock_diff {
-                    eprintln!("  {d}");
-                }
-            }
-            if !quiet {
-                eprintln!(
-                    "{}: {ran} ran, {cached} cached, {} failed, {skipped} skipped in {:.2}s (run {})",
-                    plan.manifest.header.pipeline,
-                    failed.len(),
-                    elapsed.as_secs_f64(),
-                    report.run_id
-                );
-            }
-            if report.interrupted {
-                return Ok(ExitCode::from(130));
-            }
-            if !report.succeeded() {
-                return Ok(ExitCode::from(1));
-            }
-            if !locked && let Some(lock) = report.lock_file(&plan.manifest.header.pipeline) {
-                let path = plan.manifest.lock_path();
-                let old = LockFile::read(&path).ok().flatten();
-                if old.as_ref() != Some(&lock) {
-                    lock.write(&path).into_diagnostic()?;
-                    if !quiet {
-                        eprintln!("wrote {}", path.display());
-                    }
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run(args) => run::run(&args, &reg),
+        Command::RunCell(args) => run::run_cell(&args, &reg),
         Command::Metrics { file, json, cache } => {
             let Some(m) = load(&file, &reg) else {
                 return Ok(ExitCode::from(INVALID));
             };
-            let (plan, cache, _) = plan_and_cache(m, &reg, None, &cache)?;
-            let mut hasher = cache.file_hasher();
-            let status = plan.status(&cache, None, &mut hasher)?;
+            let (plan, store, _) = plan_and_cache(m, &reg, None, &cache)?;
+            let mut hasher = store.file_hasher();
+            let status = plan.status(&store, None, &mut hasher)?;
             let mut stages = serde_json::Map::new();
             for s in &status {
                 let metrics = match &s.fingerprint {
-                    Some(fp) => cache
+                    Some(fp) => store
                         .usable_record(fp)?
                         .map(|r| r.metrics)
                         .unwrap_or_default(),
@@ -502,7 +381,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             repair,
             cache,
         } => {
-            let cache = open_cache(file.as_deref(), &cache)?;
+            let store = open_store(file.as_deref(), &cache)?;
+            let cache = store.local();
             let mut bad = 0;
             let entries = cache.entries()?;
             for fp in &entries {
@@ -546,9 +426,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             file,
             cache,
         } => {
-            let cache = open_cache(file.as_deref(), &cache)?;
-            let report = gc(&cache, &locks, keep_days, dry_run)?;
-            println!("{report}");
+            let store = open_store(file.as_deref(), &cache)?;
+            println!("{}", gc(&store, &locks, keep_days, dry_run)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { file } => {
@@ -635,9 +514,12 @@ fn inspect(path: &Path) -> Result<String> {
     Ok(s)
 }
 
-fn gc(cache: &Cache, locks: &[PathBuf], keep_days: f64, dry_run: bool) -> Result<String> {
-    use std::collections::HashSet;
-    let mut keep: HashSet<String> = HashSet::new();
+fn gc(store: &Store, locks: &[PathBuf], keep_days: f64, dry_run: bool) -> Result<String> {
+    let mut opts = GcOptions {
+        locks: Vec::new(),
+        keep_days,
+        dry_run,
+    };
     for l in locks {
         let lock = LockFile::read(l)?.ok_or_else(|| {
             miette!(
@@ -646,63 +528,27 @@ fn gc(cache: &Cache, locks: &[PathBuf], keep_days: f64, dry_run: bool) -> Result
                 l.display()
             )
         })?;
-        keep.extend(lock.stages.values().map(|s| s.fingerprint.clone()));
+        opts.locks.push(lock);
     }
-    let horizon = burnish_engine::cache::now_unix().saturating_sub((keep_days * 86_400.0) as u64);
-    if let Ok(rd) = std::fs::read_dir(cache.runs_dir()) {
-        for e in rd.flatten() {
-            let Ok(bytes) = std::fs::read(e.path().join("run.json")) else {
-                continue;
-            };
-            let Ok(rec) = serde_json::from_slice::<exec::RunRecord>(&bytes) else {
-                continue;
-            };
-            if rec.finished > horizon {
-                keep.extend(rec.cells.into_iter().filter_map(|c| c.fingerprint));
-            } else if !dry_run {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
+    let report = store.gc(&opts)?;
+    if dry_run {
+        for fp in &report.entries {
+            println!("would remove {}", short(fp));
         }
-    }
-    let mut removed = 0;
-    let mut kept = 0;
-    for fp in cache.entries()? {
-        if keep.contains(&fp) || cache.is_locked(&fp) {
-            kept += 1;
-            continue;
-        }
-        removed += 1;
-        if dry_run {
-            println!("would remove {}", short(&fp));
-        } else {
-            cache.evict(&fp)?;
-        }
-    }
-    for (fp, path) in cache.leftovers() {
-        if keep.contains(&fp) {
-            continue;
-        }
-        let old = std::fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .is_some_and(|d| d.as_secs() < horizon);
-        if old {
-            if dry_run {
-                println!("would remove {}", path.display());
-            } else {
-                let _ = std::fs::remove_dir_all(&path);
-            }
+        for path in &report.leftovers {
+            println!("would remove {}", path.display());
         }
     }
     Ok(format!(
-        "{} {removed} entries, kept {kept}",
-        if dry_run { "would remove" } else { "removed" }
+        "{} {} entries, kept {}",
+        if dry_run { "would remove" } else { "removed" },
+        report.entries.len(),
+        report.kept
     ))
 }
 
 /// Render any diagnostic the way miette's report handler would, borrowing it.
-fn render_diagnostic(d: &dyn miette::Diagnostic) -> String {
+pub(crate) fn render_diagnostic(d: &dyn miette::Diagnostic) -> String {
     let theme = if color() {
         miette::GraphicalTheme::unicode()
     } else {
@@ -715,7 +561,7 @@ fn render_diagnostic(d: &dyn miette::Diagnostic) -> String {
     out
 }
 
-fn load(file: &Path, reg: &Registry) -> Option<Manifest> {
+pub(crate) fn load(file: &Path, reg: &Registry) -> Option<Manifest> {
     match manifest::load(file, reg) {
         Ok(m) => Some(m),
         Err(e) => {
@@ -748,12 +594,12 @@ fn resolve_backend(choice: BackendChoice) -> Result<(&'static str, Option<String
     Ok((name, None))
 }
 
-fn plan_and_cache(
+pub(crate) fn plan_and_cache(
     m: Manifest,
     reg: &Registry,
     backend: Option<BackendArg>,
     args: &CacheArgs,
-) -> Result<(Plan, Cache, Option<String>)> {
+) -> Result<(Plan, Store, Option<String>)> {
     let choice = match backend {
         Some(BackendArg::Auto) => BackendChoice::Auto,
         Some(BackendArg::Cpu) => BackendChoice::Cpu,
@@ -762,10 +608,10 @@ fn plan_and_cache(
         None => m.header.backend,
     };
     let dir = cache_dir(Some(&m.dir), args);
-    let cache = Cache::open(&dir)?;
+    let store = Store::open(&dir)?;
     let (backend, note) = resolve_backend(choice)?;
     let plan = Plan::build(Arc::new(m), reg, backend)?;
-    Ok((plan, cache, note))
+    Ok((plan, store, note))
 }
 
 fn cache_dir(manifest_dir: Option<&Path>, args: &CacheArgs) -> PathBuf {
@@ -778,7 +624,7 @@ fn cache_dir(manifest_dir: Option<&Path>, args: &CacheArgs) -> PathBuf {
     manifest_dir.unwrap_or(Path::new(".")).join(".burnish")
 }
 
-fn open_cache(file: Option<&Path>, args: &CacheArgs) -> Result<Cache> {
+fn open_store(file: Option<&Path>, args: &CacheArgs) -> Result<Store> {
     let dir = match file {
         Some(f) => {
             let abs = std::path::absolute(f).into_diagnostic()?;
@@ -793,7 +639,7 @@ fn open_cache(file: Option<&Path>, args: &CacheArgs) -> Result<Cache> {
             dir.display()
         ));
     }
-    Ok(Cache::open(&dir)?)
+    Ok(Store::open(&dir)?)
 }
 
 fn terminal_width() -> usize {

@@ -576,3 +576,67 @@ fn a_same_size_edit_with_the_old_mtime_is_not_cached() {
         "a same-size edit went unseen:\n{p}"
     );
 }
+
+/// The fingerprint `plan --json` shows for `stage` (null while its inputs are not computed).
+fn planned_fingerprint(dir: &Path, manifest: &str, stage: &str) -> Option<String> {
+    let out = run_ok(&["plan", "--json", manifest], dir);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .and_then(|s| s["fingerprint"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn run_cell_runs_one_cell_on_cached_inputs_and_refuses_another_fingerprint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write(dir, "p.yaml", CHAIN);
+    let fail = |args: &[&str]| {
+        let out = burnish().args(args).current_dir(dir).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    // `b` reads `a`, which is not computed: nothing runs.
+    let a = planned_fingerprint(dir, "p.yaml", "a").unwrap();
+    let err = fail(&["run-cell", "p.yaml", "b", "--fingerprint", &a]);
+    assert!(
+        err.contains("cell `b` needs `a`, which is not in the cache"),
+        "{err}"
+    );
+    // A fingerprint the launching side computed from other inputs: refused, nothing runs.
+    let err = fail(&["run-cell", "p.yaml", "a", "--fingerprint", &"0".repeat(64)]);
+    assert!(err.contains("cell `a` has fingerprint"), "{err}");
+    assert!(err.contains(&a) && err.contains("here, not"), "{err}");
+    let err = fail(&["run-cell", "p.yaml", "nope", "--fingerprint", &a]);
+    assert!(err.contains("no cell named `nope`"), "{err}");
+    assert_eq!(planned_fingerprint(dir, "p.yaml", "b"), None, "a still new");
+
+    // One cell at a time, as a launcher would submit them, each on what the last computed.
+    for cell in ["a", "b", "c", "d"] {
+        let fp = planned_fingerprint(dir, "p.yaml", cell).unwrap();
+        let out = run_ok(&["run-cell", "p.yaml", cell, "--fingerprint", &fp], dir);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("ran      {cell}")), "{err}");
+        assert!(err.contains("1 ran"), "{err}");
+    }
+    assert!(!dir.join("p.lock").exists(), "run-cell writes no lock file");
+    // A cell already computed: restored, not rerun.
+    let fp = planned_fingerprint(dir, "p.yaml", "c").unwrap();
+    let out = run_ok(&["run-cell", "p.yaml", "c", "--fingerprint", &fp], dir);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 ran, 3 cached"));
+
+    // The pipeline is then fully cached, and its lock equals a plain run's.
+    let out = run_ok(&["run", "p.yaml"], dir);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 ran, 4 cached"));
+    let other = tmp.path().join("plain");
+    write(&other, "p.yaml", CHAIN);
+    run_ok(&["run", "-q", "p.yaml"], &other);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("p.lock")).unwrap(),
+        std::fs::read_to_string(other.join("p.lock")).unwrap()
+    );
+}

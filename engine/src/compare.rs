@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cache::Cache;
 use crate::plan::{CellStatus, Plan};
+use crate::store::Store;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -29,7 +29,7 @@ pub struct Table {
 }
 
 /// Rows for one planned manifest.
-pub fn rows(plan: &Plan, status: &[CellStatus], cache: &Cache) -> Vec<Row> {
+pub fn rows(plan: &Plan, status: &[CellStatus], store: &Store) -> Vec<Row> {
     // Maximal assignments: those not contained in another.
     let mut assignments: Vec<BTreeMap<String, String>> = Vec::new();
     for c in &plan.cells {
@@ -58,7 +58,7 @@ pub fn rows(plan: &Plan, status: &[CellStatus], cache: &Cache) -> Vec<Row> {
                 }
                 flatten(&c.stage, &c.params.to_json(), &mut params);
                 if let Some(fp) = &status[i].fingerprint
-                    && let Ok(Some(r)) = cache.usable_record(fp)
+                    && let Ok(Some(r)) = store.usable_record(fp)
                 {
                     for (m, v) in r.metrics {
                         metrics.insert(format!("{}.{m}", c.stage), v);

@@ -7,7 +7,8 @@
 //!   every problem collected into [`diag::ManifestErrors`].
 //! - [`plan`]: manifest → immutable [`plan::Plan`]: matrix cells in topological order with a
 //!   fingerprint per stage ([`cache`] says what is hashed).
-//! - [`exec`]: plan → [`exec::RunReport`]: restore cached stages, run the rest, publish entries.
+//! - [`exec`]: plan → [`exec::RunReport`]: a scheduler decides each cell's fate, a launcher runs
+//!   jobs, entries are published through the [`store`] (the one door to computed results).
 //! - [`lock`], [`compare`]: records of runs, and comparisons across manifests.
 //!
 //! Stage kinds plug in through [`stage::Stage`] and a [`stage::Registry`].
@@ -23,4 +24,5 @@ pub mod manifest;
 pub mod plan;
 pub mod schema;
 pub mod stage;
+pub mod store;
 pub mod yaml;

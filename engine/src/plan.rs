@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::cache::{self, Cache, CacheError, FileHasher, FingerprintInputs, Lookup, PENDING};
+use crate::cache::{self, CacheError, FileHasher, FingerprintInputs, Lookup, PENDING};
 use crate::error::InternalError;
 use crate::lock::LockFile;
 use crate::manifest::{Manifest, apply_matrix_values};
 use crate::stage::{ArtifactType, ErasedParams, OutputDecl, Registry, Sensitivity};
+use crate::store::Store;
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::{Dfs, Reversed};
 
@@ -323,10 +324,10 @@ impl Plan {
         keep
     }
 
-    /// Compute each cell's state against the cache and the lock file.
+    /// Compute each cell's state against the store and the lock file.
     pub fn status(
         &self,
-        cache: &Cache,
+        store: &Store,
         lock: Option<&LockFile>,
         hasher: &mut FileHasher,
     ) -> Result<Vec<CellStatus>, PlanError> {
@@ -351,7 +352,7 @@ impl Plan {
                 .collect();
             let fingerprint = pending.is_empty().then(|| fi.fingerprint());
             let (record, broken) = match &fingerprint {
-                Some(fp) => match cache.lookup(fp)? {
+                Some(fp) => match store.lookup(fp)? {
                     Lookup::Hit(r) => (Some(r), None),
                     Lookup::Miss => (None, None),
                     Lookup::Broken(why) => (None, Some(format!("{}: {why}", short(fp)))),
@@ -393,7 +394,7 @@ impl Plan {
                         ],
                     ),
                     Some(old) => {
-                        let reasons = match cache.inputs(old) {
+                        let reasons = match store.inputs(old) {
                             Some(old_inputs) => {
                                 let mut r = cache::explain(&old_inputs, &fi, &name_of);
                                 if r.is_empty() {

@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use burnish_engine::cache::Cache;
 use burnish_engine::exec::{self, Outcome, RunOptions};
 use burnish_engine::lock::LockFile;
 use burnish_engine::manifest;
 use burnish_engine::plan::{Plan, State};
+use burnish_engine::store::Store;
 
 const BASE: &str = "\
 pipeline: keys
@@ -47,7 +47,7 @@ fn run(path: &Path, cache: &Path) -> BTreeMap<String, String> {
     let reg = common::registry();
     let m = manifest::load(path, &reg).unwrap_or_else(|e| panic!("{}", e.render(80, false)));
     let plan = Plan::build(Arc::new(m), &reg, "cpu").unwrap();
-    let cache = Cache::open(cache).unwrap();
+    let cache = Store::open(cache).unwrap();
     let opts = RunOptions {
         quiet: true,
         ..Default::default()
@@ -172,7 +172,7 @@ fn one_change_invalidates_the_stage_and_its_descendants_and_plan_explains() {
     let reg = common::registry();
     let m = manifest::load(&path, &reg).unwrap();
     let plan = Plan::build(Arc::new(m), &reg, "cpu").unwrap();
-    let cache = Cache::open(&cache_dir).unwrap();
+    let cache = Store::open(&cache_dir).unwrap();
     let lock = LockFile::read(&plan.manifest.lock_path()).unwrap().unwrap();
     let status = plan
         .status(&cache, Some(&lock), &mut cache.file_hasher())
@@ -224,7 +224,7 @@ fn rerun_is_fully_cached_and_force_reruns_one_stage() {
 
     let reg = common::registry();
     let plan = Plan::build(Arc::new(manifest::load(&path, &reg).unwrap()), &reg, "cpu").unwrap();
-    let cache = Cache::open(&dir.join(".burnish")).unwrap();
+    let cache = Store::open(&dir.join(".burnish")).unwrap();
     let opts = RunOptions {
         quiet: true,
         force: vec!["upper".into()],
