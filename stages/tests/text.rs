@@ -1118,6 +1118,10 @@ fn strftime_now_formats_the_manifest_date_never_the_clock() {
         tpl.render(&[], false, &tok).unwrap(),
         "01 Mar 2025|2025-03-01 09:30"
     );
+    // A format chrono cannot read (found by fuzzing: it panicked) is the template's error.
+    let tpl = ChatTemplate::compile("t", "t", "{{ strftime_now('%-%m-%d') }}".into()).unwrap();
+    let err = tpl.render(&[], false, &tok).unwrap_err().to_string();
+    assert!(err.contains("`%-%m-%d` is not a strftime format"), "{err}");
     // A date that is not one is refused when the manifest is read.
     let bad: Result<TemplateDate, _> = serde_json::from_value(json!("26/07/2024"));
     assert!(bad.unwrap_err().to_string().contains("is not a date"));

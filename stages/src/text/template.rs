@@ -379,7 +379,18 @@ impl ChatTemplate {
     pub fn with_vars(mut self, vars: TemplateVars) -> Self {
         let moment = vars.date.moment();
         self.env.add_function("strftime_now", move |fmt: String| {
-            Ok::<_, Error>(Value::from(moment.format(&fmt).to_string()))
+            // chrono reports a bad specifier (`%Q`) as a formatting error, which `to_string`
+            // would turn into a panic.
+            let mut out = String::new();
+            fmt::Write::write_fmt(&mut out, format_args!("{}", moment.format(&fmt))).map_err(
+                |_| {
+                    Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("strftime_now: `{fmt}` is not a strftime format"),
+                    )
+                },
+            )?;
+            Ok::<_, Error>(Value::from(out))
         });
         self.vars = vars;
         self

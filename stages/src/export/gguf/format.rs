@@ -657,7 +657,8 @@ impl GgufFile {
         let start = self.data_offset.saturating_add(t.offset);
         let need = t.n_bytes() as u64;
         let remaining = (file_bytes.len() as u64).saturating_sub(start);
-        if need > remaining {
+        // An empty tensor past the end is out of bounds too (its slice would start there).
+        if need > remaining || start > file_bytes.len() as u64 {
             return Err(GgufError::TensorBounds {
                 name: t.name.clone(),
                 need,
