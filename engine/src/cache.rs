@@ -26,6 +26,9 @@
 //! - **Formatting.** Comments, key order, flow vs block style, quoting: the parameters are read into
 //!   typed structs and re-serialized, so only values count (and `1` and `1.0` for a float field are
 //!   the same value).
+//! - **Where a stage runs.** `executor:` and `resources:` are stage keys, not parameters: a cell
+//!   computed by a Slurm job and one computed in the `run` process are one entry. (The backend,
+//!   which does change the numbers, is hashed for the kinds it affects.)
 //! - **mtimes.** File digests are over content. [`FileHasher`] remembers (size, mtime, ctime,
 //!   inode) → digest to skip re-hashing unchanged files, but that is a shortcut, never a key.
 //!   The shortcut follows git's "racy git" rule: a digest taken less than [`RACY_WINDOW_NS`]

@@ -50,6 +50,11 @@ impl DeError {
         self
     }
 
+    /// The same error, read from under field `name` of the mapping it was reported for.
+    pub fn at_field(self, name: &str) -> Self {
+        self.with_segment(name.to_owned())
+    }
+
     /// The dotted field path (`lora.rank`, `sources[1].weight`).
     pub fn path_string(&self) -> String {
         let mut s = String::new();

@@ -42,6 +42,78 @@ impl BackendChoice {
     }
 }
 
+/// What runs a stage's cells: this process, or a job on a Slurm cluster (`executor:` in the
+/// header for every stage, or in one stage; `burnish run --executor` replaces the header's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Executor {
+    /// Threads of the `burnish run` process (`--jobs` at once).
+    #[default]
+    Local,
+    /// One `sbatch` job per cell, running `burnish run-cell` on a cluster node.
+    Slurm,
+}
+
+/// What a stage's job asks of the machine it runs on (`resources:` in a stage), for executors
+/// that submit jobs. Where a cell runs does not change its result: resources enter no
+/// fingerprint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// GPUs (`--gpus`). Default: 1 for a backend-sensitive kind on `cuda`, else none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+    /// CPU cores (`--cpus-per-task`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory, as Slurm writes it (`--mem`): `16G`, `512M`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+[KMGT]?$"))]
+    pub mem: Option<String>,
+    /// Wall-clock limit, as Slurm writes it (`--time`): `90` (minutes), `2:00:00`,
+    /// `1-12:00:00`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$"))]
+    pub time: Option<String>,
+    /// Partition (`--partition`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+}
+
+impl Resources {
+    /// Its fields, as a manifest writes them.
+    pub const FIELDS: [&'static str; 5] = ["gpus", "cpus", "mem", "time", "partition"];
+
+    /// The fields whose value Slurm would refuse: (field, value, the form it takes).
+    fn problems(&self) -> Vec<(&'static str, String, &'static str)> {
+        let mut out = Vec::new();
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if let Some(m) = &self.mem {
+            let n = m.strip_suffix(['K', 'M', 'G', 'T']).unwrap_or(m);
+            if !digits(n) {
+                out.push((
+                    "mem",
+                    m.clone(),
+                    "a number with an optional K, M, G or T: `16G`",
+                ));
+            }
+        }
+        if let Some(t) = &self.time {
+            let (days, clock) = t.split_once('-').unwrap_or(("0", t));
+            let parts: Vec<&str> = clock.split(':').collect();
+            if !digits(days) || parts.len() > 3 || !parts.iter().all(|p| digits(p)) {
+                out.push(("time", t.clone(), "minutes, `H:MM:SS` or `D-HH:MM:SS`"));
+            }
+        }
+        if let Some(p) = &self.partition
+            && (p.is_empty() || p.contains(|c: char| c.is_whitespace() || c == ','))
+        {
+            out.push(("partition", p.clone(), "one partition name"));
+        }
+        out
+    }
+}
+
 fn default_seed() -> u64 {
     42
 }
@@ -63,6 +135,9 @@ pub struct Header {
     /// Where stages run; `burnish run --backend` overrides it.
     #[serde(default)]
     pub backend: BackendChoice,
+    /// What runs the stages that do not say (`local` by default).
+    #[serde(default)]
+    pub executor: Executor,
     /// A base manifest (path relative to this file) deep-merged under this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extends: Option<String>,
@@ -74,7 +149,7 @@ pub struct Header {
 }
 
 /// Keys a stage mapping may hold besides its kind's parameters.
-pub const STAGE_KEYS: [&str; 2] = ["kind", "matrix"];
+pub const STAGE_KEYS: [&str; 4] = ["kind", "matrix", "executor", "resources"];
 
 /// One axis of a stage's `matrix:`.
 #[derive(Clone, Debug)]
@@ -98,6 +173,10 @@ pub struct StageDecl {
     pub matrix: Vec<MatrixAxis>,
     pub inputs: Vec<Input>,
     pub outputs: Vec<OutputDecl>,
+    /// The stage's own `executor:`, if it has one.
+    pub executor: Option<Executor>,
+    /// The stage's `resources:`.
+    pub resources: Resources,
 }
 
 impl std::fmt::Debug for StageDecl {
@@ -395,6 +474,7 @@ impl Validator<'_> {
             "description",
             "seed",
             "backend",
+            "executor",
             "extends",
             "stages",
         ];
@@ -443,6 +523,91 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// A stage's `executor:` and `resources:` (`None` after reporting a problem).
+    fn placement(&mut self, node: &Node, what: &str) -> Option<(Option<Executor>, Resources)> {
+        let mut ok = true;
+        let executor = match node.get("executor") {
+            Some(n) => match Executor::deserialize(NodeDeserializer::new(n)) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    let p = self.de_problem(e.at_field("executor"), n.span, what);
+                    self.problem(p);
+                    ok = false;
+                    None
+                }
+            },
+            None => None,
+        };
+        let resources =
+            match node.get("resources") {
+                Some(n) => match Resources::deserialize(NodeDeserializer::new(
+                    &self.known_keys_only(n, &Resources::FIELDS, "resources", what, &mut ok),
+                )) {
+                    Ok(r) => {
+                        for (field, value, form) in r.problems() {
+                            let span = n.get(field).map_or(n.span, |v| v.span);
+                            let p = self
+                                .at(
+                                    Code::BadValue,
+                                    format!(
+                                        "`resources.{field}` of {what} is `{value}`, not {form}"
+                                    ),
+                                    span,
+                                    "not a Slurm value",
+                                )
+                                .help(format!("{field}: {form}"));
+                            self.problem(p);
+                            ok = false;
+                        }
+                        r
+                    }
+                    Err(e) => {
+                        let p = self.de_problem(e.at_field("resources"), n.span, what);
+                        self.problem(p);
+                        ok = false;
+                        Resources::default()
+                    }
+                },
+                None => Resources::default(),
+            };
+        ok.then_some((executor, resources))
+    }
+
+    /// `n` without the keys outside `fields`, each reported (serde would stop at the first).
+    fn known_keys_only(
+        &mut self,
+        n: &Node,
+        fields: &[&str],
+        at: &str,
+        what: &str,
+        ok: &mut bool,
+    ) -> Node {
+        let mut clean = n.clone();
+        if let Value::Map(m) = &mut clean.value {
+            let mut unknown = Vec::new();
+            m.retain(|(k, _)| {
+                let known = fields.contains(&k.name.as_str());
+                if !known {
+                    unknown.push(k.clone());
+                }
+                known
+            });
+            for k in unknown {
+                *ok = false;
+                let p = self
+                    .at(
+                        Code::UnknownField,
+                        format!("unknown field `{at}.{}` in {what}", k.name),
+                        k.span,
+                        "unknown field",
+                    )
+                    .help(choices_help(&k.name, fields, "fields"));
+                self.problem(p);
+            }
+        }
+        clean
     }
 
     /// Turn a serde error into a problem, with help for unknown names.
@@ -748,6 +913,7 @@ impl Validator<'_> {
                 self.problem(p);
             }
         }
+        let (executor, resources) = self.placement(node, &what)?;
         Some(StageDecl {
             name: name.clone(),
             name_span: key.span,
@@ -757,6 +923,8 @@ impl Validator<'_> {
             matrix,
             inputs,
             outputs: Vec::new(),
+            executor,
+            resources,
         })
     }
 

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::cache::{self, CacheError, FileHasher, FingerprintInputs, Lookup, PENDING};
 use crate::error::InternalError;
 use crate::lock::LockFile;
-use crate::manifest::{Manifest, apply_matrix_values};
+use crate::manifest::{Executor, Manifest, Resources, apply_matrix_values};
 use crate::stage::{ArtifactType, ErasedParams, OutputDecl, Registry, Sensitivity};
 use crate::store::Store;
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -50,6 +50,10 @@ pub struct Cell {
     pub sensitivity: Sensitivity,
     /// The kind's notes for `plan` ([`crate::stage::Stage::notes`]).
     pub notes: Vec<String>,
+    /// The stage's own `executor:`, if any (else the manifest's, or `--executor`).
+    pub executor: Option<Executor>,
+    /// What its job asks for (`resources:`).
+    pub resources: Resources,
 }
 
 impl Cell {
@@ -246,6 +250,8 @@ impl Plan {
                         files,
                         sensitivity,
                         notes,
+                        executor: d.executor,
+                        resources: d.resources.clone(),
                     });
                 }
             }

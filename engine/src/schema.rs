@@ -7,7 +7,7 @@
 use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
-use crate::manifest::Header;
+use crate::manifest::{Executor, Header, Resources};
 use crate::stage::Registry;
 
 /// The schema's `$id`-less title.
@@ -24,6 +24,8 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
         .and_then(|d| d.as_object().cloned())
         .unwrap_or_default();
 
+    let executor = generator.subschema_for::<Executor>().to_value();
+    let resources = generator.subschema_for::<Resources>().to_value();
     let kinds: Vec<&str> = registry.kind_names();
     let mut branches = Vec::new();
     for entry in registry.public_kinds() {
@@ -41,6 +43,8 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
             json!({"const": entry.kind, "description": entry.about}),
         );
         props.insert("matrix".into(), json!({"$ref": "#/$defs/Matrix"}));
+        props.insert("executor".into(), executor.clone());
+        props.insert("resources".into(), resources.clone());
         let req = obj.entry("required").or_insert_with(|| json!([]));
         if let Some(r) = req.as_array_mut() {
             r.insert(0, json!("kind"));
