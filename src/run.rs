@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use burnish_engine::exec::{self, Outcome, RunOptions, RunReport};
 use burnish_engine::lock::LockFile;
+use burnish_engine::manifest::Executor;
 use burnish_engine::plan::Plan;
 use burnish_engine::stage::Registry;
 use miette::{IntoDiagnostic, Result, miette};
@@ -32,11 +33,22 @@ pub struct RunArgs {
     /// Fail if anything would differ from the lock file
     #[arg(long)]
     locked: bool,
+    /// What runs the stages that name no executor (default: the manifest's `executor:`)
+    #[arg(long, value_enum)]
+    executor: Option<ExecutorArg>,
     /// No progress output
     #[arg(long, short)]
     quiet: bool,
     #[command(flatten)]
     cache: CacheArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExecutorArg {
+    /// Threads of this process
+    Local,
+    /// One sbatch job per cell (the cache directory must be shared with the nodes)
+    Slurm,
 }
 
 /// `run-cell MANIFEST CELL --fingerprint FP`: what a launcher runs where the cell is to run.
@@ -86,6 +98,11 @@ pub fn run(args: &RunArgs, reg: &Registry) -> Result<ExitCode> {
         jobs: args.jobs,
         locked: args.locked,
         quiet: args.quiet,
+        executor: args.executor.map(|e| match e {
+            ExecutorArg::Local => Executor::Local,
+            ExecutorArg::Slurm => Executor::Slurm,
+        }),
+        ..RunOptions::default()
     };
     let t0 = std::time::Instant::now();
     let report = exec::run(&plan, &store, &opts, cancel_on_ctrl_c())?;

@@ -139,9 +139,9 @@ impl CellRunner<'_> {
     }
 }
 
-/// `<cell>.log`, with every character that could leave the run directory (`/`, `\\`, a name
-/// of dots: matrix values are free text) replaced by `_`.
-fn log_file_name(cell: &str) -> String {
+/// A cell's name as a file name in the run directory: every character that could leave it
+/// (`/`, `\\`, a name of dots: matrix values are free text) replaced by `_`.
+pub(crate) fn file_stem(cell: &str) -> String {
     let safe: String = cell
         .chars()
         .map(|c| match c {
@@ -150,10 +150,15 @@ fn log_file_name(cell: &str) -> String {
         })
         .collect();
     if safe.trim_matches('.').is_empty() {
-        format!("_{safe}.log")
+        format!("_{safe}")
     } else {
-        format!("{safe}.log")
+        safe
     }
+}
+
+/// `<cell>.log`.
+fn log_file_name(cell: &str) -> String {
+    format!("{}.log", file_stem(cell))
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::cache::EntryRecord;
 
+use crate::manifest::Executor;
+
 use super::ExecError;
 use super::cell::CellRunner;
 use super::schedule::Job;
@@ -33,6 +35,8 @@ pub trait Launcher {
     fn start(&mut self, job: Job);
     /// A finished job, waiting at most `timeout` for one.
     fn poll(&mut self, timeout: Duration) -> Option<Done>;
+    /// Ctrl-C: stop what was started (jobs in this process watch the cancel flag instead).
+    fn cancel(&mut self) {}
 }
 
 /// Up to `jobs` cells at once, each in a thread of this process.
@@ -89,5 +93,61 @@ impl Launcher for Local<'_, '_> {
         let done = self.rx.recv_timeout(timeout).ok()?;
         self.in_flight -= 1;
         Some(done)
+    }
+}
+
+/// Each cell to the launcher its executor names: local cells to the thread pool (queued while
+/// it is full), Slurm cells to the cluster.
+pub(crate) struct Routed<'l> {
+    pub local: &'l mut dyn Launcher,
+    pub slurm: Option<&'l mut dyn Launcher>,
+    /// Per cell.
+    pub route: Vec<Executor>,
+    pub waiting: std::collections::VecDeque<Job>,
+}
+
+impl Launcher for Routed<'_> {
+    fn capacity(&self) -> usize {
+        self.local.capacity() + self.slurm.as_ref().map_or(0, |s| s.capacity())
+    }
+    fn in_flight(&self) -> usize {
+        self.local.in_flight()
+            + self.waiting.len()
+            + self.slurm.as_ref().map_or(0, |s| s.in_flight())
+    }
+    fn start(&mut self, job: Job) {
+        match (self.route[job.cell], self.slurm.as_mut()) {
+            (Executor::Slurm, Some(slurm)) => slurm.start(job),
+            _ if self.local.in_flight() < self.local.capacity() => self.local.start(job),
+            _ => self.waiting.push_back(job),
+        }
+    }
+    fn poll(&mut self, timeout: Duration) -> Option<Done> {
+        if let Some(slurm) = self.slurm.as_mut()
+            && slurm.in_flight() > 0
+        {
+            let wait = if self.local.in_flight() > 0 {
+                Duration::ZERO
+            } else {
+                timeout
+            };
+            if let Some(d) = slurm.poll(wait) {
+                return Some(d);
+            }
+        }
+        if self.local.in_flight() == 0 {
+            return None;
+        }
+        let done = self.local.poll(timeout)?;
+        if let Some(job) = self.waiting.pop_front() {
+            self.local.start(job);
+        }
+        Some(done)
+    }
+    fn cancel(&mut self) {
+        self.waiting.clear();
+        if let Some(s) = self.slurm.as_mut() {
+            s.cancel();
+        }
     }
 }

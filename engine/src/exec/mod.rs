@@ -21,6 +21,7 @@ pub mod launch;
 mod progress;
 mod record;
 pub mod schedule;
+pub mod slurm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,15 +34,17 @@ use thiserror::Error;
 
 use crate::cache::{self, CacheError, EntryRecord};
 use crate::lock::{LockFile, LockedStage};
+use crate::manifest::Executor;
 use crate::plan::{Plan, short};
 use crate::stage::StageError;
 use crate::store::Store;
 
 use cell::CellRunner;
-use launch::{Done, Launcher, Local};
+use launch::{Done, Launcher, Local, Routed};
 use progress::{Reporter, fmt_duration};
 pub use record::{RunRecord, RunRecordCell, new_run_id};
 use schedule::{Decision, Scheduler, StoreProbe};
+use slurm::{Slurm, SlurmConfig};
 
 /// How `burnish run` was asked to run.
 #[derive(Clone, Debug)]
@@ -56,6 +59,11 @@ pub struct RunOptions {
     pub locked: bool,
     /// Show progress bars (when stderr is a terminal) or plain lines.
     pub quiet: bool,
+    /// What runs the stages that do not name an executor (`--executor`; default: the
+    /// manifest's `executor:`).
+    pub executor: Option<Executor>,
+    /// How Slurm jobs are submitted.
+    pub slurm: SlurmConfig,
 }
 
 impl Default for RunOptions {
@@ -66,6 +74,8 @@ impl Default for RunOptions {
             jobs: 1,
             locked: false,
             quiet: false,
+            executor: None,
+            slurm: SlurmConfig::default(),
         }
     }
 }
@@ -179,6 +189,20 @@ pub(crate) fn locked_stage(kind: &str, fp: &str, r: &EntryRecord) -> LockedStage
     }
 }
 
+/// A Slurm job that ended without its cell's entry.
+#[derive(Debug)]
+pub struct JobFailure {
+    pub stage: String,
+    pub job: String,
+    /// Slurm's state (`FAILED`, `CANCELLED`, `TIMEOUT`, …).
+    pub state: String,
+    /// `code:signal`.
+    pub exit: String,
+    pub log: String,
+    /// The log's last lines.
+    pub tail: String,
+}
+
 #[derive(Debug, Error, Diagnostic)]
 pub enum ExecError {
     #[error("stage `{stage}` failed")]
@@ -238,6 +262,25 @@ pub enum ExecError {
         expected: String,
         computed: String,
     },
+    #[error("cannot submit `{stage}` to slurm: {message}")]
+    #[diagnostic(
+        code(burnish::slurm::submit),
+        help(
+            "the Slurm executor needs `sbatch` on PATH (and SLURM_CONF where the cluster keeps it elsewhere)"
+        )
+    )]
+    Submit { stage: String, message: String },
+    #[error(
+        "slurm job {} of `{}` ended {} (exit {}); its log, {}, ends:\n{}",
+        .0.job, .0.stage, .0.state, .0.exit, .0.log, .0.tail
+    )]
+    #[diagnostic(
+        code(burnish::slurm::job),
+        help(
+            "nothing was cached for it; `burnish run` again resubmits it (a trainer resumes from its checkpoint)"
+        )
+    )]
+    Job(Box<JobFailure>),
     #[error("cannot write {path}: {source}")]
     #[diagnostic(code(burnish::run::io))]
     Io {
@@ -267,8 +310,23 @@ pub fn run(
         run_dir: run.dir.clone(),
     };
     let mut probe = StoreProbe::new(store);
+    let default = opts.executor.unwrap_or(plan.manifest.header.executor);
+    let route: Vec<Executor> = plan
+        .cells
+        .iter()
+        .map(|c| c.executor.unwrap_or(default))
+        .collect();
+    let mut slurm = route
+        .contains(&Executor::Slurm)
+        .then(|| Slurm::new(plan, store, &reporter, opts.slurm.clone(), run.dir.clone()));
     std::thread::scope(|scope| {
-        let mut launcher = Local::new(scope, &runner, opts.jobs);
+        let mut local = Local::new(scope, &runner, opts.jobs);
+        let mut launcher = Routed {
+            local: &mut local,
+            slurm: slurm.as_mut().map(|s| s as &mut dyn Launcher),
+            route,
+            waiting: Default::default(),
+        };
         drive(
             &mut scheduler,
             &mut probe,
@@ -304,8 +362,13 @@ fn drive(
     cancel: &AtomicBool,
 ) {
     let plan = scheduler.plan();
+    let mut cancelled = false;
     loop {
-        if !cancel.load(Ordering::Relaxed) {
+        if cancel.load(Ordering::Relaxed) && !cancelled {
+            cancelled = true;
+            launcher.cancel();
+        }
+        if !cancelled {
             let room = launcher.capacity().saturating_sub(launcher.in_flight());
             for decision in scheduler.decide(probe, room) {
                 if let Decision::Run(job) = decision {
