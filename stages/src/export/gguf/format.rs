@@ -588,7 +588,12 @@ pub struct TensorInfo {
 
 impl TensorInfo {
     pub fn n_elements(&self) -> usize {
-        self.shape.iter().product()
+        // In `ne` order, the order the reader checked every partial product in: with a zero
+        // dimension first, the product in `shape` order could overflow before reaching it.
+        self.ne
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+            .unwrap_or(usize::MAX)
     }
 
     /// Bytes of data.
