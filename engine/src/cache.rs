@@ -94,6 +94,9 @@
 //!   restart, block-diagonal attention); evaluation scores each document on its own.
 //! - `merge`, `export.gguf`, `export.hf` 1 → 2: a QLoRA adapter goes on the NF4 base it trained
 //!   on unless asked otherwise.
+//! - `dataset` 1 → 2: Parquet is decoded through the Arrow reader, so timestamps (and other
+//!   values kept in their display form) read from Parquet are written as Arrow files' are
+//!   (`2023-01-01 00:00:00`, not `2023-01-01 00:00:00.000 +00:00`).
 //!
 //! # Known limits
 //!

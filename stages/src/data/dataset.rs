@@ -91,7 +91,7 @@ pub struct DatasetStage;
 
 impl Stage for DatasetStage {
     const KIND: &'static str = "dataset";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "Load a data file (JSONL, JSON, CSV, TSV, Parquet, Arrow, a \
                                  save_to_disk directory, or hf:// from the local cache, a split \
                                  of it) and normalize it into one record family";
