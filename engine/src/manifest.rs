@@ -80,10 +80,12 @@ pub struct Resources {
     pub partition: Option<String>,
 }
 
-impl Resources {
-    /// Its fields, as a manifest writes them.
-    pub const FIELDS: [&'static str; 5] = ["gpus", "cpus", "mem", "time", "partition"];
+/// The fields of `resources:`, from its schema (the same type that reads it).
+fn resource_fields() -> Vec<String> {
+    crate::schema::top_fields(&schemars::schema_for!(Resources).to_value())
+}
 
+impl Resources {
     /// The fields whose value Slurm would refuse: (field, value, the form it takes).
     fn problems(&self) -> Vec<(&'static str, String, &'static str)> {
         let mut out = Vec::new();
@@ -543,7 +545,7 @@ impl Validator<'_> {
         let resources =
             match node.get("resources") {
                 Some(n) => match Resources::deserialize(NodeDeserializer::new(
-                    &self.known_keys_only(n, &Resources::FIELDS, "resources", what, &mut ok),
+                    &self.known_keys_only(n, &resource_fields(), "resources", what, &mut ok),
                 )) {
                     Ok(r) => {
                         for (field, value, form) in r.problems() {
@@ -579,16 +581,17 @@ impl Validator<'_> {
     fn known_keys_only(
         &mut self,
         n: &Node,
-        fields: &[&str],
+        fields: &[String],
         at: &str,
         what: &str,
         ok: &mut bool,
     ) -> Node {
+        let names: Vec<&str> = fields.iter().map(String::as_str).collect();
         let mut clean = n.clone();
         if let Value::Map(m) = &mut clean.value {
             let mut unknown = Vec::new();
             m.retain(|(k, _)| {
-                let known = fields.contains(&k.name.as_str());
+                let known = fields.contains(&k.name);
                 if !known {
                     unknown.push(k.clone());
                 }
@@ -603,7 +606,7 @@ impl Validator<'_> {
                         k.span,
                         "unknown field",
                     )
-                    .help(choices_help(&k.name, fields, "fields"));
+                    .help(choices_help(&k.name, &names, "fields"));
                 self.problem(p);
             }
         }

@@ -302,13 +302,7 @@ pub fn run(
     let run = RunDir::create(store)?;
     let reporter = Reporter::new(opts.quiet);
     let mut scheduler = Scheduler::new(plan, opts, lock);
-    let runner = CellRunner {
-        plan,
-        store,
-        reporter: &reporter,
-        cancel: cancel.clone(),
-        run_dir: run.dir.clone(),
-    };
+    let runner = run.runner(plan, store, &reporter, &cancel);
     let mut probe = StoreProbe::new(store);
     let default = opts.executor.unwrap_or(plan.manifest.header.executor);
     let route: Vec<Executor> = plan
@@ -463,6 +457,23 @@ impl RunDir {
         })
     }
 
+    /// What runs a cell in this process, logging into this run's directory.
+    fn runner<'a>(
+        &self,
+        plan: &'a Plan,
+        store: &'a Store,
+        reporter: &'a Reporter,
+        cancel: &Arc<AtomicBool>,
+    ) -> CellRunner<'a> {
+        CellRunner {
+            plan,
+            store,
+            reporter,
+            cancel: cancel.clone(),
+            run_dir: self.dir.clone(),
+        }
+    }
+
     /// The report, with `run.json` written beside the logs. A run record that cannot be
     /// written (a full disk) does not hide what happened to the cells: the report still
     /// carries every outcome, and the error beside them.
@@ -527,7 +538,6 @@ pub fn run_one(
         ..opts.clone()
     };
     let lock = read_lock(plan, &opts)?;
-    let run = RunDir::create(store)?;
     let reporter = Reporter::new(opts.quiet);
     let mut scheduler = Scheduler::new(plan, &opts, lock);
     let mut probe = StoreProbe::new(store);
@@ -545,21 +555,19 @@ pub fn run_one(
         }
     }
     probe.hasher.save();
+    // Restored or about to run, the cell's fingerprint is known here.
+    if let Some(fp) = scheduler.fingerprint(target)
+        && fp != expected
+    {
+        return Err(ExecError::FingerprintMismatch {
+            cell: name.to_owned(),
+            expected: expected.to_owned(),
+            computed: fp.to_owned(),
+        });
+    }
+    let run = RunDir::create(store)?;
     if let Some(job) = job {
-        if job.fingerprint != expected {
-            return Err(ExecError::FingerprintMismatch {
-                cell: name.to_owned(),
-                expected: expected.to_owned(),
-                computed: job.fingerprint,
-            });
-        }
-        let runner = CellRunner {
-            plan,
-            store,
-            reporter: &reporter,
-            cancel: cancel.clone(),
-            run_dir: run.dir.clone(),
-        };
+        let runner = run.runner(plan, store, &reporter, &cancel);
         let t0 = Instant::now();
         let done = Done {
             cell: target,
@@ -569,14 +577,6 @@ pub fn run_one(
         let interrupted = cancel.load(Ordering::Relaxed);
         reporter.line(describe_done(plan, &done, interrupted));
         scheduler.finished(target, done.result, done.duration, interrupted);
-    } else if let Some(fp) = scheduler.fingerprint(target)
-        && fp != expected
-    {
-        return Err(ExecError::FingerprintMismatch {
-            cell: name.to_owned(),
-            expected: expected.to_owned(),
-            computed: fp.to_owned(),
-        });
     }
     Ok(run.finish(plan, scheduler, cancel.load(Ordering::Relaxed)))
 }

@@ -330,11 +330,8 @@ impl<'p> Scheduler<'p> {
             artifacts,
             force: self.forced[i],
         });
-        Some(match broken {
-            Some(why) => Decision::Broken { cell: i, why },
-            // Queued: the caller sees it as `Run` when there is room.
-            None => return None,
-        })
+        // Queued: the caller sees it as `Run` when there is room; a broken entry is said now.
+        broken.map(|why| Decision::Broken { cell: i, why })
     }
 
     /// Hand back a finished job: its record and whether this process computed it, or its

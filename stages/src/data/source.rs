@@ -630,30 +630,24 @@ fn check_arrow_file_layout(file: &mut fs::File) -> Result<(), Layout> {
         Ok(f) => f,
         Err(e) => return bad(format!("unable to read the footer: {e}")),
     };
-    let blocks = footer
-        .dictionaries()
-        .into_iter()
-        .flatten()
-        .map(|b| ("dictionary", b));
-    let blocks = blocks.chain(
-        footer
-            .recordBatches()
-            .into_iter()
-            .flatten()
-            .map(|b| ("record batch", b)),
-    );
-    for (i, (kind, block)) in blocks.enumerate() {
-        let (offset, meta, body) = (block.offset(), block.metaDataLength(), block.bodyLength());
-        let end = u64::try_from(offset)
-            .ok()
-            .zip(u64::try_from(meta).ok())
-            .zip(u64::try_from(body).ok())
-            .and_then(|((o, m), b)| o.checked_add(m)?.checked_add(b));
-        if end.is_none_or(|end| end > footer_start) {
-            return bad(format!(
-                "block {i} ({kind}) claims {meta} metadata and {body} body bytes at offset \
-                 {offset}, outside the {footer_start} bytes before the footer"
-            ));
+    let kinds = [
+        ("dictionary", footer.dictionaries()),
+        ("record batch", footer.recordBatches()),
+    ];
+    for (kind, blocks) in kinds {
+        for (i, block) in blocks.into_iter().flatten().enumerate() {
+            let (offset, meta, body) = (block.offset(), block.metaDataLength(), block.bodyLength());
+            let end = u64::try_from(offset)
+                .ok()
+                .zip(u64::try_from(meta).ok())
+                .zip(u64::try_from(body).ok())
+                .and_then(|((o, m), b)| o.checked_add(m)?.checked_add(b));
+            if end.is_none_or(|end| end > footer_start) {
+                return bad(format!(
+                    "block {i} ({kind}) claims {meta} metadata and {body} body bytes at offset \
+                     {offset}, outside the {footer_start} bytes before the footer"
+                ));
+            }
         }
     }
     Ok(())
