@@ -228,6 +228,20 @@ impl Manifest {
     pub fn resolve_path(&self, registry: &Registry, written: &str) -> Result<PathBuf, String> {
         resolve_path(&self.dir, registry, written)
     }
+
+    /// Resolve path field `field` of a stage (`node`): relative to the directory of the file
+    /// that wrote it, which for a stage from an `extends` base is the base's.
+    pub fn resolve_field_path(
+        &self,
+        registry: &Registry,
+        node: &Node,
+        field: &str,
+        written: &str,
+    ) -> Result<PathBuf, String> {
+        let span = field_span(node, field);
+        let dir = self.sources.dir_of(span).unwrap_or(&self.dir);
+        resolve_path(dir, registry, written)
+    }
 }
 
 pub(crate) fn resolve_path(
@@ -378,7 +392,7 @@ impl Validator<'_> {
                 return None;
             }
         };
-        let file = self.sources.add(display.to_owned(), text);
+        let file = self.sources.add_file(display.to_owned(), text, abs);
         let text = self.sources.get(file).text.clone();
         let node = match yaml::parse(&text, file) {
             Ok(n) => n,
@@ -1164,6 +1178,7 @@ impl Validator<'_> {
         for d in decls {
             for f in d.params.files() {
                 let span = field_span(&d.node, &f.field);
+                let dir = self.sources.dir_of(span).unwrap_or(dir);
                 match resolve_path(dir, self.registry, &f.path.0) {
                     Ok(p) if p.exists() => {}
                     Ok(_) => {

@@ -232,7 +232,7 @@ impl Plan {
                     let mut files = Vec::new();
                     for f in params.files() {
                         let p = manifest
-                            .resolve_path(registry, &f.path.0)
+                            .resolve_field_path(registry, &d.node, &f.field, &f.path.0)
                             .map_err(InternalError)?;
                         files.push((f.field, p));
                     }

@@ -40,15 +40,36 @@ pub struct SourceFile {
     /// Name as shown in diagnostics (the path as given on the command line or in `extends`).
     pub name: String,
     pub text: Arc<String>,
+    /// The file's absolute path, when it was read from disk: paths written in it are relative
+    /// to its directory.
+    pub path: Option<std::path::PathBuf>,
 }
 
 impl Sources {
+    /// The files' names, in the order added (a manifest, then its `extends` bases).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.files.iter().map(|f| f.name.as_str())
+    }
+
     pub fn add(&mut self, name: String, text: String) -> FileId {
         self.files.push(SourceFile {
             name,
             text: Arc::new(text),
+            path: None,
         });
         self.files.len() - 1
+    }
+
+    /// [`Sources::add`] for a file read from `path`.
+    pub fn add_file(&mut self, name: String, text: String, path: &std::path::Path) -> FileId {
+        let id = self.add(name, text);
+        self.files[id].path = Some(path.to_path_buf());
+        id
+    }
+
+    /// The directory of the file a span lies in, when it was read from disk.
+    pub fn dir_of(&self, span: Span) -> Option<&std::path::Path> {
+        self.files.get(span.file)?.path.as_deref()?.parent()
     }
 
     pub fn get(&self, id: FileId) -> &SourceFile {
