@@ -18,6 +18,7 @@ use miette::{IntoDiagnostic, Result, miette};
 mod alloc;
 mod generate;
 mod probe;
+mod remote;
 mod render;
 mod run;
 mod testing;
@@ -38,6 +39,16 @@ pub(crate) struct CacheArgs {
     /// Cache directory (default: $BURNISH_CACHE, else .burnish/ beside the manifest)
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Shared remote cache (default: $BURNISH_REMOTE, else the manifest's `cache.remote`);
+    /// without a URL, the configured one (with `gc`: collect the remote too)
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    remote: Option<String>,
+    /// Pull and push, or pull only (default: $BURNISH_REMOTE_MODE, else the manifest's)
+    #[arg(long, value_enum, value_name = "MODE")]
+    remote_mode: Option<remote::ModeArg>,
+    /// Use the local cache alone, whatever is configured
+    #[arg(long, conflicts_with_all = ["remote", "remote_mode"])]
+    no_remote: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -128,6 +139,10 @@ enum Command {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Send a pipeline's locally cached entries to the remote cache
+    Push(remote::TransferArgs),
+    /// Fetch a pipeline's entries from the remote cache into the local one
+    Pull(remote::TransferArgs),
     /// Print a GGUF file's header, metadata and tensor table
     Inspect {
         /// A .gguf file
@@ -427,9 +442,23 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             cache,
         } => {
             let store = open_store(file.as_deref(), &cache)?;
+            // The remote is collected only when asked (`--remote`), with the manifest's URL
+            // when it names none.
+            let store = match (&cache.remote, &file) {
+                (None, _) => store,
+                (Some(_), Some(f)) => {
+                    let Some(m) = load(f, &reg) else {
+                        return Ok(ExitCode::from(INVALID));
+                    };
+                    remote::attach(store, Some(&m), &cache)?
+                }
+                (Some(_), None) => remote::attach(store, None, &cache)?,
+            };
             println!("{}", gc(&store, &locks, keep_days, dry_run)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Push(args) => remote::push(&args, &reg),
+        Command::Pull(args) => remote::pull(&args, &reg),
         Command::Inspect { file } => {
             print!("{}", inspect(&file)?);
             Ok(ExitCode::SUCCESS)
@@ -539,12 +568,28 @@ fn gc(store: &Store, locks: &[PathBuf], keep_days: f64, dry_run: bool) -> Result
             println!("would remove {}", path.display());
         }
     }
-    Ok(format!(
-        "{} {} entries, kept {}",
-        if dry_run { "would remove" } else { "removed" },
+    let verb = if dry_run { "would remove" } else { "removed" };
+    let mut out = format!(
+        "{verb} {} entries, kept {}",
         report.entries.len(),
         report.kept
-    ))
+    );
+    if let Some(r) = store.gc_remote(&opts)? {
+        if dry_run {
+            for fp in &r.entries {
+                println!("would remove {} from the remote", short(fp));
+            }
+        }
+        out.push_str(&format!(
+            "\nremote {}: {verb} {} entries and {} blobs ({}), kept {}",
+            store.remote().map_or("", |r| r.url()),
+            r.entries.len(),
+            r.blobs,
+            remote::bytes(r.blob_bytes),
+            r.kept
+        ));
+    }
+    Ok(out)
 }
 
 /// Render any diagnostic the way miette's report handler would, borrowing it.
@@ -608,7 +653,7 @@ pub(crate) fn plan_and_cache(
         None => m.header.backend,
     };
     let dir = cache_dir(Some(&m.dir), args);
-    let store = Store::open(&dir)?;
+    let store = remote::attach(Store::open(&dir)?, Some(&m), args)?;
     let (backend, note) = resolve_backend(choice)?;
     let plan = Plan::build(Arc::new(m), reg, backend)?;
     Ok((plan, store, note))

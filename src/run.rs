@@ -107,6 +107,11 @@ pub fn run(args: &RunArgs, reg: &Registry) -> Result<ExitCode> {
     let t0 = std::time::Instant::now();
     let report = exec::run(&plan, &store, &opts, cancel_on_ctrl_c())?;
     summarize(&plan, &report, t0.elapsed(), args.quiet);
+    if let Some(line) = crate::remote::transfer_line(&store)
+        && !args.quiet
+    {
+        eprintln!("{line}");
+    }
     if let Some(code) = failure_code(&report) {
         return Ok(code);
     }

@@ -345,6 +345,18 @@ pub enum CacheError {
         help("run `burnish verify --repair` to evict it")
     )]
     BadRecord { fingerprint: String, reason: String },
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Remote(Box<crate::remote::RemoteError>),
+}
+
+impl From<crate::remote::RemoteError> for CacheError {
+    fn from(e: crate::remote::RemoteError) -> Self {
+        match e {
+            crate::remote::RemoteError::Cache(c) => *c,
+            other => CacheError::Remote(Box::new(other)),
+        }
+    }
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CacheError {
@@ -908,21 +920,6 @@ impl Cache {
                 },
             );
         }
-        let inputs_json = serde_json::to_vec_pretty(inputs).unwrap_or_default();
-        let ip = staging.dir.join("inputs.json");
-        write_atomic(&ip, &inputs_json).map_err(io("write", &ip))?;
-
-        let entry = self.entry_dir(&fp);
-        if entry.exists() {
-            // A forced rerun replaces the old entry; set it aside first so the rename is atomic.
-            let old = self
-                .root
-                .join("tmp")
-                .join(format!("{fp}.old.{}", std::process::id()));
-            fs::rename(&entry, &old).map_err(io("move aside", &entry))?;
-            let _ = fs::remove_dir_all(&old);
-        }
-        fs::rename(&staging.dir, &entry).map_err(io("publish", &entry))?;
         let record = EntryRecord {
             cache_version: CACHE_VERSION,
             fingerprint: fp.clone(),
@@ -933,14 +930,71 @@ impl Cache {
             created: now_unix(),
             duration_ms,
         };
+        self.commit(&staging, inputs, &record)?;
+        Ok(record)
+    }
+
+    /// Make an entry pulled from a remote visible: `staging` holds its files, already checked
+    /// against `record` by the caller. The same commit as [`Cache::publish`] (record last).
+    pub fn install(
+        &self,
+        staging: Staging,
+        record: &EntryRecord,
+        inputs: &FingerprintInputs,
+        _lock: &EntryLock,
+    ) -> Result<EntryRecord, CacheError> {
+        for name in record.outputs.keys() {
+            sync_tree(&staging.output_dir(name));
+        }
+        let staged = staging.dir.clone();
+        let result = self.commit(&staging, inputs, record);
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&staged);
+            let entry = self.entry_dir(&record.fingerprint);
+            if !entry.join("record.json").exists() {
+                let _ = fs::remove_dir_all(&entry);
+            }
+        }
+        result.map(|()| record.clone())
+    }
+
+    /// Remove a staging directory whose entry will not be published.
+    pub fn discard(&self, staging: Staging) {
+        let _ = fs::remove_dir_all(&staging.dir);
+    }
+
+    /// Write `inputs.json` into the staging directory, rename it into `entries/` (replacing an
+    /// older entry) and write `record.json` last.
+    fn commit(
+        &self,
+        staging: &Staging,
+        inputs: &FingerprintInputs,
+        record: &EntryRecord,
+    ) -> Result<(), CacheError> {
+        let fp = &staging.fingerprint;
+        let inputs_json = serde_json::to_vec_pretty(inputs).unwrap_or_default();
+        let ip = staging.dir.join("inputs.json");
+        write_atomic(&ip, &inputs_json).map_err(io("write", &ip))?;
+
+        let entry = self.entry_dir(fp);
+        if entry.exists() {
+            // A forced rerun replaces the old entry; set it aside first so the rename is atomic.
+            let old = self
+                .root
+                .join("tmp")
+                .join(format!("{fp}.old.{}", std::process::id()));
+            fs::rename(&entry, &old).map_err(io("move aside", &entry))?;
+            let _ = fs::remove_dir_all(&old);
+        }
+        fs::rename(&staging.dir, &entry).map_err(io("publish", &entry))?;
         let rp = entry.join("record.json");
-        let bytes = serde_json::to_vec_pretty(&record).unwrap_or_default();
+        let bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
         write_atomic(&rp, &bytes).map_err(io("write", &rp))?;
-        let scratch = self.scratch_dir(&fp);
+        let scratch = self.scratch_dir(fp);
         if scratch.exists() {
             let _ = fs::remove_dir_all(&scratch);
         }
-        Ok(record)
+        Ok(())
     }
 
     /// Fingerprints of all entry directories (complete or not).

@@ -8,7 +8,8 @@
 //! - [`plan`]: manifest → immutable [`plan::Plan`]: matrix cells in topological order with a
 //!   fingerprint per stage ([`cache`] says what is hashed).
 //! - [`exec`]: plan → [`exec::RunReport`]: a scheduler decides each cell's fate, a launcher runs
-//!   jobs, entries are published through the [`store`] (the one door to computed results).
+//!   jobs, entries are published through the [`store`] (the one door to computed results),
+//!   which pulls from and pushes to a shared [`remote`] when one is configured.
 //! - [`lock`], [`compare`]: records of runs, and comparisons across manifests.
 //!
 //! Stage kinds plug in through [`stage::Stage`] and a [`stage::Registry`].
@@ -22,6 +23,7 @@ pub mod exec;
 pub mod lock;
 pub mod manifest;
 pub mod plan;
+pub mod remote;
 pub mod schema;
 pub mod stage;
 pub mod store;

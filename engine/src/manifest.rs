@@ -116,6 +116,18 @@ impl Resources {
     }
 }
 
+/// `cache:` in a manifest: where computed entries are shared.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`, `file:///dir` or
+    /// `https://host/path` (read-only). Credentials come from the environment, never the URL.
+    pub remote: String,
+    /// `read-write` (pull on a miss, push what is computed) or `read-only` (pull only).
+    #[serde(default)]
+    pub mode: crate::remote::RemoteMode,
+}
+
 fn default_seed() -> u64 {
     42
 }
@@ -140,6 +152,10 @@ pub struct Header {
     /// What runs the stages that do not say (`local` by default).
     #[serde(default)]
     pub executor: Executor,
+    /// A shared remote cache for this pipeline's entries; `--remote`, `$BURNISH_REMOTE` and
+    /// `--no-remote` override it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSettings>,
     /// A base manifest (path relative to this file) deep-merged under this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extends: Option<String>,
@@ -491,6 +507,7 @@ impl Validator<'_> {
             "seed",
             "backend",
             "executor",
+            "cache",
             "extends",
             "stages",
         ];
@@ -529,6 +546,23 @@ impl Validator<'_> {
                     let p = self
                         .at(Code::OutOfRange, format!("pipeline name `{}` has characters other than letters, digits, `_`, `.` and `-`", h.pipeline), span, "invalid name")
                         .help("the pipeline name appears in exported file names");
+                    self.problem(p);
+                }
+                if let Some(c) = &h.cache
+                    && let Some(why) = crate::remote::url_problem(&c.remote)
+                {
+                    let span = root
+                        .get("cache")
+                        .and_then(|n| n.get("remote"))
+                        .map_or(root.span, |n| n.span);
+                    let p = self
+                        .at(
+                            Code::BadValue,
+                            format!("`cache.remote` is `{}`: {why}", crate::remote::redact(&c.remote)),
+                            span,
+                            "not a remote",
+                        )
+                        .help("remotes are s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///dir or https://host/path (with mode: read-only)");
                     self.problem(p);
                 }
                 Some(h)

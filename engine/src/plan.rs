@@ -357,13 +357,15 @@ impl Plan {
                 .map(|inp| self.cells[inp.upstream].name.clone())
                 .collect();
             let fingerprint = pending.is_empty().then(|| fi.fingerprint());
-            let (record, broken) = match &fingerprint {
-                Some(fp) => match store.lookup(fp)? {
-                    Lookup::Hit(r) => (Some(r), None),
-                    Lookup::Miss => (None, None),
-                    Lookup::Broken(why) => (None, Some(format!("{}: {why}", short(fp)))),
+            let (record, broken, remote) = match &fingerprint {
+                Some(fp) => match store.peek(fp)? {
+                    (Lookup::Hit(r), remote) => (Some(r), None, remote),
+                    (Lookup::Miss, _) => (None, None, false),
+                    (Lookup::Broken(why), _) => {
+                        (None, Some(format!("{}: {why}", short(fp))), false)
+                    }
                 },
-                None => (None, None),
+                None => (None, None, false),
             };
             if let Some(r) = &record {
                 digests[i] = Some(
@@ -382,7 +384,13 @@ impl Plan {
             let locked_fp = lock
                 .and_then(|l| l.stages.get(&c.name))
                 .map(|s| s.fingerprint.clone());
-            let (state, reasons) = if record.is_some() {
+            let (state, reasons) = if remote {
+                let url = store.remote().map_or("", |r| r.url());
+                (
+                    State::Cached,
+                    vec![format!("on the remote {url}; `run` pulls it")],
+                )
+            } else if record.is_some() {
                 (State::Cached, Vec::new())
             } else if let Some(why) = broken {
                 (

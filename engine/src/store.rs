@@ -2,10 +2,17 @@
 //!
 //! Everything that asks "is this cell computed, and where are its outputs" — the executor, `plan`,
 //! `compare`, `metrics`, `gc` — asks a [`Store`], never the [`Cache`] directory behind it. Today
-//! a store is the local cache alone; a shared remote plugs in behind the same methods: a lookup
-//! that misses locally consults the remote and pulls the entry into the local cache (verified
-//! before it becomes visible), and a publish pushes after the local entry is complete. Callers do
-//! not change when a remote is configured.
+//! a store is the local cache, and optionally a shared [`Remote`] behind the same methods:
+//!
+//! - [`Store::lookup`] that misses locally consults the remote and pulls the entry into the local
+//!   cache (verified before it becomes visible); one that hits locally makes sure a read-write
+//!   remote has the entry too, so an entry whose push failed (or was computed before the remote
+//!   was set up) reaches the remote on the next run;
+//! - [`Store::publish`] pushes after the local entry is complete;
+//! - [`Store::peek`], [`Store::usable_record`] and [`Store::inputs`] read remote records without
+//!   pulling (`plan`, `compare`, `metrics` show what the remote has).
+//!
+//! Callers do not change when a remote is configured.
 //!
 //! What stays local whatever the remote: entry locks (one process computes an entry on this
 //! machine), scratch directories (checkpoints of unfinished work), run records, and the file
@@ -30,11 +37,13 @@ use crate::cache::{
 };
 use crate::exec::RunRecord;
 use crate::lock::LockFile;
+use crate::remote::{Remote, RemoteGcReport, RemoteMode};
 use crate::stage::ArtifactType;
 
 /// Computed results, local (and, when configured, remote).
 pub struct Store {
     local: Cache,
+    remote: Option<Remote>,
 }
 
 impl Store {
@@ -42,7 +51,21 @@ impl Store {
     pub fn open(root: &Path) -> Result<Store, CacheError> {
         Ok(Store {
             local: Cache::open(root)?,
+            remote: None,
         })
+    }
+
+    /// This store with `remote` behind its local cache.
+    pub fn with_remote(self, remote: Remote) -> Store {
+        Store {
+            remote: Some(remote),
+            ..self
+        }
+    }
+
+    /// The remote, when one is configured.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
     }
 
     /// The local cache directory, for maintenance that concerns it alone.
@@ -50,19 +73,83 @@ impl Store {
         &self.local
     }
 
-    /// Whether the entry `fp` is computed and usable, and its record.
+    /// Whether the entry `fp` is computed and usable, and its record; an entry only the remote
+    /// has is pulled first (taking the entry lock while it does).
     pub fn lookup(&self, fp: &str) -> Result<Lookup, CacheError> {
-        self.local.lookup(fp)
+        let local = self.local.lookup(fp)?;
+        let Some(remote) = &self.remote else {
+            return Ok(local);
+        };
+        if let Lookup::Hit(_) = local {
+            self.sync(remote, fp)?;
+            return Ok(local);
+        }
+        if remote.entry(fp)?.is_none() {
+            return Ok(local);
+        }
+        let lock = self.local.lock(fp, &mut || {})?;
+        self.lookup_locked(fp, &lock)
     }
 
-    /// The record of a usable entry (`None` when missing or broken).
+    /// [`Store::lookup`] for a caller that holds the entry lock.
+    pub fn lookup_locked(&self, fp: &str, lock: &EntryLock) -> Result<Lookup, CacheError> {
+        let local = self.local.lookup(fp)?;
+        let Some(remote) = &self.remote else {
+            return Ok(local);
+        };
+        if let Lookup::Hit(_) = local {
+            self.sync(remote, fp)?;
+            return Ok(local);
+        }
+        match remote.entry(fp)? {
+            Some(entry) => Ok(Lookup::Hit(remote.pull(&self.local, &entry, lock)?)),
+            None => Ok(local),
+        }
+    }
+
+    /// Push a local entry a read-write remote lacks.
+    fn sync(&self, remote: &Remote, fp: &str) -> Result<(), CacheError> {
+        if remote.mode() == RemoteMode::ReadWrite {
+            remote.push(&self.local, fp)?;
+        }
+        Ok(())
+    }
+
+    /// [`Store::lookup`] without pulling or pushing: a remote-only entry is a hit, and `true`
+    /// says it is remote.
+    pub fn peek(&self, fp: &str) -> Result<(Lookup, bool), CacheError> {
+        let local = self.local.lookup(fp)?;
+        if let (Lookup::Miss | Lookup::Broken(_), Some(remote)) = (&local, &self.remote)
+            && let Some(entry) = remote.entry(fp)?
+        {
+            return Ok((Lookup::Hit(entry.record.clone()), true));
+        }
+        Ok((local, false))
+    }
+
+    /// The record of a usable entry, local or remote (`None` when missing or broken).
     pub fn usable_record(&self, fp: &str) -> Result<Option<EntryRecord>, CacheError> {
-        self.local.usable_record(fp)
+        Ok(match self.peek(fp)?.0 {
+            Lookup::Hit(r) => Some(r),
+            Lookup::Miss | Lookup::Broken(_) => None,
+        })
     }
 
     /// The fingerprint inputs an entry was computed from (for explaining a miss).
     pub fn inputs(&self, fp: &str) -> Option<FingerprintInputs> {
-        self.local.inputs(fp)
+        self.local.inputs(fp).or_else(|| {
+            let remote = self.remote.as_ref()?;
+            Some(remote.entry(fp).ok()??.inputs.clone())
+        })
+    }
+
+    /// Push the local entry `fp` to the remote; whether it was sent (`false`: the remote had it,
+    /// or there is no remote).
+    pub fn push(&self, fp: &str) -> Result<bool, CacheError> {
+        match &self.remote {
+            Some(remote) => Ok(remote.push(&self.local, fp)?),
+            None => Ok(false),
+        }
     }
 
     /// Where output `output` of the computed entry `fp` lies.
@@ -98,8 +185,13 @@ impl Store {
         duration_ms: u64,
         lock: &EntryLock,
     ) -> Result<EntryRecord, CacheError> {
-        self.local
-            .publish(staging, inputs, stage, types, metrics, duration_ms, lock)
+        let record =
+            self.local
+                .publish(staging, inputs, stage, types, metrics, duration_ms, lock)?;
+        if let Some(remote) = &self.remote {
+            self.sync(remote, &record.fingerprint)?;
+        }
+        Ok(record)
     }
 
     /// Checkpoints of `fp`'s unfinished computation; they survive a crash.
@@ -120,27 +212,7 @@ impl Store {
     /// Remove what no root reaches (see the module doc); `dry_run` only lists it.
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport, CacheError> {
         let cache = &self.local;
-        let mut keep: HashSet<String> = HashSet::new();
-        for lock in &opts.locks {
-            keep.extend(lock.stages.values().map(|s| s.fingerprint.clone()));
-        }
-        let horizon = cache::now_unix().saturating_sub((opts.keep_days * 86_400.0) as u64);
-        let mut old_runs = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(cache.runs_dir()) {
-            for e in rd.flatten() {
-                let Ok(bytes) = std::fs::read(e.path().join("run.json")) else {
-                    continue;
-                };
-                let Ok(rec) = serde_json::from_slice::<RunRecord>(&bytes) else {
-                    continue;
-                };
-                if rec.finished > horizon {
-                    keep.extend(rec.cells.into_iter().filter_map(|c| c.fingerprint));
-                } else {
-                    old_runs.push(e.path());
-                }
-            }
-        }
+        let (keep, old_runs, horizon) = self.roots(opts);
         let mut report = GcReport {
             dry_run: opts.dry_run,
             ..GcReport::default()
@@ -166,6 +238,44 @@ impl Store {
             }
         }
         Ok(report)
+    }
+}
+
+impl Store {
+    /// The roots of `gc`: fingerprints to keep, run records past the horizon, and the horizon.
+    fn roots(&self, opts: &GcOptions) -> (HashSet<String>, Vec<PathBuf>, u64) {
+        let mut keep: HashSet<String> = HashSet::new();
+        for lock in &opts.locks {
+            keep.extend(lock.stages.values().map(|s| s.fingerprint.clone()));
+        }
+        let horizon = cache::now_unix().saturating_sub((opts.keep_days * 86_400.0) as u64);
+        let mut old_runs = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.local.runs_dir()) {
+            for e in rd.flatten() {
+                let Ok(bytes) = std::fs::read(e.path().join("run.json")) else {
+                    continue;
+                };
+                let Ok(rec) = serde_json::from_slice::<RunRecord>(&bytes) else {
+                    continue;
+                };
+                if rec.finished > horizon {
+                    keep.extend(rec.cells.into_iter().filter_map(|c| c.fingerprint));
+                } else {
+                    old_runs.push(e.path());
+                }
+            }
+        }
+        (keep, old_runs, horizon)
+    }
+
+    /// `gc` on the remote, with the same roots as the local one (lock files, recent runs) and
+    /// the same horizon, applied to when each entry was pushed.
+    pub fn gc_remote(&self, opts: &GcOptions) -> Result<Option<RemoteGcReport>, CacheError> {
+        let Some(remote) = &self.remote else {
+            return Ok(None);
+        };
+        let (keep, _, horizon) = self.roots(opts);
+        Ok(Some(remote.gc(&keep, horizon, opts.dry_run)?))
     }
 }
 

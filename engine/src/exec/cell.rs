@@ -42,7 +42,7 @@ impl CellRunner<'_> {
             ));
         })?;
         if !job.force
-            && let Lookup::Hit(r) = store.lookup(fp)?
+            && let Lookup::Hit(r) = store.lookup_locked(fp, &lock)?
         {
             return Ok((r, false));
         }

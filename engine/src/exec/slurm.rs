@@ -155,7 +155,17 @@ impl<'a> Slurm<'a> {
         std::fs::write(&path, script)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         args.push(path.display().to_string());
-        let out = Command::new("sbatch")
+        let mut sbatch = Command::new("sbatch");
+        // The job sees the submitting environment (sbatch's default `--export=ALL`); the remote
+        // goes there, never into the batch script in the run directory.
+        match self.store.remote() {
+            Some(r) => sbatch
+                .env("BURNISH_REMOTE", r.url())
+                .env("BURNISH_REMOTE_MODE", r.mode().as_str())
+                .env_remove("BURNISH_NO_REMOTE"),
+            None => sbatch.env("BURNISH_NO_REMOTE", "1"),
+        };
+        let out = sbatch
             .args(&args)
             .output()
             .map_err(|e| format!("cannot start sbatch: {e}"))?;
