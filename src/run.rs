@@ -36,6 +36,10 @@ pub struct RunArgs {
     /// What runs the stages that name no executor (default: the manifest's `executor:`)
     #[arg(long, value_enum)]
     executor: Option<ExecutorArg>,
+    /// With `--executor slurm`: submit every stage that must run (each after its upstream
+    /// jobs) and return; a later `run` restores the results and writes the lock file
+    #[arg(long)]
+    detach: bool,
     /// No progress output
     #[arg(long, short)]
     quiet: bool,
@@ -58,8 +62,12 @@ pub struct RunCellArgs {
     /// The cell (`sft`, `sft[lr=1e-4]`)
     cell: String,
     /// The fingerprint the launching side computed; nothing runs when this side's differs
+    /// (left out by jobs submitted before their inputs were computed)
     #[arg(long)]
-    fingerprint: String,
+    fingerprint: Option<String>,
+    /// Run it even if it is cached
+    #[arg(long)]
+    force: bool,
     /// Override the manifest's backend
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
@@ -104,6 +112,9 @@ pub fn run(args: &RunArgs, reg: &Registry) -> Result<ExitCode> {
         }),
         ..RunOptions::default()
     };
+    if args.detach {
+        return detach(args, &plan, &store, &opts);
+    }
     let t0 = std::time::Instant::now();
     let report = exec::run(&plan, &store, &opts, cancel_on_ctrl_c())?;
     summarize(&plan, &report, t0.elapsed(), args.quiet);
@@ -137,6 +148,11 @@ pub fn run_cell(args: &RunCellArgs, reg: &Registry) -> Result<ExitCode> {
     let (plan, store, _) = plan_and_cache(m, reg, args.backend, &args.cache)?;
     let opts = RunOptions {
         quiet: args.quiet,
+        force: if args.force {
+            vec![args.cell.clone()]
+        } else {
+            Vec::new()
+        },
         ..RunOptions::default()
     };
     let t0 = std::time::Instant::now();
@@ -144,12 +160,46 @@ pub fn run_cell(args: &RunCellArgs, reg: &Registry) -> Result<ExitCode> {
         &plan,
         &store,
         &args.cell,
-        &args.fingerprint,
+        args.fingerprint.as_deref(),
         &opts,
         cancel_on_ctrl_c(),
     )?;
     summarize(&plan, &report, t0.elapsed(), args.quiet);
     Ok(failure_code(&report).unwrap_or(ExitCode::SUCCESS))
+}
+
+/// `run --detach`: submit and report the job ids.
+fn detach(
+    args: &RunArgs,
+    plan: &Plan,
+    store: &burnish_engine::store::Store,
+    opts: &RunOptions,
+) -> Result<ExitCode> {
+    let default = opts.executor.unwrap_or(plan.manifest.header.executor);
+    if default != Executor::Slurm {
+        return Err(miette!(
+            code = "burnish::run::detach",
+            help = "add `--executor slurm` (or `executor: slurm` in the manifest)",
+            "`--detach` submits Slurm jobs, and {} runs on the local executor",
+            args.file.display()
+        ));
+    }
+    let jobs = exec::detach(plan, store, opts)?;
+    if !args.quiet {
+        let ids: Vec<&str> = jobs.iter().map(|(_, id)| id.as_str()).collect();
+        eprintln!(
+            "{}: submitted {} jobs ({}); when they are done, `burnish run {}` restores their results and writes the lock file",
+            plan.manifest.header.pipeline,
+            jobs.len(),
+            if ids.is_empty() {
+                "nothing to run".to_owned()
+            } else {
+                format!("slurm jobs {}", ids.join(", "))
+            },
+            args.file.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A flag that Ctrl-C sets; a second Ctrl-C exits at once.

@@ -58,7 +58,8 @@ fn submitted(err: &str) -> Vec<(String, String)> {
         .filter_map(|l| {
             let rest = l.trim().strip_prefix("submitted ")?;
             let (cell, id) = rest.split_once(" (slurm job ")?;
-            Some((cell.to_owned(), id.trim_end_matches(')').to_owned()))
+            let id: String = id.chars().take_while(char::is_ascii_digit).collect();
+            Some((cell.to_owned(), id))
         })
         .collect()
 }
@@ -284,4 +285,78 @@ fn a_cancelled_job_is_resubmitted_and_resumes_and_ctrl_c_cancels_the_jobs() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+const DAG: &str = "\
+pipeline: dag
+seed: 3
+stages:
+  a: {kind: test.steps, steps: 20, step_ms: 20, salt: a}
+  b: {kind: test.steps, steps: 5, step_ms: 5, salt: b, data: a}
+  c: {kind: test.steps, steps: 5, step_ms: 5, salt: c, data: b}
+";
+
+#[test]
+fn detached_jobs_wait_for_their_upstream_jobs_and_a_later_run_restores_them() {
+    if !slurm_up() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (sl, local) = (tmp.path().join("slurm"), tmp.path().join("local"));
+    for d in [&sl, &local] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("dag.yaml"), DAG).unwrap();
+    }
+    let err = run_ok(&["run", "--executor", "slurm", "--detach", "dag.yaml"], &sl);
+    let jobs = submitted(&err);
+    let cells: Vec<&str> = jobs.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(cells, ["a", "b", "c"], "{err}");
+    for (down, up) in [(1, 0), (2, 1)] {
+        let line = format!(
+            "submitted {} (slurm job {}, after {})",
+            jobs[down].0, jobs[down].1, jobs[up].1
+        );
+        assert!(err.contains(&line), "no `{line}` in:\n{err}");
+    }
+    assert!(err.contains("submitted 3 jobs"), "{err}");
+    assert!(
+        !sl.join("dag.lock").exists(),
+        "a detached run writes no lock"
+    );
+    // b and c could not be pinned to a fingerprint: their inputs did not exist yet.
+    let runs = sl.join(".burnish/runs");
+    let script = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .find_map(|e| std::fs::read_to_string(e.path().join("b.sbatch")).ok())
+        .unwrap();
+    assert!(!script.contains("--fingerprint"), "{script}");
+    // Slurm runs them in order; each finds its input computed.
+    for (cell, id) in &jobs {
+        let t0 = Instant::now();
+        loop {
+            let state = job_state(id);
+            if state == "COMPLETED" {
+                break;
+            }
+            assert!(
+                !["FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"].contains(&state.as_str()),
+                "job {id} of {cell} ended {state}"
+            );
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "job {id} of {cell}: {state}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let err = run_ok(&["run", "dag.yaml"], &sl);
+    assert!(err.contains("0 ran, 3 cached"), "{err}");
+    run_ok(&["run", "dag.yaml"], &local);
+    assert_eq!(
+        std::fs::read_to_string(sl.join("dag.lock")).unwrap(),
+        std::fs::read_to_string(local.join("dag.lock")).unwrap()
+    );
+    let err = run_ok(&["run", "--executor", "slurm", "--detach", "dag.yaml"], &sl);
+    assert!(err.contains("submitted 0 jobs (nothing to run)"), "{err}");
 }

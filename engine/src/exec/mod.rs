@@ -332,6 +332,50 @@ pub fn run(
     Ok(run.finish(plan, scheduler, cancel.load(Ordering::Relaxed)))
 }
 
+/// `run --detach` on Slurm: submit every cell that must run as a job depending on its upstream
+/// jobs, and return their (cell, job id) without waiting. The results reach the store as the
+/// jobs finish; a later `run` restores them and writes the lock file.
+pub fn detach(
+    plan: &Plan,
+    store: &Store,
+    opts: &RunOptions,
+) -> Result<Vec<(String, String)>, ExecError> {
+    let run = RunDir::create(store)?;
+    let reporter = Reporter::new(opts.quiet);
+    let mut hasher = store.file_hasher();
+    let status = plan.status(store, None, &mut hasher).map_err(|e| match e {
+        crate::plan::PlanError::Hash { stage, source } => ExecError::Hash { stage, source },
+        crate::plan::PlanError::Cache(c) => ExecError::Cache(c),
+        crate::plan::PlanError::Internal(i) => ExecError::Submit {
+            stage: String::new(),
+            message: i.to_string(),
+        },
+    })?;
+    hasher.save();
+    let n = plan.cells.len();
+    let wanted = match &opts.until {
+        Some(t) => plan.ancestors_of(&plan.select(t)),
+        None => vec![true; n],
+    };
+    let forced: Vec<bool> = plan
+        .cells
+        .iter()
+        .map(|c| opts.force.iter().any(|f| c.name == *f || c.stage == *f))
+        .collect();
+    let default = opts.executor.unwrap_or(plan.manifest.header.executor);
+    let on_slurm: Vec<bool> = plan
+        .cells
+        .iter()
+        .map(|c| c.executor.unwrap_or(default) == Executor::Slurm)
+        .collect();
+    let slurm = Slurm::new(plan, store, &reporter, opts.slurm.clone(), run.dir.clone());
+    let jobs = slurm.submit_all(&status, &wanted, &forced, &on_slurm)?;
+    Ok(jobs
+        .into_iter()
+        .map(|(i, id)| (plan.cells[i].name.clone(), id))
+        .collect())
+}
+
 /// The `--locked` lock file (an error when there is none).
 fn read_lock(plan: &Plan, opts: &RunOptions) -> Result<Option<LockFile>, ExecError> {
     if !opts.locked {
@@ -517,12 +561,12 @@ impl RunDir {
 /// Run exactly one cell, `name`, in this process (what `burnish run-cell` does for a launcher
 /// that runs cells elsewhere): its upstream cells must be in the store (they are restored, never
 /// run), and its fingerprint must be `expected` — the one the launching side computed — or
-/// nothing runs. Then the usual lock → re-check → run → publish.
+/// nothing runs (`None`: a job submitted before its inputs existed takes what they give). Then the usual lock → re-check → run → publish.
 pub fn run_one(
     plan: &Plan,
     store: &Store,
     name: &str,
-    expected: &str,
+    expected: Option<&str>,
     opts: &RunOptions,
     cancel: Arc<AtomicBool>,
 ) -> Result<RunReport, ExecError> {
@@ -556,7 +600,7 @@ pub fn run_one(
     }
     probe.hasher.save();
     // Restored or about to run, the cell's fingerprint is known here.
-    if let Some(fp) = scheduler.fingerprint(target)
+    if let (Some(fp), Some(expected)) = (scheduler.fingerprint(target), expected)
         && fp != expected
     {
         return Err(ExecError::FingerprintMismatch {

@@ -7,7 +7,9 @@
 //!   unless it says otherwise.
 //! - A job is submitted once its upstream cells are computed, so its fingerprint is known and
 //!   `run-cell` can refuse a manifest or input that changed in between. The DAG's order is kept
-//!   by the scheduler rather than by `--dependency=afterok`.
+//!   by the scheduler. With `--detach` ([`Slurm::submit_all`]) everything is submitted at once
+//!   and the order is Slurm's: `--dependency=afterok` on the upstream jobs; a job downstream
+//!   of another then takes the fingerprint its inputs give when it starts.
 //! - State: `scontrol show job ID -o` (`JobState=`, `ExitCode=`), and `sacct -P -n -X` once
 //!   the controller has forgotten the job (after `MinJobAge`); both are plain text, stable across
 //!   Slurm 22 to 24. A job that completed is done only if its entry is in the store: the entry,
@@ -23,7 +25,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::cache::Lookup;
-use crate::plan::Plan;
+use crate::plan::{CellStatus, Plan, State};
 use crate::store::Store;
 
 use super::cell::file_stem;
@@ -48,6 +50,16 @@ impl Default for SlurmConfig {
             poll: Duration::from_secs(1),
         }
     }
+}
+
+/// What one `sbatch` call submits.
+struct JobSpec<'a> {
+    cell: usize,
+    /// The fingerprint `run-cell` must find; `None` for a cell downstream of a job not yet run.
+    fingerprint: Option<&'a str>,
+    force: bool,
+    /// Job ids that must complete first (`--dependency=afterok`).
+    after: Vec<String>,
 }
 
 struct Submitted {
@@ -91,32 +103,39 @@ impl<'a> Slurm<'a> {
     }
 
     /// The batch script and `sbatch` arguments for a job.
-    fn script(&self, job: &Job, log: &Path) -> (String, Vec<String>) {
+    fn script(&self, job: &JobSpec, log: &Path) -> (String, Vec<String>) {
         let plan = self.plan;
         let cell = &plan.cells[job.cell];
         let manifest =
             std::path::absolute(&plan.manifest.path).unwrap_or_else(|_| plan.manifest.path.clone());
         let cache = std::path::absolute(self.store.local().root())
             .unwrap_or_else(|_| self.store.local().root().to_path_buf());
-        let words = [
+        let mut words = vec![
             self.config.program.display().to_string(),
             "run-cell".into(),
             manifest.display().to_string(),
             cell.name.clone(),
-            "--fingerprint".into(),
-            job.fingerprint.clone(),
+        ];
+        if let Some(fp) = job.fingerprint {
+            words.extend(["--fingerprint".into(), fp.to_owned()]);
+        }
+        if job.force {
+            words.push("--force".into());
+        }
+        words.extend([
             "--cache-dir".into(),
             cache.display().to_string(),
             "--backend".into(),
             plan.backend.clone(),
             "--quiet".into(),
-        ];
+        ]);
         let command: Vec<String> = words.iter().map(|w| sh_quote(w)).collect();
         let script = format!(
             "#!/bin/sh\n# burnish: cell `{}` of {}, fingerprint {}\nexec {}\n",
             cell.name,
             manifest.display(),
-            job.fingerprint,
+            job.fingerprint
+                .unwrap_or("(from its inputs, once its upstream jobs are done)"),
             command.join(" ")
         );
         let r = &cell.resources;
@@ -126,6 +145,11 @@ impl<'a> Slurm<'a> {
             format!("--output={}", log.display()),
             format!("--chdir={}", plan.manifest.dir.display()),
         ];
+        if !job.after.is_empty() {
+            // A failed upstream job cancels this one instead of leaving it pending forever.
+            args.push(format!("--dependency=afterok:{}", job.after.join(":")));
+            args.push("--kill-on-invalid-dep=yes".into());
+        }
         let gpus = r
             .gpus
             .or((cell.sensitivity.backend && plan.backend == "cuda").then_some(1));
@@ -148,6 +172,28 @@ impl<'a> Slurm<'a> {
     }
 
     fn submit(&mut self, job: &Job) -> Result<Submitted, String> {
+        let spec = JobSpec {
+            cell: job.cell,
+            fingerprint: Some(&job.fingerprint),
+            force: job.force,
+            after: Vec::new(),
+        };
+        Ok(Submitted {
+            id: self.sbatch(&spec)?,
+            cell: job.cell,
+            fingerprint: job.fingerprint.clone(),
+            started: Instant::now(),
+            log: self.log_path(job.cell),
+        })
+    }
+
+    fn log_path(&self, cell: usize) -> PathBuf {
+        let stem = file_stem(&self.plan.cells[cell].name);
+        self.run_dir.join(format!("{stem}.slurm.log"))
+    }
+
+    /// Submit one job; its id.
+    fn sbatch(&self, job: &JobSpec) -> Result<String, String> {
         let stem = file_stem(&self.plan.cells[job.cell].name);
         let log = self.run_dir.join(format!("{stem}.slurm.log"));
         let path = self.run_dir.join(format!("{stem}.sbatch"));
@@ -182,13 +228,7 @@ impl<'a> Slurm<'a> {
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit() || b == b'_') {
             return Err(format!("sbatch printed no job id: {text:?}"));
         }
-        Ok(Submitted {
-            id,
-            cell: job.cell,
-            fingerprint: job.fingerprint.clone(),
-            started: Instant::now(),
-            log,
-        })
+        Ok(id)
     }
 
     /// Ask Slurm about every submitted job; move the finished ones to `done`.
@@ -288,6 +328,65 @@ impl Launcher for Slurm<'_> {
         self.reporter
             .line(format!("  cancelling slurm jobs {}", ids.join(", ")));
         let _ = Command::new("scancel").args(&ids).status();
+    }
+}
+
+impl Slurm<'_> {
+    /// `--detach`: submit every selected cell that is not computed at once, in DAG order, each
+    /// job after its upstream jobs (`--dependency=afterok`; `--kill-on-invalid-dep=yes` cancels
+    /// the dependents of a failed job). A cell whose inputs are computed is pinned to its
+    /// fingerprint; one downstream of a submitted job cannot be (its inputs enter by content),
+    /// and its `run-cell` takes the fingerprint its inputs give when it starts. A submission
+    /// that fails cancels the jobs submitted before it. The cells and job ids, in order.
+    pub fn submit_all(
+        &self,
+        status: &[CellStatus],
+        wanted: &[bool],
+        forced: &[bool],
+        on_slurm: &[bool],
+    ) -> Result<Vec<(usize, String)>, ExecError> {
+        let plan = self.plan;
+        let mut ids: Vec<Option<String>> = vec![None; plan.cells.len()];
+        let mut out: Vec<(usize, String)> = Vec::new();
+        let fail = |out: &[(usize, String)], stage: &str, message: String| {
+            let ids: Vec<&str> = out.iter().map(|(_, id)| id.as_str()).collect();
+            if !ids.is_empty() {
+                let _ = Command::new("scancel").args(&ids).status();
+            }
+            ExecError::Submit {
+                stage: stage.to_owned(),
+                message,
+            }
+        };
+        for (i, cell) in plan.cells.iter().enumerate() {
+            if !wanted[i] || (status[i].state == State::Cached && !forced[i]) {
+                continue;
+            }
+            if !on_slurm[i] {
+                let message = "`--detach` submits every stage that must run as a Slurm job, and this one says `executor: local`".to_owned();
+                return Err(fail(&out, &cell.name, message));
+            }
+            let after: Vec<String> = cell.deps().iter().filter_map(|u| ids[*u].clone()).collect();
+            let spec = JobSpec {
+                cell: i,
+                fingerprint: status[i].fingerprint.as_deref(),
+                force: forced[i],
+                after: after.clone(),
+            };
+            let id = self
+                .sbatch(&spec)
+                .map_err(|message| fail(&out, &cell.name, message))?;
+            let deps = if after.is_empty() {
+                String::new()
+            } else {
+                format!(", after {}", after.join(", "))
+            };
+            self.reporter
+                .line(format!("  submitted {} (slurm job {id}{deps})", cell.name));
+            ids[i] = Some(id.clone());
+            out.push((i, id));
+        }
+        Ok(out)
     }
 }
 
