@@ -21,6 +21,7 @@ mod probe;
 mod remote;
 mod render;
 mod run;
+mod skypilot;
 mod testing;
 
 #[derive(Parser)]
@@ -143,6 +144,8 @@ enum Command {
     Push(remote::TransferArgs),
     /// Fetch a pipeline's entries from the remote cache into the local one
     Pull(remote::TransferArgs),
+    /// Write a SkyPilot task that runs the pipeline (or one stage) on a cloud node
+    Skypilot(skypilot::SkypilotArgs),
     /// Print a GGUF file's header, metadata and tensor table
     Inspect {
         /// A .gguf file
@@ -459,6 +462,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Push(args) => remote::push(&args, &reg),
         Command::Pull(args) => remote::pull(&args, &reg),
+        Command::Skypilot(args) => skypilot::skypilot(&args, &reg),
         Command::Inspect { file } => {
             print!("{}", inspect(&file)?);
             Ok(ExitCode::SUCCESS)

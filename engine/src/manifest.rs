@@ -78,6 +78,22 @@ pub struct Resources {
     /// Partition (`--partition`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<String>,
+    /// GPU model for cloud tasks (`burnish skypilot`: `accelerators: H100:1`): `H100`,
+    /// `A100-80GB`, `L4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"))]
+    pub accelerator: Option<String>,
+    /// Spot (preemptible) instances for cloud tasks (`use_spot`); a preempted task resumes
+    /// from what reached the remote cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot: Option<bool>,
+    /// Disk size in GB for cloud tasks (`disk_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<u32>,
+    /// Where a cloud task runs, as SkyPilot names it (`infra`): `nebius`, `aws/us-east-1`,
+    /// `k8s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infra: Option<String>,
 }
 
 /// The fields of `resources:`, from its schema (the same type that reads it).
@@ -111,6 +127,23 @@ impl Resources {
             && (p.is_empty() || p.contains(|c: char| c.is_whitespace() || c == ','))
         {
             out.push(("partition", p.clone(), "one partition name"));
+        }
+        if let Some(a) = &self.accelerator
+            && (a.is_empty()
+                || !a
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)))
+        {
+            out.push(("accelerator", a.clone(), "a GPU model name: `H100`"));
+        }
+        if let Some(i) = &self.infra
+            && (i.is_empty() || i.contains(char::is_whitespace))
+        {
+            out.push((
+                "infra",
+                i.clone(),
+                "a cloud, optionally with a region: `nebius`, `aws/us-east-1`",
+            ));
         }
         out
     }
@@ -605,7 +638,7 @@ impl Validator<'_> {
                                         "`resources.{field}` of {what} is `{value}`, not {form}"
                                     ),
                                     span,
-                                    "not a Slurm value",
+                                    "not a valid value",
                                 )
                                 .help(format!("{field}: {form}"));
                             self.problem(p);
