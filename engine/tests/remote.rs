@@ -499,6 +499,49 @@ fn s3_remote() {
     all(&s3);
 }
 
+/// object_store's conformance functions against the S3 server, in a bucket of their own (they
+/// expect to start from an empty one): the remote relies on what they check — conditional
+/// puts, multipart uploads, listing, ranged and streamed reads.
+#[test]
+fn object_store_conformance_on_s3() {
+    let Ok(endpoint) = std::env::var("AWS_ENDPOINT") else {
+        skip::skip(
+            "BURNISH_REQUIRE_S3",
+            "no S3 server is configured (AWS_ENDPOINT); `.ci/run` starts moto_server",
+        );
+        return;
+    };
+    let bucket = format!("conformance-{}", std::process::id());
+    let made = std::process::Command::new("curl")
+        .args(["-sf", "-X", "PUT", &format!("{endpoint}/{bucket}")])
+        .status()
+        .unwrap();
+    assert!(
+        made.success(),
+        "cannot create bucket {bucket} at {endpoint}"
+    );
+    let store = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(&bucket)
+        .with_copy_if_not_exists(object_store::aws::S3CopyIfNotExists::Multipart)
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use object_store::integration::*;
+        put_get_delete_list(&store).await;
+        get_opts(&store).await;
+        put_opts(&store, true).await;
+        list_uses_directories_correctly(&store).await;
+        list_with_delimiter(&store).await;
+        rename_and_copy(&store).await;
+        copy_if_not_exists(&store).await;
+        stream_get(&store).await;
+        multipart(&store, &store).await;
+        multipart_race_condition(&store, true).await;
+        multipart_out_of_order(&store).await;
+    });
+}
+
 #[test]
 fn bad_urls_name_the_problem() {
     for (url, want) in [
