@@ -127,8 +127,8 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 /// `n` concurrent `run`s of overlapping manifests on one cache (all share `slow` → `after`; each
 /// adds a stage of its own): all succeed, each shared stage body runs once, `verify` finds
-/// nothing corrupt.
-fn concurrent_runs_compute_each_stage_once(n: usize, round: usize) {
+/// nothing corrupt. `lock` is `$BURNISH_LOCK` (`flock`, or `lease` as on a shared file system).
+fn concurrent_runs_compute_each_stage_once(n: usize, round: usize, lock: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let count = tmp.path().join("count.txt");
     let c = count.display();
@@ -145,6 +145,9 @@ fn concurrent_runs_compute_each_stage_once(n: usize, round: usize) {
         .iter()
         .map(|m| {
             burnish()
+                .env("BURNISH_LOCK", lock)
+                // A lease shorter than the slow stage: held only through its renewals.
+                .env("BURNISH_LOCK_LEASE_S", "1")
                 .args(["run", "-q", "--cache-dir"])
                 .arg(&cache)
                 .arg(m)
@@ -191,13 +194,26 @@ fn concurrent_runs_compute_each_stage_once(n: usize, round: usize) {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && report.contains("0 bad"), "{report}");
+    let leases: Vec<PathBuf> = walk(&cache.join("locks"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e != "lock"))
+        .collect();
+    assert!(leases.is_empty(), "left behind: {leases:?}");
 }
 
 #[test]
 fn two_and_four_concurrent_runs_on_one_cache_compute_each_stage_once() {
     for round in 0..3 {
-        concurrent_runs_compute_each_stage_once(2, round);
-        concurrent_runs_compute_each_stage_once(4, round);
+        concurrent_runs_compute_each_stage_once(2, round, "flock");
+        concurrent_runs_compute_each_stage_once(4, round, "flock");
+    }
+}
+
+#[test]
+fn concurrent_runs_with_lease_locks_compute_each_stage_once() {
+    for round in 0..2 {
+        concurrent_runs_compute_each_stage_once(2, round, "lease");
+        concurrent_runs_compute_each_stage_once(4, round, "lease");
     }
 }
 

@@ -61,6 +61,7 @@
 //! <cache>/tmp/<fp>.<pid>/               outputs being written
 //! <cache>/locks/<fp>.lock               one process computes an entry; others wait and reuse it
 //!                                       (an advisory `File::lock`, released by the OS on exit)
+//! <cache>/locks/<fp>.lease              the same lock on a shared file system (see below)
 //! <cache>/scratch/<fp>/                 checkpoints of an unfinished stage; survive crashes
 //! <cache>/runs/<run-id>/                run records and per-stage logs
 //! <cache>/hashes.json                   the (size, mtime, ctime, inode) → digest shortcut table
@@ -74,6 +75,17 @@
 //! Restoring a cached stage reads `record.json` only: a cached rerun never re-hashes artifacts.
 //! `burnish verify` does, and reports (or with `--repair` evicts) entries whose files no longer
 //! match their record.
+//!
+//! # Entry locks on shared file systems
+//!
+//! `flock` is advisory and, on NFS, Lustre and other shared file systems, may hold only within
+//! one client, so two nodes of a cluster sharing the cache directory could compute one entry at
+//! once. There (found from `/proc/self/mountinfo`, or forced with `BURNISH_LOCK=lease`) an entry
+//! lock is a lease file instead: created exclusively with an owner (host, pid, nonce) and an
+//! expiry, renewed every third of the lease (`BURNISH_LOCK_LEASE_S`, 60 s) by the holder,
+//! removed on release, and taken over by another process only once expired — so a killed
+//! holder blocks others for at most one lease. `crate::lease` has the protocol and its limits
+//! (node clocks must agree within 5 s).
 //!
 //! # Kind versions
 //!
@@ -345,6 +357,23 @@ pub enum CacheError {
         help("run `burnish verify --repair` to evict it")
     )]
     BadRecord { fingerprint: String, reason: String },
+    #[error(
+        "the lease on entry {fingerprint} was taken over by another process while it was computed here; nothing was published"
+    )]
+    #[diagnostic(
+        code(burnish::cache::lock_lost),
+        help(
+            "this process stalled for longer than the lease (BURNISH_LOCK_LEASE_S, 60 s by default); the other process publishes the entry, and a rerun reuses it"
+        )
+    )]
+    LockLost { fingerprint: String },
+    #[error("{name} is `{value}`, not {expected}")]
+    #[diagnostic(code(burnish::cache::setting))]
+    Setting {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error(transparent)]
     #[diagnostic(transparent)]
     Remote(Box<crate::remote::RemoteError>),
@@ -635,16 +664,64 @@ pub fn now_unix() -> u64 {
 #[derive(Clone, Debug)]
 pub struct Cache {
     root: PathBuf,
+    /// Entry locks are leases of this length (shared file systems), not `flock`s.
+    lease: Option<std::time::Duration>,
 }
 
 /// An exclusive hold on one entry; released on drop.
 pub struct EntryLock {
-    file: fs::File,
+    file: Option<fs::File>,
+    _lease: Option<crate::lease::Lease>,
+}
+
+impl EntryLock {
+    /// Whether a lease lock was taken over by another process while held (a stall longer than
+    /// the lease); a flock is never lost.
+    pub fn lost(&self) -> bool {
+        self._lease
+            .as_ref()
+            .is_some_and(|l| l.lost.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl Drop for EntryLock {
     fn drop(&mut self) {
-        let _ = self.file.unlock();
+        if let Some(f) = &self.file {
+            let _ = f.unlock();
+        }
+    }
+}
+
+/// How entry locks are taken in the cache at `root`: `$BURNISH_LOCK` is `flock`, `lease`, or
+/// `auto` (the default: a lease on NFS, Lustre and other shared file systems); a lease lasts
+/// `$BURNISH_LOCK_LEASE_S` seconds (default 60).
+fn lock_mode(root: &Path) -> Result<Option<std::time::Duration>, CacheError> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let lease = match var("BURNISH_LOCK_LEASE_S") {
+        None => 60.0,
+        Some(v) => match v.parse::<f64>() {
+            Ok(s) if (1.0..=86_400.0).contains(&s) => s,
+            _ => {
+                return Err(CacheError::Setting {
+                    name: "BURNISH_LOCK_LEASE_S",
+                    value: v,
+                    expected: "seconds from 1 to 86400",
+                });
+            }
+        },
+    };
+    let lease = std::time::Duration::from_secs_f64(lease);
+    match var("BURNISH_LOCK").as_deref() {
+        None | Some("auto") => Ok(crate::lease::fs_type(root)
+            .is_some_and(|t| crate::lease::needs_lease(&t))
+            .then_some(lease)),
+        Some("flock") => Ok(None),
+        Some("lease") => Ok(Some(lease)),
+        Some(other) => Err(CacheError::Setting {
+            name: "BURNISH_LOCK",
+            value: other.to_owned(),
+            expected: "`auto`, `flock` or `lease`",
+        }),
     }
 }
 
@@ -696,6 +773,7 @@ impl Cache {
         }
         Ok(Cache {
             root: root.to_path_buf(),
+            lease: lock_mode(root)?,
         })
     }
 
@@ -802,6 +880,15 @@ impl Cache {
 
     /// Take the entry lock, blocking; `on_wait` is called once if another process holds it.
     pub fn lock(&self, fp: &str, on_wait: &mut dyn FnMut()) -> Result<EntryLock, CacheError> {
+        if let Some(lease) = self.lease {
+            let path = self.root.join("locks").join(format!("{fp}.lease"));
+            let held = crate::lease::Lease::acquire(&path, lease, on_wait)
+                .map_err(io("take the lease", &path))?;
+            return Ok(EntryLock {
+                file: None,
+                _lease: Some(held),
+            });
+        }
         let path = self.root.join("locks").join(format!("{fp}.lock"));
         let file = fs::OpenOptions::new()
             .create(true)
@@ -817,11 +904,18 @@ impl Cache {
             }
             Err(fs::TryLockError::Error(e)) => return Err(io("lock", &path)(e)),
         }
-        Ok(EntryLock { file })
+        Ok(EntryLock {
+            file: Some(file),
+            _lease: None,
+        })
     }
 
     /// Whether some process holds the entry lock (used by `gc` to leave running work alone).
     pub fn is_locked(&self, fp: &str) -> bool {
+        if let Some(lease) = self.lease {
+            let path = self.root.join("locks").join(format!("{fp}.lease"));
+            return crate::lease::is_held(&path, lease);
+        }
         let path = self.root.join("locks").join(format!("{fp}.lock"));
         let Ok(file) = fs::OpenOptions::new().write(true).open(&path) else {
             return false;
@@ -879,10 +973,14 @@ impl Cache {
         types: &BTreeMap<String, ArtifactType>,
         metrics: BTreeMap<String, Value>,
         duration_ms: u64,
-        _lock: &EntryLock,
+        lock: &EntryLock,
     ) -> Result<EntryRecord, CacheError> {
         let fp = staging.fingerprint.clone();
         let staged = staging.dir.clone();
+        if lock.lost() {
+            let _ = fs::remove_dir_all(&staged);
+            return Err(CacheError::LockLost { fingerprint: fp });
+        }
         let result = self.publish_staged(staging, inputs, stage, types, metrics, duration_ms);
         if result.is_err() {
             // Out of space, or any other failure: leave neither a staging directory nor an

@@ -20,6 +20,7 @@ pub mod de;
 pub mod diag;
 pub mod error;
 pub mod exec;
+pub(crate) mod lease;
 pub mod lock;
 pub mod manifest;
 pub mod plan;
