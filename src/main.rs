@@ -663,6 +663,29 @@ pub(crate) fn plan_and_cache(
     Ok((plan, store, note))
 }
 
+/// The cells `name` selects (a stage or a matrix cell), or an error listing the names there are.
+pub(crate) fn named_cells(plan: &Plan, name: &str, file: &Path) -> Result<Vec<usize>> {
+    let cells = plan.select(name);
+    if cells.is_empty() {
+        let names: Vec<&str> = plan.cells.iter().map(|c| c.name.as_str()).collect();
+        return Err(miette!(
+            code = "burnish::run::unknown_stage",
+            help = format!("stages: {}", names.join(", ")),
+            "no stage or matrix cell named `{name}` in {}",
+            file.display()
+        ));
+    }
+    Ok(cells)
+}
+
+/// The cells `--until NAME` keeps: NAME and what it depends on (all cells without it).
+pub(crate) fn until_cells(plan: &Plan, until: Option<&str>, file: &Path) -> Result<Vec<bool>> {
+    Ok(match until {
+        Some(name) => plan.ancestors_of(&named_cells(plan, name, file)?),
+        None => vec![true; plan.cells.len()],
+    })
+}
+
 fn cache_dir(manifest_dir: Option<&Path>, args: &CacheArgs) -> PathBuf {
     if let Some(d) = &args.cache_dir {
         return d.clone();

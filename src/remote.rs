@@ -135,22 +135,7 @@ fn selected(args: &TransferArgs, reg: &Registry) -> Result<Option<(Plan, Store, 
             args.file.display()
         ));
     }
-    let keep = match &args.until {
-        Some(name) => {
-            let targets = plan.select(name);
-            if targets.is_empty() {
-                let names: Vec<&str> = plan.cells.iter().map(|c| c.name.as_str()).collect();
-                return Err(miette!(
-                    code = "burnish::run::unknown_stage",
-                    help = format!("stages: {}", names.join(", ")),
-                    "no stage or matrix cell named `{name}` in {}",
-                    args.file.display()
-                ));
-            }
-            plan.ancestors_of(&targets)
-        }
-        None => vec![true; plan.cells.len()],
-    };
+    let keep = crate::until_cells(&plan, args.until.as_deref(), &args.file)?;
     let mut hasher = store.file_hasher();
     let status = plan.status(&store, None, &mut hasher)?;
     hasher.save();
@@ -169,21 +154,16 @@ pub fn push(args: &TransferArgs, reg: &Registry) -> Result<ExitCode> {
     };
     let (mut present, mut missing) = (0, Vec::new());
     for s in &status {
-        let local = match &s.fingerprint {
-            Some(fp) => matches!(store.local().lookup(fp)?, Lookup::Hit(_)).then_some(fp),
-            None => None,
+        let Some(fp) = &s.fingerprint else {
+            missing.push(s.stage.as_str());
+            continue;
         };
-        match local {
-            Some(fp) if store.push(fp)? => println!("pushed   {} {}", s.stage, short(fp)),
-            Some(_) => present += 1,
-            None if s
-                .fingerprint
-                .as_deref()
-                .is_some_and(|fp| matches!(store.peek(fp), Ok((Lookup::Hit(_), true)))) =>
-            {
-                present += 1
+        match store.peek(fp)? {
+            (Lookup::Hit(_), false) if store.push(fp)? => {
+                println!("pushed   {} {}", s.stage, short(fp))
             }
-            None => missing.push(s.stage.as_str()),
+            (Lookup::Hit(_), _) => present += 1,
+            _ => missing.push(s.stage.as_str()),
         }
     }
     let t = store.remote().map(|r| r.transfers()).unwrap_or_default();

@@ -90,15 +90,7 @@ pub fn run(args: &RunArgs, reg: &Registry) -> Result<ExitCode> {
         eprintln!("{note}");
     }
     for name in args.force.iter().chain(args.until.iter()) {
-        if plan.select(name).is_empty() {
-            let names: Vec<&str> = plan.cells.iter().map(|c| c.name.as_str()).collect();
-            return Err(miette!(
-                code = "burnish::run::unknown_stage",
-                help = format!("stages: {}", names.join(", ")),
-                "no stage or matrix cell named `{name}` in {}",
-                args.file.display()
-            ));
-        }
+        crate::named_cells(&plan, name, &args.file)?;
     }
     let opts = RunOptions {
         force: args.force.clone(),

@@ -49,7 +49,7 @@ const PROJECT: &str = "~/burnish/project";
 const BINARY: &str = "~/burnish/bin/burnish";
 
 /// Environment variables of each store that name where it is, not who may use it.
-const SETTINGS: [&str; 8] = [
+const SETTINGS: [&str; 7] = [
     "AWS_ENDPOINT",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
@@ -57,7 +57,6 @@ const SETTINGS: [&str; 8] = [
     "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
     "AZURE_STORAGE_ACCOUNT_NAME",
     "GOOGLE_CLOUD_PROJECT",
-    "BURNISH_BACKEND",
 ];
 
 /// The credentials each store reads, by URL scheme.
@@ -88,22 +87,7 @@ pub fn skypilot(args: &SkypilotArgs, reg: &Registry) -> Result<ExitCode> {
             "a SkyPilot task needs a remote cache: what the node computes would stay on the node"
         ));
     };
-    let selected = match &args.stage {
-        Some(name) => {
-            let targets = plan.select(name);
-            if targets.is_empty() {
-                let names: Vec<&str> = plan.cells.iter().map(|c| c.name.as_str()).collect();
-                return Err(miette!(
-                    code = "burnish::run::unknown_stage",
-                    help = format!("stages: {}", names.join(", ")),
-                    "no stage or matrix cell named `{name}` in {}",
-                    args.file.display()
-                ));
-            }
-            plan.ancestors_of(&targets)
-        }
-        None => vec![true; plan.cells.len()],
-    };
+    let selected = crate::until_cells(&plan, args.stage.as_deref(), &args.file)?;
     let task = Task {
         name: task_name(&plan, args.stage.as_deref()),
         resources: merged_resources(&plan, &selected, args.stage.as_deref()),

@@ -76,23 +76,15 @@ impl Store {
     /// Whether the entry `fp` is computed and usable, and its record; an entry only the remote
     /// has is pulled first (taking the entry lock while it does).
     pub fn lookup(&self, fp: &str) -> Result<Lookup, CacheError> {
-        let local = self.local.lookup(fp)?;
-        let Some(remote) = &self.remote else {
-            return Ok(local);
-        };
-        if let Lookup::Hit(_) = local {
-            self.sync(remote, fp)?;
-            return Ok(local);
-        }
-        if remote.entry(fp)?.is_none() {
-            return Ok(local);
-        }
-        let lock = self.local.lock(fp, &mut || {})?;
-        self.lookup_locked(fp, &lock)
+        self.lookup_with(fp, None)
     }
 
     /// [`Store::lookup`] for a caller that holds the entry lock.
     pub fn lookup_locked(&self, fp: &str, lock: &EntryLock) -> Result<Lookup, CacheError> {
+        self.lookup_with(fp, Some(lock))
+    }
+
+    fn lookup_with(&self, fp: &str, lock: Option<&EntryLock>) -> Result<Lookup, CacheError> {
         let local = self.local.lookup(fp)?;
         let Some(remote) = &self.remote else {
             return Ok(local);
@@ -101,9 +93,13 @@ impl Store {
             self.sync(remote, fp)?;
             return Ok(local);
         }
-        match remote.entry(fp)? {
-            Some(entry) => Ok(Lookup::Hit(remote.pull(&self.local, &entry, lock)?)),
-            None => Ok(local),
+        match (remote.entry(fp)?, lock) {
+            (None, _) => Ok(local),
+            (Some(entry), Some(lock)) => Ok(Lookup::Hit(remote.pull(&self.local, &entry, lock)?)),
+            (Some(_), None) => {
+                let lock = self.local.lock(fp, &mut || {})?;
+                self.lookup_with(fp, Some(&lock))
+            }
         }
     }
 

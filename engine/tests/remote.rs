@@ -220,6 +220,15 @@ fn store(dir: &Path, remote: Remote) -> Store {
     Store::open(dir).unwrap().with_remote(remote)
 }
 
+/// Rewrite the remote's entry file of `fp` through `edit`; its key.
+fn edit_entry(b: &Backend, fp: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let key = format!("v1/entries/{fp}.json");
+    let mut entry: serde_json::Value = serde_json::from_slice(&b.get(&key).unwrap()).unwrap();
+    edit(&mut entry);
+    b.put(&key, serde_json::to_vec(&entry).unwrap());
+    key
+}
+
 fn round_trip(b: &Backend) {
     let (a, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let cache_a = Cache::open(a.path()).unwrap();
@@ -328,10 +337,9 @@ fn corruption_is_detected_and_never_used(b: &Backend) {
     }
 
     // An entry file whose inputs were edited no longer hashes to its name.
-    let key = format!("v1/entries/{fp}.json");
-    let mut entry: serde_json::Value = serde_json::from_slice(&b.get(&key).unwrap()).unwrap();
-    entry["inputs"]["params"]["salt"] = json!("other");
-    b.put(&key, serde_json::to_vec(&entry).unwrap());
+    let key = edit_entry(b, &fp, |entry| {
+        entry["inputs"]["params"]["salt"] = json!("other");
+    });
     let bdir = tempfile::tempdir().unwrap();
     let sb = store(bdir.path(), b.open(RemoteMode::ReadOnly));
     let err = sb.lookup(&fp).unwrap_err().to_string();
@@ -346,19 +354,16 @@ fn paths_outside_the_entry_are_refused(b: &Backend) {
     let cache_a = Cache::open(a.path()).unwrap();
     let fp = standard(&cache_a, "p");
     b.open(RemoteMode::ReadWrite).push(&cache_a, &fp).unwrap();
-    let key = format!("v1/entries/{fp}.json");
-    let mut entry: serde_json::Value = serde_json::from_slice(&b.get(&key).unwrap()).unwrap();
     // A consistent entry (digests recomputed) that names a file outside its directory.
-    let files = entry["record"]["outputs"]["extra"]["files"]
-        .as_object_mut()
-        .unwrap();
-    let f = files.remove("copy.json").unwrap();
-    files.insert("../../../escaped.json".into(), f);
-    let typed: BTreeMap<String, burnish_engine::cache::FileRecord> =
-        serde_json::from_value(entry["record"]["outputs"]["extra"]["files"].clone()).unwrap();
-    entry["record"]["outputs"]["extra"]["digest"] =
-        json!(burnish_engine::cache::artifact_digest(&typed));
-    b.put(&key, serde_json::to_vec(&entry).unwrap());
+    edit_entry(b, &fp, |entry| {
+        let extra = &mut entry["record"]["outputs"]["extra"];
+        let files = extra["files"].as_object_mut().unwrap();
+        let f = files.remove("copy.json").unwrap();
+        files.insert("../../../escaped.json".into(), f);
+        let typed: BTreeMap<String, burnish_engine::cache::FileRecord> =
+            serde_json::from_value(extra["files"].clone()).unwrap();
+        extra["digest"] = json!(burnish_engine::cache::artifact_digest(&typed));
+    });
     let bdir = tempfile::tempdir().unwrap();
     let sb = store(bdir.path(), b.open(RemoteMode::ReadOnly));
     let err = sb.lookup(&fp).unwrap_err().to_string();
